@@ -1,0 +1,112 @@
+"""Transformer-base (Vaswani et al. 2017) for English→Spanish: the reference config.
+
+Every field jaxnmt reads is declared here, with a comment; the other configs start from
+this one and change only what differs. Any field can be overridden on the command line:
+
+  python -m jaxnmt.main --config=configs/base.py --workdir=runs/base \
+      --config.model.num_layers=4 --config.optim.learning_rate=7e-4
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  # Global seed: parameter init, dropout and the per-epoch shuffle of training data.
+  config.seed = 0
+  # Number of optimizer updates.
+  config.num_train_steps = 100_000
+  # Stop training after this many minutes of wall clock (0 = no limit); the model is
+  # saved as usual. Useful for fixed-budget runs on small machines.
+  config.train_time_limit_minutes = 0.0
+  # Write training scalars (loss, lr, grad norm, tokens/s) every this many steps.
+  config.log_every_steps = 100
+  # Compute the validation loss every this many steps (and at the end).
+  config.eval_every_steps = 2_000
+  # Save a checkpoint every this many steps (and at the end).
+  config.checkpoint_every_steps = 5_000
+  # Keep at most this many checkpoints on disk.
+  config.keep_checkpoints = 3
+
+  # ---------------------------------------------------------------- data
+  config.data = ml_collections.ConfigDict()
+  # A .zip holding spa.txt, a spa.txt, or any UTF-8 TSV of `source<TAB>target`.
+  # Empty: $JAXNMT_DATA_DIR/spa-eng.zip, else downloaded from data.url to the cache.
+  config.data.path = ''
+  # Where the default corpus is downloaded from when no local copy exists.
+  config.data.url = 'http://storage.googleapis.com/download.tensorflow.org/data/spa-eng.zip'
+  # Seed of the train/validation/test split; independent of `seed` so the test set
+  # stays the same across training runs.
+  config.data.split_seed = 1234
+  # Fractions of distinct source sentences held out for validation and test.
+  config.data.valid_fraction = 0.01
+  config.data.test_fraction = 0.02
+  # Packed row lengths in tokens: source side (incl. EOS) and target side (incl. BOS/EOS).
+  # Sentences longer than this are truncated.
+  config.data.max_source_length = 56
+  config.data.max_target_length = 64
+  # Rows of packed sentence pairs per global batch.
+  config.data.batch_size = 64
+  # Rows per batch for validation loss and decoding.
+  config.data.eval_batch_size = 64
+  # Bins kept open by the packer; more bins pack tighter but mix nearby examples more.
+  config.data.num_packing_bins = 128
+
+  # ---------------------------------------------------------------- tokenizer
+  config.tokenizer = ml_collections.ConfigDict()
+  # Size of the joint (source + target) SentencePiece vocabulary.
+  config.tokenizer.vocab_size = 16_000
+  # 'unigram' or 'bpe'.
+  config.tokenizer.model_type = 'unigram'
+  # Sentences sampled from the training split to train SentencePiece (0 = all).
+  config.tokenizer.max_training_sentences = 2_000_000
+
+  # ---------------------------------------------------------------- model
+  config.model = ml_collections.ConfigDict()
+  # Encoder and decoder layers.
+  config.model.num_encoder_layers = 6
+  config.model.num_decoder_layers = 6
+  # Width of the residual stream.
+  config.model.d_model = 512
+  # Attention heads; d_model must divide by it.
+  config.model.num_heads = 8
+  # Hidden width of the feed-forward block.
+  config.model.d_ff = 2048
+  # 'relu' or 'gelu'.
+  config.model.activation = 'relu'
+  # Dropout on residual branches, attention weights and the feed-forward hidden layer.
+  config.model.dropout_rate = 0.1
+  config.model.attention_dropout_rate = 0.1
+  # True: LayerNorm before each sub-layer (pre-LN); False: after the residual (post-LN).
+  config.model.pre_layer_norm = True
+  # 'sinusoidal' or 'learned' position embeddings.
+  config.model.position_embedding = 'sinusoidal'
+  # Share one embedding matrix between source, target and the output projection.
+  config.model.share_embeddings = True
+
+  # ---------------------------------------------------------------- optimizer
+  config.optim = ml_collections.ConfigDict()
+  # Peak learning rate, reached after `warmup_steps` of linear warmup.
+  config.optim.learning_rate = 7e-4
+  config.optim.warmup_steps = 4_000
+  # 'rsqrt' (inverse square root after warmup) or 'cosine' (to 0 at num_train_steps).
+  config.optim.schedule = 'rsqrt'
+  # AdamW.
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.98
+  config.optim.eps = 1e-9
+  config.optim.weight_decay = 0.0
+  # Clip the global gradient norm to this value (0 = no clipping).
+  config.optim.grad_clip_norm = 1.0
+  # Label smoothing of the cross entropy.
+  config.optim.label_smoothing = 0.1
+
+  # ---------------------------------------------------------------- decoding
+  config.decode = ml_collections.ConfigDict()
+  # Longest translation, in tokens: max_length_ratio * source tokens + max_length_offset,
+  # capped at data.max_target_length.
+  config.decode.max_length_ratio = 1.5
+  config.decode.max_length_offset = 10
+
+  return config

@@ -1,0 +1,83 @@
+"""Checks a run config before any JAX work, so a bad value is a one-line error."""
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and what is allowed."""
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f'config.{field}: {message}')
+
+
+def _positive_int(config, field: str, allow_zero: bool = False) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  low = 0 if allow_zero else 1
+  _require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+           field, f'must be an integer >= {low}, got {value!r}')
+
+
+def _fraction(config, field: str, low: float, high: float) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  _require(isinstance(value, (int, float)) and low <= value < high, field,
+           f'must be a number in [{low}, {high}), got {value!r}')
+
+
+def _choice(config, field: str, choices) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  _require(value in choices, field, f'must be one of {sorted(choices)}, got {value!r}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of `config`."""
+  for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints',
+                'data.max_source_length', 'data.max_target_length', 'data.batch_size',
+                'data.eval_batch_size', 'data.num_packing_bins',
+                'tokenizer.vocab_size', 'model.num_encoder_layers',
+                'model.num_decoder_layers', 'model.d_model', 'model.num_heads',
+                'model.d_ff'):
+    _positive_int(config, field)
+  _positive_int(config, 'seed', allow_zero=True)
+  _positive_int(config, 'data.split_seed', allow_zero=True)
+  _positive_int(config, 'optim.warmup_steps', allow_zero=True)
+  _positive_int(config, 'tokenizer.max_training_sentences', allow_zero=True)
+  _fraction(config, 'train_time_limit_minutes', 0.0, float('inf'))
+  _fraction(config, 'data.valid_fraction', 0.0, 0.5)
+  _fraction(config, 'data.test_fraction', 0.0, 0.5)
+  _fraction(config, 'model.dropout_rate', 0.0, 1.0)
+  _fraction(config, 'model.attention_dropout_rate', 0.0, 1.0)
+  _fraction(config, 'optim.label_smoothing', 0.0, 1.0)
+  _fraction(config, 'optim.b1', 0.0, 1.0)
+  _fraction(config, 'optim.b2', 0.0, 1.0)
+  _fraction(config, 'optim.weight_decay', 0.0, float('inf'))
+  _fraction(config, 'optim.grad_clip_norm', 0.0, float('inf'))
+  _fraction(config, 'decode.max_length_ratio', 0.0, float('inf'))
+  _positive_int(config, 'decode.max_length_offset', allow_zero=True)
+  _require(isinstance(config.optim.learning_rate, (int, float))
+           and config.optim.learning_rate > 0, 'optim.learning_rate',
+           f'must be a number > 0, got {config.optim.learning_rate!r}')
+  _require(isinstance(config.optim.eps, (int, float)) and config.optim.eps > 0,
+           'optim.eps', f'must be a number > 0, got {config.optim.eps!r}')
+  _choice(config, 'model.activation', {'relu', 'gelu'})
+  _choice(config, 'model.position_embedding', {'sinusoidal', 'learned'})
+  _choice(config, 'optim.schedule', {'rsqrt', 'cosine'})
+  _choice(config, 'tokenizer.model_type', {'unigram', 'bpe'})
+  _require(config.model.d_model % config.model.num_heads == 0, 'model.num_heads',
+           f'd_model={config.model.d_model} must divide by num_heads='
+           f'{config.model.num_heads}')
+  _require(config.data.valid_fraction + config.data.test_fraction < 0.9,
+           'data.test_fraction', 'valid_fraction + test_fraction must leave training data')
+  # SentencePiece needs room for the 4 special ids and 256 byte-fallback pieces.
+  _require(config.tokenizer.vocab_size >= 300, 'tokenizer.vocab_size',
+           f'must be >= 300 (specials + byte fallback), got {config.tokenizer.vocab_size}')
+  _require(isinstance(config.data.path, str), 'data.path',
+           f'must be a string path, got {config.data.path!r}')

@@ -1,0 +1,129 @@
+"""Building blocks shared by the encoder and decoder: embeddings, positions, layer norm,
+multi-head attention and the feed-forward block.
+
+Every parameter carries logical axis names (the `out_sharding` metadata) from the
+vocabulary below; `sharding.py` maps them onto mesh axes.
+Shapes: B batch, L/Q/K lengths (queries, keys), D model width, N heads, H head width,
+F feed-forward width, V vocabulary.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Logical axis names of parameters.
+VOCAB, EMBED, HEADS, HEAD_DIM, MLP, LENGTH = 'vocab', 'embed', 'heads', 'head_dim', 'mlp', 'length'
+
+
+def param(rngs: nnx.Rngs, initializer, shape: tuple[int, ...],
+          axes: tuple[str | None, ...]) -> nnx.Param:
+  """A float32 parameter annotated with its logical axes."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(initializer(rngs.params(), shape, jnp.float32),
+                   out_sharding=axes, eager_sharding=False)
+
+
+class Embed(nnx.Module):
+  """Token embedding; `attend` reuses it as the output projection (tied weights)."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs):
+    self.d_model = d_model
+    self.embedding = param(rngs, nnx.initializers.normal(d_model**-0.5),
+                           (vocab_size, d_model), (VOCAB, EMBED))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """ids: int32 [B, L] -> [B, L, D], scaled by sqrt(D)."""
+    return jnp.take(self.embedding[...], ids, axis=0) * math.sqrt(self.d_model)
+
+  def attend(self, hidden: jax.Array) -> jax.Array:
+    """hidden: [B, L, D] -> logits [B, L, V]."""
+    return jnp.einsum('BLD,VD->BLV', hidden, self.embedding[...])
+
+
+def sinusoidal_positions(positions: jax.Array, d_model: int) -> jax.Array:
+  """positions: int32 [B, L] -> [B, L, D] (sin on the first half, cos on the second)."""
+  half = d_model // 2
+  inverse_frequency = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / max(half - 1, 1))
+  angles = positions[..., None].astype(jnp.float32) * inverse_frequency  # [B, L, D/2]
+  encoding = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(encoding, [(0, 0), (0, 0), (0, d_model - 2 * half)])
+
+
+class LearnedPositions(nnx.Module):
+
+  def __init__(self, max_length: int, d_model: int, *, rngs: nnx.Rngs):
+    self.table = param(rngs, nnx.initializers.normal(0.02), (max_length, d_model),
+                       (LENGTH, EMBED))
+
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    """positions: int32 [B, L] -> [B, L, D]."""
+    return jnp.take(self.table[...], positions, axis=0)
+
+
+class LayerNorm(nnx.Module):
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6):
+    self.epsilon = epsilon
+    self.scale = param(rngs, nnx.initializers.ones, (d_model,), (EMBED,))
+    self.bias = param(rngs, nnx.initializers.zeros, (d_model,), (EMBED,))
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    mean = hidden.mean(-1, keepdims=True)
+    variance = jnp.square(hidden - mean).mean(-1, keepdims=True)
+    normed = (hidden - mean) * jax.lax.rsqrt(variance + self.epsilon)
+    return normed * self.scale[...] + self.bias[...]
+
+
+class Attention(nnx.Module):
+  """Multi-head attention. Keys/values are projected by `project_kv` so a decoder can
+  compute them once (cross-attention) or append them to a cache (self-attention)."""
+
+  def __init__(self, d_model: int, num_heads: int, dropout_rate: float, *, rngs: nnx.Rngs):
+    head_dim = d_model // num_heads
+    init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal', in_axis=0,
+                                             out_axis=(1, 2))
+    self.query = param(rngs, init, (d_model, num_heads, head_dim), (EMBED, HEADS, HEAD_DIM))
+    self.key = param(rngs, init, (d_model, num_heads, head_dim), (EMBED, HEADS, HEAD_DIM))
+    self.value = param(rngs, init, (d_model, num_heads, head_dim), (EMBED, HEADS, HEAD_DIM))
+    out_init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal', in_axis=(0, 1),
+                                                 out_axis=2)
+    self.out = param(rngs, out_init, (num_heads, head_dim, d_model), (HEADS, HEAD_DIM, EMBED))
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def project_kv(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """hidden: [B, K, D] -> keys, values: [B, K, N, H]."""
+    return (jnp.einsum('BKD,DNH->BKNH', hidden, self.key[...]),
+            jnp.einsum('BKD,DNH->BKNH', hidden, self.value[...]))
+
+  def __call__(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
+               mask: jax.Array, *, deterministic: bool) -> jax.Array:
+    """hidden: [B, Q, D] queries; keys/values: [B, K, N, H]; mask: bool [B, 1, Q, K]."""
+    query = jnp.einsum('BQD,DNH->BQNH', hidden, self.query[...])
+    query = query * (query.shape[-1] ** -0.5)
+    logits = jnp.einsum('BQNH,BKNH->BNQK', query, keys)
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = self.dropout(weights, deterministic=deterministic)
+    attended = jnp.einsum('BNQK,BKNH->BQNH', weights, values)
+    return jnp.einsum('BQNH,NHD->BQD', attended, self.out[...])
+
+
+class FeedForward(nnx.Module):
+
+  def __init__(self, d_model: int, d_ff: int, activation: str, dropout_rate: float, *,
+               rngs: nnx.Rngs):
+    init = nnx.initializers.xavier_uniform()
+    self.wi = param(rngs, init, (d_model, d_ff), (EMBED, MLP))
+    self.bi = param(rngs, nnx.initializers.zeros, (d_ff,), (MLP,))
+    self.wo = param(rngs, init, (d_ff, d_model), (MLP, EMBED))
+    self.bo = param(rngs, nnx.initializers.zeros, (d_model,), (EMBED,))
+    self.activation = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu}[activation]
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def __call__(self, hidden: jax.Array, *, deterministic: bool) -> jax.Array:
+    """hidden: [B, L, D] -> [B, L, D]."""
+    inner = self.activation(jnp.einsum('BLD,DF->BLF', hidden, self.wi[...]) + self.bi[...])
+    inner = self.dropout(inner, deterministic=deterministic)
+    return jnp.einsum('BLF,FD->BLD', inner, self.wo[...]) + self.bo[...]

@@ -1,0 +1,235 @@
+"""The encoder-decoder Transformer (Vaswani et al. 2017) in Flax NNX.
+
+Shapes: B batch, S source length, T target length, D model width, N heads,
+H head width, V vocabulary. Segment ids (0 = padding, 1, 2, ... = packed pairs)
+drive every mask, so padding and packed neighbours never see each other.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxnmt import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  d_model: int = 512
+  num_heads: int = 8
+  d_ff: int = 2048
+  activation: str = 'relu'
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  pre_layer_norm: bool = True
+  position_embedding: str = 'sinusoidal'
+  share_embeddings: bool = True
+  max_length: int = 256  # longest position a learned table covers
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
+                   causal: bool = False) -> jax.Array:
+  """bool [B, 1, Q, K]: query i may attend key j iff both belong to the same non-pad
+  segment (and j <= i when causal)."""
+  mask = (query_segment_ids[:, :, None] == key_segment_ids[:, None, :]) & (
+      key_segment_ids[:, None, :] != 0)
+  if causal:
+    query_index = jnp.arange(query_segment_ids.shape[1])[:, None]
+    key_index = jnp.arange(key_segment_ids.shape[1])[None, :]
+    mask &= key_index <= query_index
+  return mask[:, None, :, :]
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class EncoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.pre_layer_norm = config.pre_layer_norm
+    self.attention_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.attention = layers.Attention(config.d_model, config.num_heads,
+                                      config.attention_dropout_rate, rngs=rngs)
+    self.mlp_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
+                                  config.dropout_rate, rngs=rngs)
+    self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+  def __call__(self, hidden: jax.Array, mask: jax.Array, *, deterministic: bool):
+    """hidden: [B, S, D]; mask: [B, 1, S, S]."""
+    def attend(normed):
+      keys, values = self.attention.project_kv(normed)
+      return self.attention(normed, keys, values, mask, deterministic=deterministic)
+    hidden = _residual(hidden, attend, self.attention_norm, self.dropout,
+                       self.pre_layer_norm, deterministic)
+    return _residual(hidden, lambda x: self.mlp(x, deterministic=deterministic),
+                     self.mlp_norm, self.dropout, self.pre_layer_norm, deterministic)
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.pre_layer_norm = config.pre_layer_norm
+    self.self_attention_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.self_attention = layers.Attention(config.d_model, config.num_heads,
+                                           config.attention_dropout_rate, rngs=rngs)
+    self.cross_attention_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.cross_attention = layers.Attention(config.d_model, config.num_heads,
+                                            config.attention_dropout_rate, rngs=rngs)
+    self.mlp_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
+                                  config.dropout_rate, rngs=rngs)
+    self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+  def __call__(self, hidden, self_mask, cross_keys, cross_values, cross_mask, *,
+               deterministic: bool, cache: dict | None = None, index=None):
+    """hidden: [B, T, D]; cross_keys/values: [B, S, N, H]; masks [B, 1, T, T|S].
+
+    With `cache` ({'keys', 'values'}: [B, T_max, N, H]) hidden is one step [B, 1, D]
+    written at position `index`; returns (hidden, cache)."""
+    new_cache = None
+
+    def self_attend(normed):
+      nonlocal new_cache
+      keys, values = self.self_attention.project_kv(normed)
+      if cache is not None:
+        keys = jax.lax.dynamic_update_slice_in_dim(cache['keys'], keys, index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache['values'], values, index, axis=1)
+        new_cache = {'keys': keys, 'values': values}
+      return self.self_attention(normed, keys, values, self_mask,
+                                 deterministic=deterministic)
+
+    def cross_attend(normed):
+      return self.cross_attention(normed, cross_keys, cross_values, cross_mask,
+                                  deterministic=deterministic)
+
+    for norm, sublayer in ((self.self_attention_norm, self_attend),
+                           (self.cross_attention_norm, cross_attend),
+                           (self.mlp_norm, lambda x: self.mlp(x, deterministic=deterministic))):
+      hidden = _residual(hidden, sublayer, norm, self.dropout, self.pre_layer_norm,
+                         deterministic)
+    return hidden, new_cache
+
+
+def _residual(hidden, sublayer, norm, dropout, pre_layer_norm: bool, deterministic: bool):
+  if pre_layer_norm:
+    return hidden + dropout(sublayer(norm(hidden)), deterministic=deterministic)
+  return norm(hidden + dropout(sublayer(hidden), deterministic=deterministic))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nnx.Module):
+  """Encoder-decoder. `encode` and `decode` are separate so decoding encodes once."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d_model, vocab = config.d_model, config.vocab_size
+    self.source_embed = layers.Embed(vocab, d_model, rngs=rngs)
+    if config.share_embeddings:
+      self.target_embed = self.source_embed
+      self.output_kernel = None
+    else:
+      self.target_embed = layers.Embed(vocab, d_model, rngs=rngs)
+      self.output_kernel = layers.param(rngs, nnx.initializers.lecun_normal(),
+                                        (d_model, vocab), (layers.EMBED, layers.VOCAB))
+    if config.position_embedding == 'learned':
+      self.source_positions = layers.LearnedPositions(config.max_length, d_model, rngs=rngs)
+      self.target_positions = layers.LearnedPositions(config.max_length, d_model, rngs=rngs)
+    self.encoder_layers = nnx.List(
+        [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)])
+    self.decoder_layers = nnx.List(
+        [DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)])
+    self.encoder_norm = layers.LayerNorm(d_model, rngs=rngs)
+    self.decoder_norm = layers.LayerNorm(d_model, rngs=rngs)
+    self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+  def _embed(self, embed, position_table, ids, positions, deterministic):
+    hidden = embed(ids)
+    if self.config.position_embedding == 'learned':
+      hidden = hidden + position_table(positions)
+    else:
+      hidden = hidden + layers.sinusoidal_positions(positions, self.config.d_model)
+    return self.dropout(hidden, deterministic=deterministic)
+
+  def encode(self, inputs, segment_ids, positions, *, deterministic: bool = True):
+    """inputs, segment_ids, positions: int32 [B, S] -> encoded [B, S, D]."""
+    hidden = self._embed(self.source_embed, getattr(self, 'source_positions', None),
+                         inputs, positions, deterministic)
+    mask = attention_mask(segment_ids, segment_ids)
+    for layer in self.encoder_layers:
+      hidden = layer(hidden, mask, deterministic=deterministic)
+    return self.encoder_norm(hidden) if self.config.pre_layer_norm else hidden
+
+  def logits(self, hidden):
+    """hidden: [B, T, D] -> logits [B, T, V]."""
+    if self.config.pre_layer_norm:
+      hidden = self.decoder_norm(hidden)
+    if self.output_kernel is None:
+      return self.target_embed.attend(hidden)
+    return jnp.einsum('BTD,DV->BTV', hidden, self.output_kernel[...])
+
+  def decode(self, encoded, source_segment_ids, decoder_inputs, target_segment_ids,
+             target_positions, *, deterministic: bool = True):
+    """Teacher-forced decoder. encoded: [B, S, D]; the rest int32 -> logits [B, T, V]."""
+    hidden = self._embed(self.target_embed, getattr(self, 'target_positions', None),
+                         decoder_inputs, target_positions, deterministic)
+    self_mask = attention_mask(target_segment_ids, target_segment_ids, causal=True)
+    cross_mask = attention_mask(target_segment_ids, source_segment_ids)
+    for layer in self.decoder_layers:
+      keys, values = layer.cross_attention.project_kv(encoded)
+      hidden, _ = layer(hidden, self_mask, keys, values, cross_mask,
+                        deterministic=deterministic)
+    return self.logits(hidden)
+
+  def __call__(self, batch: dict, *, deterministic: bool = True):
+    """A (packed) training batch -> logits [B, T, V]."""
+    encoded = self.encode(batch['inputs'], batch['inputs_segment_ids'],
+                          batch['inputs_positions'], deterministic=deterministic)
+    return self.decode(encoded, batch['inputs_segment_ids'], batch['decoder_inputs'],
+                       batch['targets_segment_ids'], batch['targets_positions'],
+                       deterministic=deterministic)
+
+  # --------------------------------------------------------------- cached decoding
+
+  def init_cache(self, encoded, source_segment_ids, max_length: int) -> dict:
+    """Cache for step-by-step decoding of up to `max_length` tokens: cross-attention
+    keys/values computed once from `encoded` [B, S, D]; empty self-attention slots."""
+    batch = encoded.shape[0]
+    num_heads = self.config.num_heads
+    head_dim = self.config.d_model // num_heads
+    layers_cache = []
+    for layer in self.decoder_layers:
+      cross_keys, cross_values = layer.cross_attention.project_kv(encoded)
+      empty = jnp.zeros((batch, max_length, num_heads, head_dim), encoded.dtype)
+      layers_cache.append({'cross_keys': cross_keys, 'cross_values': cross_values,
+                           'keys': empty, 'values': empty})
+    return {'layers': layers_cache, 'source_segment_ids': source_segment_ids}
+
+  def decode_step(self, cache: dict, tokens, index):
+    """tokens: int32 [B] at position `index` -> (logits [B, V], updated cache)."""
+    batch = tokens.shape[0]
+    max_length = cache['layers'][0]['keys'].shape[1]
+    positions = jnp.full((batch, 1), index, jnp.int32)
+    hidden = self._embed(self.target_embed, getattr(self, 'target_positions', None),
+                         tokens[:, None], positions, True)
+    valid_keys = jnp.arange(max_length) <= index  # [T_max]
+    self_mask = jnp.broadcast_to(valid_keys, (batch, 1, 1, max_length))
+    source_segment_ids = cache['source_segment_ids']
+    cross_mask = (source_segment_ids != 0)[:, None, None, :]  # [B, 1, 1, S]
+    new_layers = []
+    for layer, layer_cache in zip(self.decoder_layers, cache['layers']):
+      hidden, self_cache = layer(hidden, self_mask, layer_cache['cross_keys'],
+                                 layer_cache['cross_values'], cross_mask,
+                                 deterministic=True, cache=layer_cache, index=index)
+      new_layers.append({**layer_cache, **self_cache})
+    logits = self.logits(hidden)[:, 0, :]
+    return logits, {'layers': new_layers, 'source_segment_ids': source_segment_ids}

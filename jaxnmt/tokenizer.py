@@ -1,0 +1,89 @@
+"""SentencePiece tokenizer: train once on the training split, store, reload.
+
+Fixed ids: PAD=0, UNK=1, BOS=2, EOS=3. Text is not normalised (no lowercasing, no
+Unicode rewriting), and unknown characters fall back to UTF-8 bytes, so decoding
+restores the original casing and punctuation of anything the model reproduces.
+"""
+
+import os
+import random
+import tempfile
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+  """Encodes text to token ids and back."""
+
+  def __init__(self, model_path: str):
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f'tokenizer model not found: {model_path}')
+    self.model_path = model_path
+    self._processor = spm.SentencePieceProcessor(model_file=model_path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._processor.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without BOS/EOS."""
+    return self._processor.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._processor.encode(list(texts), out_type=int)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; stops at the first EOS and ignores PAD and BOS."""
+    kept = []
+    for token in ids:
+      token = int(token)
+      if token == EOS_ID:
+        break
+      if token not in (PAD_ID, BOS_ID):
+        kept.append(token)
+    return self._processor.decode(kept)
+
+  def __getstate__(self):  # Grain may pickle the pipeline; keep only the path.
+    return {'model_path': self.model_path}
+
+  def __setstate__(self, state):
+    self.__init__(state['model_path'])
+
+
+def train(sentences: Sequence[str], model_path: str, vocab_size: int,
+          model_type: str = 'unigram', max_sentences: int = 0, seed: int = 0) -> Tokenizer:
+  """Trains a SentencePiece model on `sentences` and writes it to `model_path`."""
+  sentences = [s for s in sentences if s]
+  if max_sentences and len(sentences) > max_sentences:
+    sentences = random.Random(seed).sample(sentences, max_sentences)
+  directory = os.path.dirname(os.path.abspath(model_path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=directory) as scratch:
+    prefix = os.path.join(scratch, 'spm')
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=0.9999,
+        byte_fallback=True,
+        normalization_rule_name='identity',
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    # Atomic publish: a crash never leaves a half-written model at `model_path`.
+    os.replace(prefix + '.model', model_path)
+  return Tokenizer(model_path)
+
+
+def load_or_train(model_path: str, sentences_fn, **train_kwargs) -> Tokenizer:
+  """Loads `model_path` if present, else trains on `sentences_fn()` and stores it."""
+  if os.path.exists(model_path):
+    return Tokenizer(model_path)
+  return train(sentences_fn(), model_path, **train_kwargs)

@@ -1,0 +1,30 @@
+"""jaxnmt: Transformer translation and language models in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name='jaxnmt',
+    version='0.1.0',
+    description='Transformer translation and language-model training with JAX, Flax NNX, '
+                'Grain and Orbax, from one CPU to a TPU pod.',
+    packages=setuptools.find_packages(include=['jaxnmt', 'jaxnmt.*', 'configs']),
+    python_requires='>=3.11',
+    # Lower bounds are the versions this project is developed and tested with
+    # (BUILD_NOTES.md): Flax 0.12's NNX API (nnx.List, out_sharding metadata) and
+    # Grain 0.2's dataset API (BestFitPackIterDataset) are relied on.
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'grain>=0.2.18',
+        'sentencepiece>=0.2.1',
+        'ml-collections>=1.1.0',
+        'tensorboardX>=2.6.2',
+        'numpy>=2.0',
+        'absl-py>=2.1.0',
+        'sacrebleu>=2.4.0',
+        'tqdm>=4.66',
+    ],
+    extras_require={'test': ['pytest>=8.0']},
+)

@@ -1,0 +1,67 @@
+"""Bad config values are one-line errors naming the field, before any JAX work."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import base, big, tiny
+from jaxnmt import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('get_config', [base.get_config, big.get_config, tiny.get_config])
+def test_shipped_configs_are_valid(get_config):
+  config_lib.validate(get_config())
+
+
+def test_derived_configs_change_what_they_say():
+  assert (big.get_config().model.d_model, big.get_config().model.num_heads) == (1024, 16)
+  assert base.get_config().model.num_encoder_layers == 6
+  assert tiny.get_config().model.d_model == 256
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.num_heads', 3, 'config.model.num_heads: d_model=512 must divide by num_heads=3'),
+    ('model.num_encoder_layers', 0, 'config.model.num_encoder_layers: must be an integer >= 1'),
+    ('model.dropout_rate', 1.5, 'config.model.dropout_rate: must be a number in [0.0, 1.0)'),
+    ('model.activation', 'swish', "config.model.activation: must be one of ['gelu', 'relu']"),
+    ('optim.learning_rate', -1.0, 'config.optim.learning_rate: must be a number > 0'),
+    ('optim.schedule', 'linear', "config.optim.schedule: must be one of ['cosine', 'rsqrt']"),
+    ('data.batch_size', 0, 'config.data.batch_size: must be an integer >= 1'),
+    ('data.test_fraction', 0.7, 'config.data.test_fraction: must be a number in [0.0, 0.5)'),
+    ('tokenizer.vocab_size', 100, 'config.tokenizer.vocab_size: must be >= 300'),
+])
+def test_bad_value_names_the_field(field, value, message):
+  config = base.get_config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)
+  assert str(error.value).startswith(message)
+  assert '\n' not in str(error.value)
+
+
+def test_main_reports_bad_value_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.model.num_heads=3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: config.model.num_heads: d_model=256 must divide by num_heads=3')
+  assert 'Traceback' not in result.stderr
+  assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_command_line_overrides_reach_the_config(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.model.num_encoder_layers=2',
+       '--config.seed=0', '--config.data.path=/nonexistent/corpus.tsv'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: config.data.path: no such file: /nonexistent/corpus.tsv')

@@ -1,0 +1,129 @@
+"""Masks, shapes, the loss, and cached decoding of the NNX Transformer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxnmt import losses
+from jaxnmt import model as model_lib
+
+CONFIG = model_lib.ModelConfig(vocab_size=40, num_encoder_layers=2, num_decoder_layers=2,
+                               d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0,
+                               attention_dropout_rate=0.0, max_length=16)
+
+
+def make_model(**overrides):
+  config = model_lib.ModelConfig(**{**CONFIG.__dict__, **overrides})
+  return model_lib.Transformer(config, rngs=nnx.Rngs(params=0, dropout=1))
+
+
+def packed_batch():
+  """Two rows; row 0 packs two pairs (segments 1, 2) then padding."""
+  rng = np.random.default_rng(0)
+  source_segments = np.array([[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
+  target_segments = np.array([[1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0]])
+  def positions(segments):
+    out = np.zeros_like(segments)
+    for row in range(len(segments)):
+      for segment in set(segments[row]) - {0}:
+        where = segments[row] == segment
+        out[row][where] = np.arange(where.sum())
+    return out
+  batch = {
+      'inputs': rng.integers(4, 40, source_segments.shape) * (source_segments > 0),
+      'inputs_segment_ids': source_segments, 'inputs_positions': positions(source_segments),
+      'decoder_inputs': rng.integers(4, 40, target_segments.shape) * (target_segments > 0),
+      'targets_segment_ids': target_segments, 'targets_positions': positions(target_segments),
+  }
+  batch['targets'] = rng.integers(4, 40, target_segments.shape) * (target_segments > 0)
+  return {key: jnp.asarray(value, jnp.int32) for key, value in batch.items()}
+
+
+def test_attention_mask_padding_segments_and_causal():
+  segments = jnp.array([[1, 1, 2, 0]])
+  mask = np.asarray(model_lib.attention_mask(segments, segments))[0, 0]
+  np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+  causal = np.asarray(model_lib.attention_mask(segments, segments, causal=True))[0, 0]
+  np.testing.assert_array_equal(causal, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize('pre_layer_norm, positions, shared', [
+    (True, 'sinusoidal', True), (False, 'learned', False)])
+def test_output_shape(pre_layer_norm, positions, shared):
+  model = make_model(pre_layer_norm=pre_layer_norm, position_embedding=positions,
+                     share_embeddings=shared)
+  assert model(packed_batch()).shape == (2, 7, 40)
+
+
+def test_packed_pairs_do_not_see_each_other_or_padding():
+  model = make_model()
+  batch = packed_batch()
+  logits = model(batch)
+  # Change everything outside pair 1 of row 0 (pair 2 and the padding, both sides).
+  changed = dict(batch)
+  for side, key in (('inputs', 'inputs'), ('targets', 'decoder_inputs')):
+    outside = batch[f'{side}_segment_ids'][0] != 1
+    changed[key] = batch[key].at[0].set(jnp.where(outside, (batch[key][0] + 5) % 40, batch[key][0]))
+  changed_logits = model(changed)
+  pair_one = np.asarray(batch['targets_segment_ids'][0] == 1)
+  np.testing.assert_allclose(changed_logits[0][pair_one], logits[0][pair_one], atol=1e-5)
+  assert not np.allclose(changed_logits[0][~pair_one], logits[0][~pair_one])
+  np.testing.assert_allclose(changed_logits[1], logits[1], atol=1e-5)
+
+
+def test_decoder_is_causal():
+  model = make_model()
+  batch = packed_batch()
+  logits = model(batch)
+  changed = dict(batch, decoder_inputs=batch['decoder_inputs'].at[1, 3].set(7))
+  changed_logits = model(changed)
+  np.testing.assert_allclose(changed_logits[1, :3], logits[1, :3], atol=1e-5)
+  assert not np.allclose(changed_logits[1, 3], logits[1, 3])
+
+
+def test_cached_decoding_matches_full_recomputation():
+  model = make_model()
+  batch = packed_batch()
+  source_segments = (batch['inputs_segment_ids'] > 0).astype(jnp.int32)  # one pair per row
+  source_positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  encoded = model.encode(batch['inputs'], source_segments, source_positions)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(4, 40, (2, 6)), jnp.int32)
+  full = model.decode(encoded, source_segments, tokens, jnp.ones_like(tokens),
+                      jnp.broadcast_to(jnp.arange(6), (2, 6)))
+  cache = model.init_cache(encoded, source_segments, max_length=6)
+  for index in range(6):
+    step_logits, cache = model.decode_step(cache, tokens[:, index], index)
+    np.testing.assert_allclose(step_logits, full[:, index], atol=1e-4, rtol=1e-4)
+
+
+def test_parameters_carry_logical_axes():
+  state = nnx.state(make_model(), nnx.Param)
+  specs = nnx.get_partition_spec(state)
+  names = {tuple(leaf) for leaf in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(
+      x, jax.sharding.PartitionSpec))}
+  assert ('vocab', 'embed') in names
+  assert ('embed', 'heads', 'head_dim') in names
+  assert ('embed', 'mlp') in names
+
+
+def test_loss_ignores_padding_and_smooths():
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 10))
+  targets = jnp.array([[1, 2, 3], [4, 5, 0]])
+  weights = jnp.array([[1, 1, 1], [1, 1, 0]])
+  sums = losses.cross_entropy_sums(logits, targets, weights)
+  log_probs = jax.nn.log_softmax(logits)
+  expected = -sum(float(log_probs[b, t, targets[b, t]])
+                  for b in range(2) for t in range(3) if weights[b, t])
+  np.testing.assert_allclose(sums['nll'], expected, rtol=1e-5)
+  np.testing.assert_allclose(sums['loss'], expected, rtol=1e-5)
+  assert float(sums['tokens']) == 5
+  # Changing the logits of the padded position changes nothing.
+  padded_changed = logits.at[1, 2].set(100.0)
+  assert float(losses.cross_entropy_sums(padded_changed, targets, weights)['nll']) == float(sums['nll'])
+  # With smoothing, the minimum (a perfect smoothed prediction) is 0.
+  smoothing = 0.1
+  perfect = jnp.log(jnp.full((1, 1, 10), smoothing / 9).at[0, 0, 3].set(1 - smoothing))
+  smoothed = losses.cross_entropy_sums(perfect, jnp.array([[3]]), jnp.ones((1, 1)), smoothing)
+  assert abs(float(smoothed['loss'])) < 1e-5

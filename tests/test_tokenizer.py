@@ -1,0 +1,57 @@
+"""SentencePiece: fixed special ids, casing and punctuation kept, any Unicode accepted."""
+
+import os
+
+import pytest
+
+from jaxnmt import data
+from jaxnmt import tokenizer as tokenizer_lib
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory, small_corpus):
+  pairs, _ = data.read_pairs(small_corpus)
+  path = str(tmp_path_factory.mktemp('tok') / 'spm.model')
+  return tokenizer_lib.train([side for pair in pairs for side in pair], path, vocab_size=500)
+
+
+def test_special_ids_and_vocab_size(tokenizer):
+  assert tokenizer.vocab_size == 500
+  processor = tokenizer._processor  # pylint: disable=protected-access
+  assert (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id()) == (
+      tokenizer_lib.PAD_ID, tokenizer_lib.UNK_ID, tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID)
+
+
+@pytest.mark.parametrize('text', [
+    'Where is the train station?',
+    '¿Dónde está la estación de tren?',
+    'TOM said: "No!"  (twice)',
+    'Ünïcödé — 日本語, emoji 🙂 and ½.',
+])
+def test_round_trip_keeps_text_exactly(tokenizer, text):
+  ids = tokenizer.encode(text)
+  assert tokenizer_lib.UNK_ID not in ids  # byte fallback covers unseen characters
+  assert tokenizer.decode(ids) == text
+
+
+def test_decode_stops_at_eos_and_skips_pad_and_bos(tokenizer):
+  ids = tokenizer.encode('Hola.')
+  assert tokenizer.decode([tokenizer_lib.BOS_ID] + ids + [tokenizer_lib.EOS_ID, 7, 8, 0]) == 'Hola.'
+
+
+def test_load_or_train_reuses_the_stored_model(tmp_path, tokenizer):
+  path = str(tmp_path / 'spm.model')
+  calls = []
+
+  def sentences():
+    calls.append(1)
+    return ['a b c d e f g'] * 50
+  first = tokenizer_lib.load_or_train(path, sentences, vocab_size=300)
+  second = tokenizer_lib.load_or_train(path, sentences, vocab_size=300)
+  assert len(calls) == 1 and os.path.exists(path)
+  assert first.encode('a b c') == second.encode('a b c')
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='tokenizer model not found'):
+    tokenizer_lib.Tokenizer(str(tmp_path / 'nope.model'))

@@ -1,0 +1,104 @@
+"""The trainer end to end on a tiny model, and translation with what it saved."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnmt import data as data_lib
+from jaxnmt import optim
+from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt import train
+from jaxnmt import translate
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_loss_falls_when_overfitting_a_few_batches(small_corpus, tmp_path):
+  config = tiny_config(small_corpus)
+  config.model.dropout_rate = 0.0
+  config.optim.learning_rate = 3e-3
+  splits = train.load_corpus(config)
+  tokenizer = train.load_tokenizer(config, str(tmp_path), splits)
+  iterator = iter(data_lib.make_train_dataset(
+      splits.train, tokenizer, batch_size=8, max_source_length=24, max_target_length=24,
+      num_packing_bins=16, seed=0))
+  batches = [next(iterator) for _ in range(2)]
+  iterator.close()
+  tx, _ = optim.make_optimizer(config.optim, 100)
+  graphdef, params, rest = train.create_model(
+      train.model_config(config, tokenizer.vocab_size), seed=0)
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
+  step = jax.jit(functools.partial(train.train_step, graphdef, rest, tx, 0.0))
+  losses = []
+  for i in range(60):
+    state, sums = step(state, batches[i % 2], jax.random.key(i))
+    losses.append(float(sums['loss'] / sums['tokens']))
+  assert int(state['step']) == 60
+  assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+def test_training_writes_a_translatable_model(trained_workdir):
+  for name in ('config.json', 'tokenizer.model', 'checkpoints', 'train', 'valid'):
+    assert os.path.exists(os.path.join(trained_workdir, name)), name
+  assert sorted(os.listdir(os.path.join(trained_workdir, 'checkpoints'))) == ['10', '20']
+  splits = os.path.join(trained_workdir, 'splits')
+  sources = open(os.path.join(splits, 'test.src'), encoding='utf-8').read().splitlines()
+  references = open(os.path.join(splits, 'test.ref'), encoding='utf-8').read().splitlines()
+  assert len(sources) == len(references) > 0
+  translator = translate.Translator(trained_workdir)
+  assert translator.step == 20
+  outputs = translator.translate(['Hello.', '', 'Where is the station?'], batch_size=2)
+  assert len(outputs) == 3 and outputs[1] == ''
+  assert all(isinstance(line, str) for line in outputs)
+
+
+def test_translate_command_reads_stdin_and_keeps_lines(trained_workdir):
+  lines = ['I love you.', '', 'Ünïcödé 日本語 🙂', 'long ' * 100, 'We will leave tomorrow.']
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', '--mode=translate',
+       f'--workdir={trained_workdir}'],
+      input='\n'.join(lines) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  outputs = result.stdout.split('\n')
+  assert outputs[-1] == '' and len(outputs) == len(lines) + 1  # one line each, in order
+  assert outputs[1] == ''
+  assert 'truncated' in result.stderr  # the over-long line is reported
+  assert 'Loaded checkpoint 20' in result.stderr  # logs on stderr, not stdout
+  assert 'Loaded checkpoint' not in result.stdout
+
+
+def test_translate_from_file_matches_stdin(trained_workdir, tmp_path):
+  translator = translate.Translator(trained_workdir)
+  lines = ['Good morning.', 'How are you?', 'Tom is here.']
+  source = tmp_path / 'in.txt'
+  source.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  output = tmp_path / 'out.txt'
+  with open(output, 'w', encoding='utf-8') as handle:
+    translate.run(trained_workdir, str(source), handle, batch_size=2)
+  assert output.read_text(encoding='utf-8').splitlines() == translator.translate(lines)
+
+
+def test_translate_without_a_trained_model_is_a_clear_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', '--mode=translate', f'--workdir={tmp_path}'],
+      input='Hello.\n', cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert 'config.json not found' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_non_finite_loss_stops_with_a_clear_message(small_corpus, tmp_path):
+  config = tiny_config(small_corpus)
+  config.optim.learning_rate = 1e30
+  config.optim.grad_clip_norm = 0.0
+  config.optim.warmup_steps = 0
+  with pytest.raises(train.TrainingError, match='non-finite loss or gradient at step'):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -25,6 +25,7 @@ setuptools.setup(
         'absl-py>=2.1.0',
         'sacrebleu>=2.4.0',
         'tqdm>=4.66',
+        'matplotlib>=3.8',
     ],
     extras_require={'test': ['pytest>=8.0']},
 )

@@ -13,6 +13,8 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
 
+  # 'translation' (encoder-decoder on sentence pairs) or 'lm' (decoder-only on text).
+  config.task = 'translation'
   # Global seed: parameter init, dropout and the per-epoch shuffle of training data.
   config.seed = 0
   # Number of optimizer updates.
@@ -26,14 +28,41 @@ def get_config():
   config.eval_every_steps = 2_000
   # Save a checkpoint every this many steps (and at the end).
   config.checkpoint_every_steps = 5_000
-  # Keep at most this many checkpoints on disk.
+  # Keep this many newest checkpoints on disk ...
   config.keep_checkpoints = 3
+  # ... and, while an eval worker runs, also those it has not scored, unless True.
+  config.delete_unscored_checkpoints = False
+  # On SIGTERM (preemption) every process saves at the same step and exits 0; with
+  # several processes they agree on that step every this many steps.
+  config.preemption_check_every_steps = 10
+
+  # ---------------------------------------------------------------- parallelism
+  # Device mesh: sizes of the ('data', 'fsdp', 'tensor') axes; their product must be
+  # the number of devices, and one size may be -1 (= the remaining devices).
+  # data: batch split; fsdp: batch split and parameters/optimizer state split;
+  # tensor: attention heads, MLP hidden units and vocabulary split (Megatron style).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  # Logical axis of each parameter/batch dimension -> comma-separated mesh axes that
+  # split it ('' = replicated), e.g. --config.sharding_rules.embed=''.
+  config.sharding_rules = ml_collections.ConfigDict()
+  config.sharding_rules.batch = 'data,fsdp'
+  config.sharding_rules.embed = 'fsdp'
+  config.sharding_rules.heads = 'tensor'
+  config.sharding_rules.mlp = 'tensor'
+  config.sharding_rules.vocab = 'tensor'
+  config.sharding_rules.head_dim = ''
+  config.sharding_rules.length = ''
 
   # ---------------------------------------------------------------- data
   config.data = ml_collections.ConfigDict()
-  # A .zip holding spa.txt, a spa.txt, or any UTF-8 TSV of `source<TAB>target`.
-  # Empty: $JAXNMT_DATA_DIR/spa-eng.zip, else downloaded from data.url to the cache.
+  # A .zip holding spa.txt, a spa.txt, or any UTF-8 TSV of `source<TAB>target` (for
+  # task 'lm': a UTF-8 text file). Empty: $JAXNMT_DATA_DIR/<data.filename>, else
+  # downloaded from data.url to the cache.
   config.data.path = ''
+  config.data.filename = 'spa-eng.zip'
   # Where the default corpus is downloaded from when no local copy exists.
   config.data.url = 'http://storage.googleapis.com/download.tensorflow.org/data/spa-eng.zip'
   # Seed of the train/validation/test split; independent of `seed` so the test set
@@ -73,14 +102,16 @@ def get_config():
   config.model.num_heads = 8
   # Hidden width of the feed-forward block.
   config.model.d_ff = 2048
-  # 'relu' or 'gelu'.
+  # 'relu', 'gelu' or 'swiglu' (gated; decoder-only models).
   config.model.activation = 'relu'
+  # 'layernorm' or 'rmsnorm'.
+  config.model.norm = 'layernorm'
   # Dropout on residual branches, attention weights and the feed-forward hidden layer.
   config.model.dropout_rate = 0.1
   config.model.attention_dropout_rate = 0.1
   # True: LayerNorm before each sub-layer (pre-LN); False: after the residual (post-LN).
   config.model.pre_layer_norm = True
-  # 'sinusoidal' or 'learned' position embeddings.
+  # 'sinusoidal' or 'learned' position embeddings ('rope' too for task 'lm').
   config.model.position_embedding = 'sinusoidal'
   # Share one embedding matrix between source, target and the output projection.
   config.model.share_embeddings = True

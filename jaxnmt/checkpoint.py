@@ -1,15 +1,56 @@
-"""Orbax checkpoints of the training state and the data-iterator position.
+"""Orbax checkpoints: the train state, every process's data-iterator position, and the
+run's metadata (config, tokenizer fingerprint).
 
-Layout: WORKDIR/checkpoints/<step>/{state, data_iterator}. Saves are asynchronous: the
-train loop hands the arrays to Orbax and goes on; Orbax writes to a temporary folder and
-renames it when complete, so a half-written step is never listed or read.
+Layout: WORKDIR/checkpoints/<step>/{state, data_iterators, metadata}. Saves are
+asynchronous: the train loop hands the arrays to Orbax and goes on; Orbax writes to a
+temporary folder and renames it when complete, so a half-written step is never listed
+or read. A checkpoint that cannot be read is moved aside (never deleted) and the next
+older one is used.
 """
 
+import json
 import logging
 import os
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+# A data-iterator state must fit in this many bytes of JSON to be gathered across hosts.
+MAX_ITERATOR_STATE_BYTES = 1 << 16
+
+
+# Files through which an eval worker tells the trainer what it has scored (and that it
+# is alive), so retention never deletes a checkpoint it has not scored.
+RESULTS_FILE = os.path.join('eval', 'results.jsonl')
+WORKER_FILE = os.path.join('eval', 'worker.json')
+HEARTBEAT_TIMEOUT_S = 600  # a worker silent for longer is considered gone
+
+
+def scored_steps(workdir: str) -> set[int]:
+  """Steps the eval worker has written results for."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return set()
+  steps = set()
+  with open(path, encoding='utf-8') as handle:
+    for line in handle:
+      try:
+        steps.add(json.loads(line)['step'])
+      except (ValueError, KeyError):  # a line the worker is still writing
+        pass
+  return steps
+
+
+def worker_alive(workdir: str) -> bool:
+  """Whether an eval worker has reported within HEARTBEAT_TIMEOUT_S."""
+  try:
+    with open(os.path.join(workdir, WORKER_FILE), encoding='utf-8') as handle:
+      return time.time() - json.load(handle)['heartbeat'] < HEARTBEAT_TIMEOUT_S
+  except (OSError, ValueError, KeyError):
+    return False
 
 
 class CheckpointError(RuntimeError):
@@ -18,36 +59,107 @@ class CheckpointError(RuntimeError):
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False):
+  def __init__(self, workdir: str, max_to_keep: int | None = 3, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  def all_steps(self) -> list[int]:
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, data_iterator_state: dict | None = None) -> None:
-    """Starts an asynchronous save of `state` (a pytree of jax arrays) at `step`."""
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, data_iterator_state: dict | None = None,
+           metadata: dict | None = None) -> None:
+    """Starts an asynchronous save at `step`. Every process calls it (it is collective):
+    `data_iterator_state` is this process's; all of them are gathered and stored."""
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator_state is not None:
-      items['data_iterator'] = ocp.args.JsonSave(data_iterator_state)
+      items['data_iterators'] = ocp.args.JsonSave(
+          {'per_process': gather_json(data_iterator_state)})
+    if metadata is not None:
+      items['metadata'] = ocp.args.JsonSave(metadata)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_state) -> tuple[object, dict | None]:
-    """Restores the state at `step` onto the shardings of `abstract_state` (a pytree of
-    jax.ShapeDtypeStruct with .sharding). Returns (state, data-iterator state or None)."""
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
-    available = set(self._manager.item_metadata(step).keys())
-    if 'data_iterator' in available:
-      items['data_iterator'] = ocp.args.JsonRestore()
+  def restore(self, step: int, abstract_state) -> tuple[object, dict | None, dict | None]:
+    """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with
+    .sharding). Returns (state, this process's iterator state or None, metadata or None)."""
+    path = os.path.join(self.directory, str(step))
     try:
+      present = set(os.listdir(path))
+      items = {'state': ocp.args.StandardRestore(abstract_state)}
+      for name in ('data_iterators', 'metadata'):
+        if name in present:
+          items[name] = ocp.args.JsonRestore()
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # Orbax raises many types for unreadable files.
-      raise CheckpointError(f'checkpoint {self.directory}/{step} could not be read: '
+      raise CheckpointError(f'checkpoint {path} could not be read: '
                             f'{type(error).__name__}: {str(error)[:300]}') from error
-    return restored['state'], restored.get('data_iterator')
+    iterator_state = None
+    if restored.get('data_iterators') is not None:
+      per_process = restored['data_iterators']['per_process']
+      if len(per_process) == jax.process_count():
+        iterator_state = per_process[jax.process_index()]
+      else:
+        logging.warning('Checkpoint %d holds data positions for %d processes, this job has '
+                        '%d: the data pipeline restarts from its seed', step,
+                        len(per_process), jax.process_count())
+    return restored['state'], iterator_state, restored.get('metadata')
+
+  def restore_latest(self, abstract_state):
+    """(step, state, iterator state, metadata) of the newest readable checkpoint, or
+    None when there is none. Unreadable ones are reported and moved aside; if none is
+    readable this raises rather than letting training silently start over."""
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        return (step, *self.restore(step, abstract_state))
+      except CheckpointError as error:
+        logging.warning('%s; falling back to an older checkpoint', error)
+        self.set_aside(step)
+    if steps:
+      raise CheckpointError(f'none of the checkpoints {steps} in {self.directory} could be '
+                            f'read (moved to {self.directory}/unreadable-*); not starting '
+                            f'over: remove them to train from scratch')
+    return None
+
+  def set_aside(self, step: int) -> None:
+    """Moves an unreadable step out of Orbax's sight, keeping its files."""
+    if jax.process_index() == 0:
+      source = os.path.join(self.directory, str(step))
+      target = os.path.join(self.directory, f'unreadable-{step}-{int(time.time())}')
+      if os.path.exists(source):
+        os.rename(source, target)
+        logging.warning('Moved unreadable checkpoint %s to %s', source, target)
+    multihost_utils.sync_global_devices(f'set_aside_{step}')
+    self._manager.reload()
+
+  def prune(self, keep: int, protected: set[int] = frozenset(),
+            saving: int | None = None) -> list[int]:
+    """Deletes all but the newest `keep` checkpoints (counting `saving`, a step still
+    being written), sparing `protected` steps. Process 0 decides, so every process
+    deletes the same steps. Returns them."""
+    steps = sorted(set(self.all_steps()) | ({saving} if saving is not None else set()))
+    doomed = [step for step in steps[:max(len(steps) - keep, 0)] if step not in protected]
+    doomed = gather_json(doomed)[0]
+    for step in doomed:
+      if step != saving:
+        self._manager.delete(step)
+    return doomed
+
+  def read_metadata(self, step: int) -> dict | None:
+    """The run metadata stored with `step` (config, tokenizer fingerprint), if any."""
+    path = os.path.join(self.directory, str(step), 'metadata', 'metadata')
+    try:
+      with open(path, encoding='utf-8') as handle:
+        return json.load(handle)
+    except (OSError, ValueError):
+      return None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -55,6 +167,20 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def gather_json(value) -> list:
+  """`value` (JSON-serialisable) from every process, in process order."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = json.dumps(value).encode()
+  if len(encoded) > MAX_ITERATOR_STATE_BYTES:
+    raise CheckpointError(f'data-iterator state of {len(encoded)} bytes exceeds '
+                          f'{MAX_ITERATOR_STATE_BYTES}')
+  buffer = np.zeros((MAX_ITERATOR_STATE_BYTES,), np.uint8)
+  buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(buffer))
+  return [json.loads(row.tobytes().rstrip(b'\0').decode()) for row in gathered]
 
 
 def abstract_like(tree, shardings=None):
@@ -66,5 +192,3 @@ def abstract_like(tree, shardings=None):
   if shardings is None:
     return jax.tree.map(to_abstract, tree)
   return jax.tree.map(to_abstract, tree, shardings)
-
-

@@ -39,7 +39,7 @@ def _choice(config, field: str, choices) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field of `config`."""
   for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps',
-                'checkpoint_every_steps', 'keep_checkpoints',
+                'checkpoint_every_steps', 'keep_checkpoints', 'preemption_check_every_steps',
                 'data.max_source_length', 'data.max_target_length', 'data.batch_size',
                 'data.eval_batch_size', 'data.num_packing_bins',
                 'tokenizer.vocab_size', 'model.num_encoder_layers',
@@ -67,17 +67,55 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'must be a number > 0, got {config.optim.learning_rate!r}')
   _require(isinstance(config.optim.eps, (int, float)) and config.optim.eps > 0,
            'optim.eps', f'must be a number > 0, got {config.optim.eps!r}')
-  _choice(config, 'model.activation', {'relu', 'gelu'})
-  _choice(config, 'model.position_embedding', {'sinusoidal', 'learned'})
+  _choice(config, 'task', {'translation', 'lm'})
+  _choice(config, 'model.activation', {'relu', 'gelu', 'swiglu'})
+  _choice(config, 'model.norm', {'layernorm', 'rmsnorm'})
+  positions = {'sinusoidal', 'learned', 'rope'} if config.task == 'lm' else {
+      'sinusoidal', 'learned'}
+  _choice(config, 'model.position_embedding', positions)
   _choice(config, 'optim.schedule', {'rsqrt', 'cosine'})
-  _choice(config, 'tokenizer.model_type', {'unigram', 'bpe'})
+  _choice(config, 'tokenizer.model_type', {'unigram', 'bpe', 'char'})
   _require(config.model.d_model % config.model.num_heads == 0, 'model.num_heads',
            f'd_model={config.model.d_model} must divide by num_heads='
            f'{config.model.num_heads}')
   _require(config.data.valid_fraction + config.data.test_fraction < 0.9,
            'data.test_fraction', 'valid_fraction + test_fraction must leave training data')
   # SentencePiece needs room for the 4 special ids and 256 byte-fallback pieces.
-  _require(config.tokenizer.vocab_size >= 300, 'tokenizer.vocab_size',
+  _require(config.tokenizer.model_type == 'char' or config.tokenizer.vocab_size >= 300,
+           'tokenizer.vocab_size',
            f'must be >= 300 (specials + byte fallback), got {config.tokenizer.vocab_size}')
   _require(isinstance(config.data.path, str), 'data.path',
            f'must be a string path, got {config.data.path!r}')
+
+
+# Fields whose change makes a checkpoint unusable (parameter shapes, token ids).
+_BREAKING_PREFIXES = ('task', 'model.', 'tokenizer.', 'data.max_source_length',
+                      'data.max_target_length')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+  """(breaking, harmless) differences between the config a checkpoint was written with
+  and the current one, each as 'field: old -> new'."""
+  saved_flat, current_flat = _flatten(saved), _flatten(current)
+  breaking, harmless = [], []
+  for field in sorted(set(saved_flat) | set(current_flat)):
+    old, new = saved_flat.get(field), current_flat.get(field)
+    if old == new:
+      continue
+    line = f'{field}: {old!r} -> {new!r}'
+    clipping_toggled = field == 'optim.grad_clip_norm' and (bool(old) != bool(new))
+    if field.startswith(_BREAKING_PREFIXES) or clipping_toggled:
+      breaking.append(line)
+    else:
+      harmless.append(line)
+  return breaking, harmless

@@ -39,21 +39,28 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- files
 
 
-def resolve_path(path: str, url: str) -> str:
-  """The corpus file: `path` if given, else $JAXNMT_DATA_DIR/spa-eng.zip, else a
-  cached download of `url` (checked against the published sha256)."""
+# Published corpora: file name -> sha256.
+KNOWN_SHA256 = {
+    DEFAULT_FILENAME: DEFAULT_SHA256,
+    'tinyshakespeare.txt': '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
+}
+
+
+def resolve_path(path: str, url: str, filename: str = DEFAULT_FILENAME) -> str:
+  """The corpus file: `path` if given, else $JAXNMT_DATA_DIR/<filename>, else a cached
+  download of `url` (checked against the published sha256 of known corpora)."""
   if path:
     if not os.path.exists(path):
       raise DataError(f'config.data.path: no such file: {path}')
     return path
   data_dir = os.environ.get(DATA_DIR_ENV)
   if data_dir:
-    candidate = os.path.join(data_dir, DEFAULT_FILENAME)
+    candidate = os.path.join(data_dir, filename)
     if not os.path.exists(candidate):
-      raise DataError(f'${DATA_DIR_ENV}={data_dir} holds no {DEFAULT_FILENAME}')
+      raise DataError(f'${DATA_DIR_ENV}={data_dir} holds no {filename}')
     return candidate
   cache_dir = os.path.join(os.path.expanduser('~'), '.cache', 'jaxnmt')
-  cached = os.path.join(cache_dir, DEFAULT_FILENAME)
+  cached = os.path.join(cache_dir, filename)
   if not os.path.exists(cached):
     os.makedirs(cache_dir, exist_ok=True)
     logging.info('Downloading %s to %s', url, cached)
@@ -65,9 +72,10 @@ def resolve_path(path: str, url: str) -> str:
       raise DataError(f'could not download {url} ({error}); set config.data.path or '
                       f'${DATA_DIR_ENV} to a local copy') from error
     digest = hashlib.sha256(open(partial, 'rb').read()).hexdigest()
-    if url.endswith(DEFAULT_FILENAME) and digest != DEFAULT_SHA256:
+    expected = KNOWN_SHA256.get(filename)
+    if expected and digest != expected:
       os.remove(partial)
-      raise DataError(f'checksum mismatch for {url}: got {digest}, expected {DEFAULT_SHA256}')
+      raise DataError(f'checksum mismatch for {url}: got {digest}, expected {expected}')
     os.replace(partial, cached)
   return cached
 
@@ -259,3 +267,74 @@ def real_token_fraction(batch: dict[str, np.ndarray]) -> float:
 def real_token_count(batch: dict[str, np.ndarray]) -> int:
   return int(np.count_nonzero(batch['inputs_segment_ids'])
              + np.count_nonzero(batch['targets_segment_ids']))
+
+
+# ----------------------------------------------------------------------------- language modelling
+
+
+def read_text(path: str) -> str:
+  """A UTF-8 text corpus; undecodable bytes are replaced and reported once."""
+  if not os.path.exists(path):
+    raise DataError(f'config.data.path: no such file: {path}')
+  raw = open(path, 'rb').read()
+  text = raw.decode('utf-8', errors='replace')
+  bad = text.count('\ufffd') - raw.decode('utf-8', errors='ignore').count('\ufffd')
+  if bad:
+    logging.warning('%s: replaced %d undecodable bytes', path, bad)
+  if not text.strip():
+    raise DataError(f'{path}: empty text corpus')
+  return text
+
+
+def split_text(text: str, valid_fraction: float) -> tuple[str, str]:
+  """Contiguous split: the last `valid_fraction` of the characters is validation."""
+  cut = int(len(text) * (1.0 - valid_fraction))
+  return text[:cut], text[cut:]
+
+
+def lm_blocks(ids: np.ndarray, block_length: int, offset: int = 0) -> np.ndarray:
+  """Non-overlapping windows of block_length + 1 tokens starting at `offset`: int32
+  [num_blocks, block_length + 1] (inputs are [:, :-1], targets [:, 1:])."""
+  usable = (len(ids) - offset - 1) // block_length
+  if usable < 1:
+    raise DataError(f'{len(ids)} tokens are too few for blocks of {block_length}')
+  starts = offset + block_length * np.arange(usable)
+  return np.stack([ids[start:start + block_length + 1] for start in starts]).astype(np.int32)
+
+
+def lm_batch(blocks: np.ndarray) -> dict[str, np.ndarray]:
+  """[B, L + 1] token windows -> a batch with the target-side keys of translation."""
+  batch_size, length = blocks.shape[0], blocks.shape[1] - 1
+  return {
+      'decoder_inputs': blocks[:, :-1], 'targets': blocks[:, 1:],
+      'targets_segment_ids': np.ones((batch_size, length), np.int32),
+      'targets_positions': np.broadcast_to(np.arange(length, dtype=np.int32),
+                                           (batch_size, length)).copy(),
+  }
+
+
+def make_lm_dataset(ids: np.ndarray, *, batch_size: int, block_length: int, seed: int,
+                    process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Endless batches of contiguous blocks of `ids` (this process's share): each epoch
+  cuts the stream at a new seeded offset and shuffles the blocks."""
+  if batch_size % process_count:
+    raise DataError(f'batch_size={batch_size} must divide by the {process_count} processes')
+  offsets = np.random.default_rng(seed).integers(0, block_length, size=1024)
+  num_blocks = (len(ids) - block_length - 1) // block_length
+  if num_blocks < batch_size:
+    raise DataError(f'{len(ids)} tokens give {num_blocks} blocks of {block_length}, fewer '
+                    f'than one batch of {batch_size}')
+
+  def block(index: int) -> np.ndarray:
+    epoch, position = divmod(index, num_blocks)
+    start = offsets[epoch % len(offsets)] + position * block_length
+    return ids[start:start + block_length + 1].astype(np.int32)
+
+  epoch = grain.MapDataset.range(num_blocks)[process_index::process_count]
+  per_process = len(epoch)
+  blocks = (epoch.shuffle(seed=seed).repeat(None)
+            .map_with_index(lambda i, position: block(
+                (i // per_process) * num_blocks + position)))
+  batches = blocks.batch(batch_size // process_count, drop_remainder=True).map(lm_batch)
+  return grain.experimental.ThreadPrefetchIterDataset(batches.to_iter_dataset(),
+                                                      prefetch_buffer_size=4)

@@ -1,25 +1,73 @@
-"""Decoding over a cached step function, independent of the model class.
+"""Decoding strategies over a cached step function, independent of the model class.
 
-`step_fn(cache, tokens [B], index) -> (logits [B, V], cache)` is any cached decoder;
-the loop runs under `lax.while_loop` with static shapes and stops as soon as every
-sequence has produced EOS.
+`step_fn(cache, tokens [B], index) -> (logits [B, V], cache)` is any cached decoder
+(every cache array has the batch as its leading axis). All strategies run under
+`lax.while_loop` with static shapes and stop as soon as every sequence has ended.
+Shapes: B batch, K beams, L max output length, V vocabulary.
 """
 
 import jax
 import jax.numpy as jnp
 
+NEG_INF = -1.0e7
+
+
+# ----------------------------------------------------------------------------- greedy, sampling
+
 
 def greedy(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id: int,
            max_lengths: jax.Array | None = None) -> jax.Array:
-  """Greedy decoding -> int32 [B, max_length] tokens (EOS then padding 0 after the end).
+  """Most likely token at every step -> int32 [B, L] (EOS, then 0s, after the end).
 
   max_lengths: optional int32 [B]; sequence b is ended (EOS forced) at that length.
   """
+  return _token_loop(step_fn, cache, lambda logits, key: logits.argmax(-1), batch_size,
+                     max_length, bos_id, eos_id, max_lengths, jax.random.key(0))
+
+
+def sample(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id: int,
+           key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           max_lengths: jax.Array | None = None, start_index: int = 0,
+           first_tokens: jax.Array | None = None) -> jax.Array:
+  """Ancestral sampling from the temperature-scaled distribution, restricted to the
+  `top_k` most likely tokens (0 = all) and to the nucleus of mass `top_p` -> [B, L].
+
+  To continue a prompt whose first `start_index` tokens are already in `cache`, pass
+  its last token as `first_tokens` [B]; the result then holds max_length - start_index
+  new tokens."""
+  def select(logits, step_key):
+    filtered = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
+    return jax.random.categorical(step_key, filtered, axis=-1)
+  return _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
+                     max_lengths, key, start_index, first_tokens)
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """logits [..., V] with tokens outside the top-k and outside the smallest set of
+  mass >= top_p (the nucleus) set to NEG_INF."""
+  if top_k:
+    kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth_largest, NEG_INF, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    # The smallest logit still inside the nucleus (the first token always is).
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1,
+                     keepdims=True)
+    logits = jnp.where(logits < cutoff, NEG_INF, logits)
+  return logits
+
+
+def _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
+                max_lengths, key, start_index: int = 0, first_tokens=None):
+  """Feeds each chosen token back in, from position `start_index`; output [B, L - start]."""
   if max_lengths is None:
     max_lengths = jnp.full((batch_size,), max_length, jnp.int32)
-  tokens = jnp.zeros((batch_size, max_length), jnp.int32)
+  tokens = jnp.zeros((batch_size, max_length - start_index), jnp.int32)
   finished = jnp.zeros((batch_size,), bool)
-  previous = jnp.full((batch_size,), bos_id, jnp.int32)
+  previous = (jnp.full((batch_size,), bos_id, jnp.int32) if first_tokens is None
+              else first_tokens.astype(jnp.int32))
 
   def not_done(carry):
     index, _, finished, _, _ = carry
@@ -28,13 +76,101 @@ def greedy(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id
   def body(carry):
     index, tokens, finished, previous, cache = carry
     logits, cache = step_fn(cache, previous, index)
-    chosen = logits.argmax(-1).astype(jnp.int32)
+    chosen = select(logits.astype(jnp.float32), jax.random.fold_in(key, index))
+    chosen = chosen.astype(jnp.int32)
     chosen = jnp.where(index + 1 >= max_lengths, eos_id, chosen)
     chosen = jnp.where(finished, 0, chosen)
-    tokens = tokens.at[:, index].set(chosen)
+    tokens = tokens.at[:, index - start_index].set(chosen)
     finished = finished | (chosen == eos_id)
     return index + 1, tokens, finished, chosen, cache
 
   _, tokens, _, _, _ = jax.lax.while_loop(
-      not_done, body, (jnp.int32(0), tokens, finished, previous, cache))
+      not_done, body, (jnp.int32(start_index), tokens, finished, previous, cache))
   return tokens
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+def length_penalty(length, alpha: float):
+  """GNMT length penalty ((5 + length) / 6) ** alpha."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int,
+                bos_id: int, eos_id: int, alpha: float = 0.6,
+                max_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Beam search -> (tokens int32 [B, K, L], scores float32 [B, K]), best first.
+
+  A hypothesis that emits EOS is finished: it is kept (scored log p / length_penalty)
+  and never extended. The search stops when no live beam can beat the finished ones.
+  `cache` is for B rows; it is repeated for the K beams here.
+  """
+  k = beam_size
+  if max_lengths is None:
+    max_lengths = jnp.full((batch_size,), max_length, jnp.int32)
+  cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)  # [B*K, ...]
+  # Only beam 0 is live at first, so the K beams do not start as K copies.
+  live_logprobs = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch_size, 1))
+  state = dict(
+      index=jnp.int32(0),
+      live_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),  # [B, K, L]
+      live_logprobs=live_logprobs,                                     # [B, K]
+      finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
+      finished_scores=jnp.full((batch_size, k), NEG_INF),              # [B, K]
+      cache=cache)
+
+  def not_done(state):
+    index = state['index']
+    best_possible = state['live_logprobs'][:, 0] / length_penalty(max_length, alpha)
+    worst_finished = state['finished_scores'].min(axis=1)
+    improvable = (best_possible > worst_finished).any()
+    return (index < max_length) & improvable
+
+  def body(state):
+    index = state['index']
+    previous = jnp.where(index == 0, bos_id,
+                         state['live_tokens'][:, :, jnp.maximum(index - 1, 0)])  # [B, K]
+    logits, cache = step_fn(state['cache'], previous.reshape(-1), index)  # [B*K, V]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    vocab = log_probs.shape[-1]
+    log_probs = log_probs.reshape(batch_size, k, vocab)                  # [B, K, V]
+    must_end = (index + 1 >= max_lengths)[:, None, None]
+    eos_only = jnp.full((vocab,), NEG_INF).at[eos_id].set(0.0)
+    log_probs = jnp.where(must_end, jnp.maximum(log_probs + eos_only, NEG_INF), log_probs)
+    candidates = (state['live_logprobs'][:, :, None] + log_probs).reshape(batch_size, -1)
+    # 2K candidates always leave K that do not end in EOS.
+    top_logprobs, top_index = jax.lax.top_k(candidates, 2 * k)           # [B, 2K]
+    beam_of = top_index // vocab
+    token_of = (top_index % vocab).astype(jnp.int32)
+    sequences = jnp.take_along_axis(state['live_tokens'], beam_of[:, :, None], axis=1)
+    sequences = sequences.at[:, :, index].set(token_of)                  # [B, 2K, L]
+    is_eos = token_of == eos_id
+
+    # Finished: merge new EOS hypotheses with the old finished ones, keep the best K.
+    real_eos = is_eos & (top_logprobs > NEG_INF / 2)  # not a forced end of a dead beam
+    new_scores = jnp.where(real_eos, top_logprobs / length_penalty(index + 1, alpha), NEG_INF)
+    all_scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)
+    all_tokens = jnp.concatenate([state['finished_tokens'], sequences], axis=1)
+    finished_scores, keep = jax.lax.top_k(all_scores, k)
+    finished_tokens = jnp.take_along_axis(all_tokens, keep[:, :, None], axis=1)
+
+    # Live: the best K candidates that did not end.
+    live_candidates = jnp.where(is_eos, NEG_INF, top_logprobs)
+    live_logprobs, keep = jax.lax.top_k(live_candidates, k)              # [B, K]
+    live_tokens = jnp.take_along_axis(sequences, keep[:, :, None], axis=1)
+    source_beam = jnp.take_along_axis(beam_of, keep, axis=1)             # [B, K]
+    rows = (jnp.arange(batch_size)[:, None] * k + source_beam).reshape(-1)
+    cache = jax.tree.map(lambda x: x[rows], cache)                       # [B*K, ...]
+    return dict(index=index + 1, live_tokens=live_tokens, live_logprobs=live_logprobs,
+                finished_tokens=finished_tokens, finished_scores=finished_scores,
+                cache=cache)
+
+  state = jax.lax.while_loop(not_done, body, state)
+  # A batch row with no finished hypothesis (cannot happen with a forced EOS) keeps
+  # its live beams.
+  none_finished = (state['finished_scores'] <= NEG_INF / 2).all(axis=1)
+  tokens = jnp.where(none_finished[:, None, None], state['live_tokens'],
+                     state['finished_tokens'])
+  scores = jnp.where(none_finished[:, None], state['live_logprobs'], state['finished_scores'])
+  return tokens, scores

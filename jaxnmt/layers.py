@@ -76,6 +76,34 @@ class LayerNorm(nnx.Module):
     return normed * self.scale[...] + self.bias[...]
 
 
+class RMSNorm(nnx.Module):
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6):
+    self.epsilon = epsilon
+    self.scale = param(rngs, nnx.initializers.ones, (d_model,), (EMBED,))
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    mean_square = jnp.square(hidden).mean(-1, keepdims=True)
+    return hidden * jax.lax.rsqrt(mean_square + self.epsilon) * self.scale[...]
+
+
+def make_norm(kind: str, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  return {'layernorm': LayerNorm, 'rmsnorm': RMSNorm}[kind](d_model, rngs=rngs)
+
+
+def apply_rope(vectors: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding. vectors: [B, L, N, H] (H even); positions: int32 [B, L].
+  Rotates pairs (i, i + H/2) by angle position * base^(-2i/H), so that the dot product
+  of a rotated query and key depends on their positions only through the difference."""
+  half = vectors.shape[-1] // 2
+  frequencies = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None].astype(jnp.float32) * frequencies  # [B, L, H/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  first, second = vectors[..., :half], vectors[..., half:]
+  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin],
+                         axis=-1).astype(vectors.dtype)
+
+
 class Attention(nnx.Module):
   """Multi-head attention. Keys/values are projected by `project_kv` so a decoder can
   compute them once (cross-attention) or append them to a cache (self-attention)."""
@@ -98,9 +126,14 @@ class Attention(nnx.Module):
             jnp.einsum('BKD,DNH->BKNH', hidden, self.value[...]))
 
   def __call__(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
-               mask: jax.Array, *, deterministic: bool) -> jax.Array:
-    """hidden: [B, Q, D] queries; keys/values: [B, K, N, H]; mask: bool [B, 1, Q, K]."""
+               mask: jax.Array, *, deterministic: bool,
+               query_positions: jax.Array | None = None) -> jax.Array:
+    """hidden: [B, Q, D] queries; keys/values: [B, K, N, H]; mask: bool [B, 1, Q, K].
+    With `query_positions` [B, Q] the queries are rotated (RoPE); rotate keys with
+    `apply_rope` before caching them."""
     query = jnp.einsum('BQD,DNH->BQNH', hidden, self.query[...])
+    if query_positions is not None:
+      query = apply_rope(query, query_positions)
     query = query * (query.shape[-1] ** -0.5)
     logits = jnp.einsum('BQNH,BKNH->BNQK', query, keys)
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
@@ -111,19 +144,28 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
+  """Position-wise MLP: relu or gelu, or 'swiglu' (silu(x W_gate) * x W_in, no biases)."""
 
   def __init__(self, d_model: int, d_ff: int, activation: str, dropout_rate: float, *,
                rngs: nnx.Rngs):
     init = nnx.initializers.xavier_uniform()
+    self.gated = activation == 'swiglu'
     self.wi = param(rngs, init, (d_model, d_ff), (EMBED, MLP))
     self.bi = param(rngs, nnx.initializers.zeros, (d_ff,), (MLP,))
     self.wo = param(rngs, init, (d_ff, d_model), (MLP, EMBED))
     self.bo = param(rngs, nnx.initializers.zeros, (d_model,), (EMBED,))
-    self.activation = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu}[activation]
+    if self.gated:
+      self.wg = param(rngs, init, (d_model, d_ff), (EMBED, MLP))
+    self.activation = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
+                       'swiglu': jax.nn.silu}[activation]
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def __call__(self, hidden: jax.Array, *, deterministic: bool) -> jax.Array:
     """hidden: [B, L, D] -> [B, L, D]."""
-    inner = self.activation(jnp.einsum('BLD,DF->BLF', hidden, self.wi[...]) + self.bi[...])
+    inner = jnp.einsum('BLD,DF->BLF', hidden, self.wi[...]) + self.bi[...]
+    if self.gated:
+      inner = self.activation(jnp.einsum('BLD,DF->BLF', hidden, self.wg[...])) * inner
+    else:
+      inner = self.activation(inner)
     inner = self.dropout(inner, deterministic=deterministic)
     return jnp.einsum('BLF,FD->BLD', inner, self.wo[...]) + self.bo[...]

@@ -1,6 +1,8 @@
-"""TensorBoard output (process 0 only) and throughput arithmetic."""
+"""TensorBoard output (process 0 only) and host-side metric arithmetic."""
 
+import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -8,18 +10,24 @@ import tensorboardX
 
 
 class Writer:
-  """tensorboardX scalars and texts under WORKDIR/<name>; a no-op on processes > 0."""
+  """Scalars and texts under WORKDIR/<name>: TensorBoard events, plus every scalar as a
+  line of `metrics.jsonl` for tools without TensorBoard. A no-op on processes > 0."""
 
   def __init__(self, workdir: str, name: str):
-    self._writer = None
+    self._writer = self._jsonl = None
     if jax.process_index() == 0:
-      self._writer = tensorboardX.SummaryWriter(os.path.join(workdir, name))
+      directory = os.path.join(workdir, name)
+      self._writer = tensorboardX.SummaryWriter(directory)
+      self._jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a', encoding='utf-8')
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if self._writer is None:
       return
+    values = {key: float(value) for key, value in values.items()}
     for key, value in values.items():
-      self._writer.add_scalar(key, float(value), step)
+      self._writer.add_scalar(key, value, step)
+    self._jsonl.write(json.dumps({'step': step, 'time': time.time(), **values}) + '\n')
+    self._jsonl.flush()
 
   def text(self, step: int, tag: str, value: str) -> None:
     if self._writer is not None:
@@ -32,6 +40,15 @@ class Writer:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The records a Writer appended to `path` (a missing file reads as none)."""
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as handle:
+    return [json.loads(line) for line in handle if line.strip()]
 
 
 def summarize(step_metrics: list[dict]) -> dict[str, float]:

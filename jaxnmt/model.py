@@ -1,4 +1,5 @@
-"""The encoder-decoder Transformer (Vaswani et al. 2017) in Flax NNX.
+"""The encoder-decoder Transformer (Vaswani et al. 2017) and a decoder-only language
+model (`DecoderLM`) in Flax NNX, built from the same layers.
 
 Shapes: B batch, S source length, T target length, D model width, N heads,
 H head width, V vocabulary. Segment ids (0 = padding, 1, 2, ... = packed pairs)
@@ -29,6 +30,8 @@ class ModelConfig:
   position_embedding: str = 'sinusoidal'
   share_embeddings: bool = True
   max_length: int = 256  # longest position a learned table covers
+  norm: str = 'layernorm'  # or 'rmsnorm'
+  kind: str = 'transformer'  # or 'decoder_lm'
 
 
 # ----------------------------------------------------------------------------- masks
@@ -54,10 +57,10 @@ class EncoderLayer(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.pre_layer_norm = config.pre_layer_norm
-    self.attention_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
     self.attention = layers.Attention(config.d_model, config.num_heads,
                                       config.attention_dropout_rate, rngs=rngs)
-    self.mlp_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
     self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
                                   config.dropout_rate, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
@@ -77,13 +80,13 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.pre_layer_norm = config.pre_layer_norm
-    self.self_attention_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.self_attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
     self.self_attention = layers.Attention(config.d_model, config.num_heads,
                                            config.attention_dropout_rate, rngs=rngs)
-    self.cross_attention_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.cross_attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
     self.cross_attention = layers.Attention(config.d_model, config.num_heads,
                                             config.attention_dropout_rate, rngs=rngs)
-    self.mlp_norm = layers.LayerNorm(config.d_model, rngs=rngs)
+    self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
     self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
                                   config.dropout_rate, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
@@ -148,8 +151,8 @@ class Transformer(nnx.Module):
         [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)])
     self.decoder_layers = nnx.List(
         [DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)])
-    self.encoder_norm = layers.LayerNorm(d_model, rngs=rngs)
-    self.decoder_norm = layers.LayerNorm(d_model, rngs=rngs)
+    self.encoder_norm = layers.make_norm(config.norm, d_model, rngs=rngs)
+    self.decoder_norm = layers.make_norm(config.norm, d_model, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def _embed(self, embed, position_table, ids, positions, deterministic):
@@ -233,3 +236,131 @@ class Transformer(nnx.Module):
       new_layers.append({**layer_cache, **self_cache})
     logits = self.logits(hidden)[:, 0, :]
     return logits, {'layers': new_layers, 'source_segment_ids': source_segment_ids}
+
+  # --------------------------------------------------------------- uncached decoding
+
+  def init_uncached(self, encoded, source_segment_ids, max_length: int) -> dict:
+    """State for `decode_step_uncached`: the encoder output and a token buffer. The
+    baseline that recomputes the whole decoder every step (for tests and benchmarks)."""
+    batch = encoded.shape[0]
+    return {'encoded': encoded, 'source_segment_ids': source_segment_ids,
+            'tokens': jnp.zeros((batch, max_length), jnp.int32)}
+
+  def decode_step_uncached(self, state: dict, tokens, index):
+    """Same contract as `decode_step`, recomputing all [B, T_max] positions."""
+    buffer = jax.lax.dynamic_update_slice_in_dim(state['tokens'], tokens[:, None], index,
+                                                 axis=1)
+    batch, max_length = buffer.shape
+    logits = self.decode(state['encoded'], state['source_segment_ids'], buffer,
+                         jnp.ones((batch, max_length), jnp.int32),
+                         jnp.broadcast_to(jnp.arange(max_length), (batch, max_length)))
+    step_logits = jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
+    return step_logits, {**state, 'tokens': buffer}
+
+
+# ----------------------------------------------------------------------------- language model
+
+
+class LMBlock(nnx.Module):
+  """Pre-norm decoder block: causal self-attention (RoPE optional) and an MLP."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.rope = config.position_embedding == 'rope'
+    self.attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
+    self.attention = layers.Attention(config.d_model, config.num_heads,
+                                      config.attention_dropout_rate, rngs=rngs)
+    self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
+    self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
+                                  config.dropout_rate, rngs=rngs)
+    self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+  def __call__(self, hidden, positions, mask, *, deterministic: bool,
+               cache: dict | None = None, index=None):
+    """hidden: [B, T, D]; positions: int32 [B, T]; mask: [B, 1, T, T or T_max].
+    With `cache` ({'keys', 'values'}: [B, T_max, N, H]) T is 1 and the step's keys and
+    values are written at `index`. Returns (hidden, cache or None)."""
+    normed = self.attention_norm(hidden)
+    keys, values = self.attention.project_kv(normed)
+    if self.rope:
+      keys = layers.apply_rope(keys, positions)
+    new_cache = None
+    if cache is not None:
+      keys = jax.lax.dynamic_update_slice_in_dim(cache['keys'], keys, index, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(cache['values'], values, index, axis=1)
+      new_cache = {'keys': keys, 'values': values}
+    attended = self.attention(normed, keys, values, mask, deterministic=deterministic,
+                              query_positions=positions if self.rope else None)
+    hidden = hidden + self.dropout(attended, deterministic=deterministic)
+    mlp_out = self.mlp(self.mlp_norm(hidden), deterministic=deterministic)
+    return hidden + self.dropout(mlp_out, deterministic=deterministic), new_cache
+
+
+class DecoderLM(nnx.Module):
+  """GPT-style language model: token embedding (tied to the output by default), RoPE or
+  learned/sinusoidal positions, `num_decoder_layers` LMBlocks, a final norm.
+
+  Its batches use the target-side keys of translation batches (`decoder_inputs`,
+  `targets`, `targets_segment_ids`, `targets_positions`), so the trainer, losses and
+  metrics are shared."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = layers.Embed(config.vocab_size, config.d_model, rngs=rngs)
+    if config.position_embedding == 'learned':
+      self.positions = layers.LearnedPositions(config.max_length, config.d_model, rngs=rngs)
+    self.blocks = nnx.List([LMBlock(config, rngs=rngs)
+                            for _ in range(config.num_decoder_layers)])
+    self.final_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
+    self.output_kernel = None if config.share_embeddings else layers.param(
+        rngs, nnx.initializers.lecun_normal(), (config.d_model, config.vocab_size),
+        (layers.EMBED, layers.VOCAB))
+    self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+  def _embed(self, tokens, positions, deterministic):
+    hidden = self.embed(tokens)
+    if self.config.position_embedding == 'learned':
+      hidden = hidden + self.positions(positions)
+    elif self.config.position_embedding == 'sinusoidal':
+      hidden = hidden + layers.sinusoidal_positions(positions, self.config.d_model)
+    return self.dropout(hidden, deterministic=deterministic)
+
+  def logits(self, hidden):
+    hidden = self.final_norm(hidden)
+    if self.output_kernel is None:
+      return self.embed.attend(hidden)
+    return jnp.einsum('BTD,DV->BTV', hidden, self.output_kernel[...])
+
+  def __call__(self, batch: dict, *, deterministic: bool = True):
+    """A batch -> logits [B, T, V] for its `targets`."""
+    positions = batch['targets_positions']
+    hidden = self._embed(batch['decoder_inputs'], positions, deterministic)
+    segments = batch['targets_segment_ids']
+    mask = attention_mask(segments, segments, causal=True)
+    for block in self.blocks:
+      hidden, _ = block(hidden, positions, mask, deterministic=deterministic)
+    return self.logits(hidden)
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
+    num_heads = self.config.num_heads
+    empty = jnp.zeros((batch_size, max_length, num_heads, self.config.d_model // num_heads),
+                      dtype)
+    return {'layers': [{'keys': empty, 'values': empty} for _ in self.blocks]}
+
+  def decode_step(self, cache: dict, tokens, index):
+    """tokens: int32 [B] at position `index` -> (logits [B, V], updated cache)."""
+    batch = tokens.shape[0]
+    max_length = cache['layers'][0]['keys'].shape[1]
+    positions = jnp.full((batch, 1), index, jnp.int32)
+    hidden = self._embed(tokens[:, None], positions, True)
+    mask = jnp.broadcast_to(jnp.arange(max_length) <= index, (batch, 1, 1, max_length))
+    new_layers = []
+    for block, block_cache in zip(self.blocks, cache['layers']):
+      hidden, block_cache = block(hidden, positions, mask, deterministic=True,
+                                  cache=block_cache, index=index)
+      new_layers.append(block_cache)
+    return self.logits(hidden)[:, 0, :], {'layers': new_layers}
+
+
+def build(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The model `config.kind` names."""
+  return {'transformer': Transformer, 'decoder_lm': DecoderLM}[config.kind](config, rngs=rngs)

@@ -1,5 +1,6 @@
 """Learning-rate schedules and the optax optimizer."""
 
+import jax.numpy as jnp
 import optax
 
 
@@ -9,7 +10,8 @@ def learning_rate_schedule(peak: float, warmup_steps: int, kind: str,
   warmup_steps = max(warmup_steps, 1)
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)
   if kind == 'rsqrt':
-    decay = lambda step: peak * (warmup_steps / (step + warmup_steps)) ** 0.5
+    # (join_schedules also evaluates this branch before the boundary: clamp at 0.)
+    decay = lambda step: peak * jnp.sqrt(warmup_steps / (jnp.maximum(step, 0) + warmup_steps))
   elif kind == 'cosine':
     decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup_steps, 1))
   else:

@@ -5,6 +5,7 @@ Unicode rewriting), and unknown characters fall back to UTF-8 bytes, so decoding
 restores the original casing and punctuation of anything the model reproduces.
 """
 
+import json
 import os
 import random
 import tempfile
@@ -87,3 +88,52 @@ def load_or_train(model_path: str, sentences_fn, **train_kwargs) -> Tokenizer:
   if os.path.exists(model_path):
     return Tokenizer(model_path)
   return train(sentences_fn(), model_path, **train_kwargs)
+
+
+class CharTokenizer:
+  """Character-level tokenizer with the same interface as `Tokenizer`: every distinct
+  character of the training text gets an id after the four special ids. Characters
+  never seen in training map to UNK."""
+
+  def __init__(self, model_path: str):
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f'tokenizer model not found: {model_path}')
+    self.model_path = model_path
+    with open(model_path, encoding='utf-8') as handle:
+      self.characters = json.load(handle)['characters']
+    self._ids = {char: index + 4 for index, char in enumerate(self.characters)}
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.characters) + 4
+
+  def encode(self, text: str) -> list[int]:
+    return [self._ids.get(char, UNK_ID) for char in text]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(text) for text in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    chars = []
+    for token in ids:
+      token = int(token)
+      if token == EOS_ID:
+        break
+      if 4 <= token < len(self.characters) + 4:  # ids past the vocabulary are padding
+        chars.append(self.characters[token - 4])
+    return ''.join(chars)
+
+
+def train_chars(text: str, model_path: str) -> CharTokenizer:
+  """Writes the character vocabulary of `text` to `model_path` (JSON)."""
+  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+  partial = model_path + '.partial'
+  with open(partial, 'w', encoding='utf-8') as handle:
+    json.dump({'characters': sorted(set(text))}, handle, ensure_ascii=False)
+  os.replace(partial, model_path)
+  return CharTokenizer(model_path)
+
+
+def load(model_path: str, model_type: str):
+  """The tokenizer stored at `model_path`: CharTokenizer for 'char', else SentencePiece."""
+  return CharTokenizer(model_path) if model_type == 'char' else Tokenizer(model_path)

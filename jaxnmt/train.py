@@ -1,11 +1,14 @@
 """Training: corpus → tokenizer → Grain batches → jitted train step → TensorBoard and
 Orbax checkpoints. `train_and_evaluate` reads top to bottom."""
 
+import fcntl
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import signal
 import time
 
 import jax
@@ -15,6 +18,7 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import config_lib
@@ -23,10 +27,13 @@ from jaxnmt import losses
 from jaxnmt import metrics as metrics_lib
 from jaxnmt import model as model_lib
 from jaxnmt import optim
+from jaxnmt import sharding
 from jaxnmt import tokenizer as tokenizer_lib
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
+CHAR_VOCAB_MULTIPLE = 64
+FINISHED_FILE = os.path.join('train', 'finished.json')
 
 
 class TrainingError(RuntimeError):
@@ -38,13 +45,18 @@ class TrainingError(RuntimeError):
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
   """The run config's model section as the model's own frozen dataclass."""
+  if config.tokenizer.model_type == 'char':
+    # A data-dependent character vocabulary, padded so any tensor axis divides it.
+    vocab_size = CHAR_VOCAB_MULTIPLE * -(-vocab_size // CHAR_VOCAB_MULTIPLE)
   return model_lib.ModelConfig(
       vocab_size=vocab_size, **config.model.to_dict(),
-      max_length=max(config.data.max_source_length, config.data.max_target_length))
+      kind='decoder_lm' if config.get('task') == 'lm' else 'transformer',
+      max_length=(config.data.max_target_length if config.get('task') == 'lm' else
+                  max(config.data.max_source_length, config.data.max_target_length)))
 
 
 def load_corpus(config) -> data_lib.Splits:
-  path = data_lib.resolve_path(config.data.path, config.data.url)
+  path = data_lib.resolve_path(config.data.path, config.data.url, config.data.filename)
   pairs, report = data_lib.read_pairs(path)
   splits = data_lib.split_pairs(pairs, config.data.valid_fraction,
                                 config.data.test_fraction, config.data.split_seed)
@@ -54,21 +66,80 @@ def load_corpus(config) -> data_lib.Splits:
   return splits
 
 
-def load_tokenizer(config, workdir: str, splits: data_lib.Splits | None = None):
-  """The workdir's tokenizer; trained on the training split on the first run."""
-  def training_sentences():
-    return [side for pair in splits.train for side in pair]
+def load_tokenizer(config, workdir: str, training_text=None):
+  """The workdir's tokenizer; on the first run trained on `training_text()` (a list of
+  sentences, or one string for a char vocabulary) by process 0."""
   path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(path) and splits is None:
+  model_type = config.tokenizer.model_type
+  if not os.path.exists(path) and training_text is None:
     raise FileNotFoundError(f'{path} not found: train a model in {workdir} first')
   started = time.time()
-  tokenizer = tokenizer_lib.load_or_train(
-      path, training_sentences, vocab_size=config.tokenizer.vocab_size,
-      model_type=config.tokenizer.model_type,
-      max_sentences=config.tokenizer.max_training_sentences, seed=config.seed)
+  # Process 0 trains (SentencePiece training is not bit-reproducible across runs); the
+  # others wait for it and load the same file (the workdir is on a shared filesystem).
+  if jax.process_index() == 0 and not os.path.exists(path):
+    if model_type == 'char':
+      tokenizer_lib.train_chars(training_text(), path)
+    else:
+      tokenizer_lib.train(training_text(), path, vocab_size=config.tokenizer.vocab_size,
+                          model_type=model_type,
+                          max_sentences=config.tokenizer.max_training_sentences,
+                          seed=config.seed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('tokenizer ready')
+  tokenizer = tokenizer_lib.load(path, model_type)
   logging.info('Tokenizer %s: %d pieces (%.1fs)', path, tokenizer.vocab_size,
                time.time() - started)
   return tokenizer
+
+
+def prepare_translation_data(config, workdir: str):
+  """(tokenizer, endless packed training batches, validation batches) of the corpus;
+  writes the held-out splits to WORKDIR/splits."""
+  splits = load_corpus(config)
+  tokenizer = load_tokenizer(config, workdir,
+                             lambda: [side for pair in splits.train for side in pair])
+  if jax.process_index() == 0:
+    data_lib.write_split_files(splits, os.path.join(workdir, 'splits'))
+  train_data = data_lib.make_train_dataset(
+      splits.train, tokenizer, batch_size=config.data.batch_size,
+      max_source_length=config.data.max_source_length,
+      max_target_length=config.data.max_target_length,
+      num_packing_bins=config.data.num_packing_bins, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  valid_batches = list(data_lib.make_eval_batches(
+      splits.valid, tokenizer, batch_size=config.data.eval_batch_size,
+      max_source_length=config.data.max_source_length,
+      max_target_length=config.data.max_target_length))
+  return tokenizer, train_data, valid_batches
+
+
+def prepare_lm_data(config, workdir: str):
+  """(tokenizer, endless batches of training blocks, validation blocks) of a text: the
+  last `data.valid_fraction` of it is validation."""
+  path = data_lib.resolve_path(config.data.path, config.data.url, config.data.filename)
+  train_text, valid_text = data_lib.split_text(data_lib.read_text(path),
+                                               config.data.valid_fraction)
+  logging.info('Text %s: %d training and %d validation characters', path, len(train_text),
+               len(valid_text))
+  if config.tokenizer.model_type == 'char':
+    training_text = lambda: train_text
+  else:
+    training_text = lambda: [line for line in train_text.splitlines() if line.strip()]
+  tokenizer = load_tokenizer(config, workdir, training_text)
+  encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
+  block = config.data.max_target_length
+  train_data = data_lib.make_lm_dataset(
+      encode(train_text), batch_size=config.data.batch_size, block_length=block,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  blocks = data_lib.lm_blocks(encode(valid_text), block)
+  rows = config.data.eval_batch_size
+  valid_batches = [data_lib.lm_batch(blocks[start:start + rows])
+                   for start in range(0, len(blocks) - rows + 1, rows)]
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, 'splits'), exist_ok=True)
+    with open(os.path.join(workdir, 'splits', 'valid.txt'), 'w', encoding='utf-8') as handle:
+      handle.write(valid_text)
+  return tokenizer, train_data, valid_batches
 
 
 def save_config(config, workdir: str) -> None:
@@ -91,25 +162,57 @@ def _rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(params=seed, dropout=seed + 1)
 
 
-def create_model(model_cfg: model_lib.ModelConfig, seed: int):
-  """(graphdef, params, rest): the model split into its parameters and the rest
-  (dropout RNG streams), parameters initialised from `seed` under jit."""
-  abstract = nnx.eval_shape(lambda: model_lib.Transformer(model_cfg, rngs=_rngs(seed)))
-  graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+def plan_mesh(config, num_devices: int | None = None):
+  """(mesh, rules) for `config` on this job's devices; a MeshError (one line) if the mesh
+  does not fit the devices or the model's dimensions do not divide by it."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  sizes = sharding.mesh_sizes(config.mesh, num_devices)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  sharding.check_divisibility(sizes, rules, {'batch': config.data.eval_batch_size})
+  vocab = CHAR_VOCAB_MULTIPLE if config.tokenizer.model_type == 'char' else (
+      config.tokenizer.vocab_size)
+  sharding.check_divisibility(sizes, rules, {
+      'batch': config.data.batch_size, 'heads': config.model.num_heads,
+      'mlp': config.model.d_ff, 'vocab': vocab, 'embed': config.model.d_model})
+  for field in ('batch_size', 'eval_batch_size'):
+    if config.data[field] % jax.process_count():
+      raise sharding.MeshError(f'config.data.{field}={config.data[field]} must divide by '
+                               f'the {jax.process_count()} processes')
+  return sharding.make_mesh(sizes), rules
 
-  @jax.jit
+
+def create_train_state(model_cfg: model_lib.ModelConfig, tx, seed: int, mesh, rules):
+  """Initialises the model and optimizer directly into their shardings (no host ever
+  holds the whole model). Returns (graphdef, state, rest, state_shardings) where
+  state = {'params', 'opt_state', 'step'} and rest holds the dropout RNG streams."""
+  abstract = abstract_train_state(model_cfg, tx)
+  shardings = sharding.state_shardings(abstract, mesh, rules)
+  graphdef, _, _ = nnx.split(
+      nnx.eval_shape(lambda: model_lib.build(model_cfg, rngs=_rngs(seed))),
+      nnx.Param, ...)
+
+  @functools.partial(jax.jit, out_shardings=(shardings, sharding.replicated(mesh)))
   def init():
-    model = model_lib.Transformer(model_cfg, rngs=_rngs(seed))
+    model = model_lib.build(model_cfg, rngs=_rngs(seed))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    return params, rest
-  params, rest = init()
-  return graphdef, params, rest
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}, rest
+  total, per_device = sharding.planned_bytes(abstract, shardings)
+  logging.info('Parameters + optimizer state: %.1f MB in all, %.1f MB per device',
+               total / 2**20, per_device / 2**20)
+  state, rest = init()
+  return graphdef, state, rest, shardings
+
+
+def create_model(model_cfg: model_lib.ModelConfig, seed: int):
+  """(graphdef, params, rest) on the default device, for inference and tests."""
+  model = model_lib.build(model_cfg, rngs=_rngs(seed))
+  return nnx.split(model, nnx.Param, ...)
 
 
 def abstract_train_state(model_cfg: model_lib.ModelConfig, tx) -> dict:
   """Shapes of the train state, e.g. as the target of a checkpoint restore."""
   def build():
-    model = model_lib.Transformer(model_cfg, rngs=_rngs(0))
+    model = model_lib.build(model_cfg, rngs=_rngs(0))
     params = nnx.state(model, nnx.Param)
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
   return jax.eval_shape(build)
@@ -122,9 +225,11 @@ def count_params(params) -> int:
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(graphdef, rest, tx, label_smoothing: float, state: dict, batch: dict,
-               dropout_key: jax.Array):
-  """One update. state: {'params', 'opt_state', 'step'}; returns (state, metric sums)."""
+def train_step(graphdef, tx, label_smoothing: float, seed: int, state: dict, rest,
+               batch: dict):
+  """One update. state: {'params', 'opt_state', 'step'}; returns (state, metric sums).
+  Dropout draws from fold_in(key(seed), step): a pure function of the state."""
+  dropout_key = jax.random.fold_in(jax.random.key(seed), state['step'])
 
   def loss_fn(params, rest):
     model = nnx.merge(graphdef, params, rest, copy=True)
@@ -138,18 +243,37 @@ def train_step(graphdef, rest, tx, label_smoothing: float, state: dict, batch: d
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   sums['grad_norm'] = optax.global_norm(grads)
+  sums['source_tokens'] = ((batch['inputs_segment_ids'] > 0).sum().astype(jnp.float32)
+                          if 'inputs_segment_ids' in batch else jnp.float32(0))
   return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, sums
 
 
-def eval_step(graphdef, rest, params, batch: dict) -> dict:
-  model = nnx.merge(graphdef, params, rest)
+def eval_step(graphdef, params, rest, batch: dict) -> dict:
+  model = nnx.merge(graphdef, params, rest, copy=True)
   logits = model(batch, deterministic=True)
   return losses.cross_entropy_sums(logits, batch['targets'], batch['targets_segment_ids'] > 0)
 
 
-def evaluate_loss(eval_fn, params, batches) -> dict[str, float]:
-  """Token-weighted validation loss (plain NLL) and accuracy over `batches`."""
-  sums = [jax.device_get(eval_fn(params, batch)) for batch in batches]
+def compile_steps(graphdef, tx, config, mesh, rules, shardings):
+  """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
+  replicated = sharding.replicated(mesh)
+  batch = sharding.batch_sharding(mesh, rules)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef, tx, config.optim.label_smoothing, config.seed),
+      in_shardings=(shardings, replicated, batch), out_shardings=(shardings, replicated),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef),
+                    in_shardings=(shardings['params'], replicated, batch),
+                    out_shardings=replicated)
+  return step_fn, eval_fn
+
+
+def evaluate_loss(eval_fn, params, rest, batches) -> dict[str, float]:
+  """Token-weighted validation loss (plain NLL) and accuracy over `batches` ({} if
+  there are none)."""
+  if not batches:
+    return {}
+  sums = [jax.device_get(eval_fn(params, rest, batch)) for batch in batches]
   summary = metrics_lib.summarize(sums)
   return {'loss': summary['nll'], 'accuracy': summary['accuracy'],
           'perplexity': math.exp(min(summary['nll'], 50.0))}
@@ -164,75 +288,101 @@ def is_time(step: int, every: int, total: int) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`, writing TensorBoard, config, tokenizer and checkpoints to
-  `workdir`. Resumes from the workdir's latest checkpoint. Returns final metrics."""
+  `workdir`. Resumes from the workdir's latest readable checkpoint. Returns final
+  metrics."""
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
 
+  # ------------------------------------------------------------- mesh and workdir
+  mesh, rules = plan_mesh(config)
+  logging.info('Mesh %s over %d devices in %d processes', dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  lock = lock_workdir(workdir)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=None)  # see save()
+  try:
+    check_resumable(checkpointer, config, workdir)
+    if jax.process_index() == 0:
+      save_config(config, workdir)
+      _remove(os.path.join(workdir, FINISHED_FILE))  # this run decides the final step
+    return _train(config, workdir, mesh, rules, checkpointer)
+  finally:
+    checkpointer.close()
+    lock.close()
+
+
+def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
+  """The body of `train_and_evaluate`, once the workdir is locked."""
   # ------------------------------------------------------------- data and tokenizer
-  splits = load_corpus(config)
-  tokenizer = load_tokenizer(config, workdir, splits)
-  save_config(config, workdir)
-  data_lib.write_split_files(splits, os.path.join(workdir, 'splits'))
-  train_data = data_lib.make_train_dataset(
-      splits.train, tokenizer, batch_size=config.data.batch_size,
-      max_source_length=config.data.max_source_length,
-      max_target_length=config.data.max_target_length,
-      num_packing_bins=config.data.num_packing_bins, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  valid_batches = list(data_lib.make_eval_batches(
-      splits.valid, tokenizer, batch_size=config.data.eval_batch_size,
-      max_source_length=config.data.max_source_length,
-      max_target_length=config.data.max_target_length))
+  prepare = prepare_lm_data if config.task == 'lm' else prepare_translation_data
+  tokenizer, train_data, valid_batches = prepare(config, workdir)
+  process_rows = config.data.batch_size // jax.process_count()
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  eval_rows = config.data.eval_batch_size
+  valid_batches = [sharding.to_global(_process_rows(batch, eval_rows), batch_sharding)
+                   for batch in valid_batches]
 
   # ------------------------------------------------------------- model and optimizer
   model_cfg = model_config(config, tokenizer.vocab_size)
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
-  graphdef, params, rest = create_model(model_cfg, config.seed)
-  state = {'params': params, 'opt_state': jax.jit(tx.init)(params), 'step': jnp.int32(0)}
-  logging.info('Model: %s parameters', f'{count_params(params):,}')
+  graphdef, state, rest, shardings = create_train_state(model_cfg, tx, config.seed, mesh,
+                                                        rules)
+  logging.info('Model: %s parameters; %d rows x (%d + %d) tokens per batch, %d per process',
+               f'{count_params(state["params"]):,}', config.data.batch_size,
+               config.data.max_source_length, config.data.max_target_length, process_rows)
 
   # ------------------------------------------------------------- resume
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+  # Order: the workdir's newest readable checkpoint, else a fresh start.
   train_iterator = iter(train_data)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, iterator_state = checkpointer.restore(latest, checkpoint_lib.abstract_like(state))
+  restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(state, shardings))
+  if restored is not None:
+    latest, state, iterator_state, _ = restored
     if iterator_state is not None:
       train_iterator.set_state(iterator_state)
     logging.info('Resumed from checkpoint at step %d', latest)
   start_step = int(state['step'])
+  metadata = {'config': config.to_dict(), 'tokenizer_sha256': file_sha256(tokenizer.model_path),
+              'process_count': jax.process_count()}
+
+  def save(step):
+    _check_finite(jax.device_get(pending), step - len(pending) + 1)  # never save NaNs
+    checkpointer.save(step, state, train_iterator.get_state(), metadata)
+    # Keep the newest `keep_checkpoints`, and any a live eval worker has not scored.
+    protected = set()
+    if not config.delete_unscored_checkpoints and checkpoint_lib.worker_alive(workdir):
+      protected = set(checkpointer.all_steps()) - checkpoint_lib.scored_steps(workdir)
+    checkpointer.prune(config.keep_checkpoints, protected, saving=step)
 
   # ------------------------------------------------------------- compiled steps
-  step_fn = jax.jit(functools.partial(train_step, graphdef, rest, tx,
-                                      config.optim.label_smoothing), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef, rest))
-  base_key = jax.random.key(config.seed)
+  step_fn, eval_fn = compile_steps(graphdef, tx, config, mesh, rules, shardings)
 
   # ------------------------------------------------------------- train loop
   writer = metrics_lib.Writer(workdir, 'train')
   eval_writer = metrics_lib.Writer(workdir, 'valid')
+  preemption = Preemption(config.preemption_check_every_steps)
   total = config.num_train_steps
   time_limit = config.train_time_limit_minutes * 60
   started = time.time()
-  pending, real_tokens, slots = [], 0, 0
+  pending, slots = [], 0
   interval_start = time.time()
   last_eval = {}
-  step = start_step
+  step = last_saved = start_step
+  out_of_time = False
   progress = tqdm.tqdm(total=total, initial=start_step, desc='train', unit='step',
                        dynamic_ncols=True, disable=jax.process_index() != 0)
   try:
     while step < total:
       batch = next(train_iterator)
-      real_tokens += data_lib.real_token_count(batch)
-      slots += batch['inputs'].size + batch['targets'].size
-      state, step_metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+      slots += sum(batch[key].size for key in ('inputs', 'targets') if key in batch) * (
+          jax.process_count())
+      state, step_metrics = step_fn(state, rest, sharding.to_global(batch, batch_sharding))
       pending.append(step_metrics)
       step += 1
-      out_of_time = time_limit and time.time() - started > time_limit
+      out_of_time = bool(time_limit) and time.time() - started > time_limit
       if is_time(step, config.log_every_steps, total) or out_of_time:
         fetched = jax.device_get(pending)
         _check_finite(fetched, step - len(fetched) + 1)
         elapsed = time.time() - interval_start
+        real_tokens = sum(m['tokens'] + m['source_tokens'] for m in fetched)
         summary = metrics_lib.summarize(fetched)
         summary.update(learning_rate=float(schedule(step - 1)),
                        real_tokens_per_sec=real_tokens / elapsed,
@@ -242,33 +392,140 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.set_postfix(loss=f'{summary["loss"]:.3f}',
                              tok_s=f'{summary["real_tokens_per_sec"]:.0f}')
         progress.update(len(fetched))
-        pending, real_tokens, slots, interval_start = [], 0, 0, time.time()
+        pending, slots, interval_start = [], 0, time.time()
       if is_time(step, config.eval_every_steps, total) or out_of_time:
-        last_eval = evaluate_loss(eval_fn, state['params'], valid_batches)
-        eval_writer.scalars(step, last_eval)
-        logging.info('step %d: validation loss %.4f, accuracy %.3f', step,
-                     last_eval['loss'], last_eval['accuracy'])
+        last_eval = evaluate_loss(eval_fn, state['params'], rest, valid_batches)
+        if last_eval:
+          eval_writer.scalars(step, last_eval)
+          logging.info('step %d: validation loss %.4f, accuracy %.3f', step,
+                       last_eval['loss'], last_eval['accuracy'])
         interval_start = time.time()
       if is_time(step, config.checkpoint_every_steps, total) or out_of_time:
-        _check_finite(jax.device_get(pending), step - len(pending) + 1)  # never save NaNs
-        checkpointer.save(step, state, train_iterator.get_state())
+        save(step)
+        last_saved = step
+      if preemption.agreed(step):
+        if last_saved != step:
+          save(step)
+        checkpointer.wait()
+        logging.warning('Preempted: saved step %d; exiting', step)
+        break
       if out_of_time:
         logging.info('Time limit of %.1f minutes reached at step %d',
                      config.train_time_limit_minutes, step)
         break
+    if step >= total or out_of_time:
+      checkpointer.wait()
+      _write_finished(workdir, step)
   except KeyboardInterrupt:
     logging.warning('Interrupted at step %d: saving a checkpoint before exiting', step)
-    if checkpointer.latest_step() != step and step > start_step:
-      checkpointer.save(step, state, train_iterator.get_state())
+    if last_saved != step:
+      save(step)
   finally:
+    preemption.close()
     progress.close()
     writer.close()
     eval_writer.close()
-    checkpointer.close()
+    checkpointer.wait()
     train_iterator.close()
   logging.info('Finished at step %d after %.1f minutes; model in %s', step,
                (time.time() - started) / 60, workdir)
   return {'step': step, **{f'valid_{k}': v for k, v in last_eval.items()}}
+
+
+def _remove(path: str) -> None:
+  if os.path.exists(path):
+    os.remove(path)
+
+
+def _write_finished(workdir: str, step: int) -> None:
+  """Tells eval workers that `step` is the run's final checkpoint."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, FINISHED_FILE)
+    with open(path + '.partial', 'w', encoding='utf-8') as handle:
+      json.dump({'step': step, 'time': time.time()}, handle)
+    os.replace(path + '.partial', path)
+
+
+def lock_workdir(workdir: str):
+  """Holds an exclusive lock on the workdir (process 0) for the life of the run; the OS
+  drops it when the process dies, however it dies."""
+  path = os.path.join(workdir, '.trainer.lock')
+  handle = open(path, 'a+', encoding='utf-8')
+  if jax.process_index() == 0:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      owner = handle.read().strip() or 'unknown'
+      handle.close()
+      raise TrainingError(f'{workdir} is in use by another trainer (pid {owner}); stop it '
+                          f'or choose another --workdir') from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+  return handle
+
+
+def check_resumable(checkpointer, config, workdir: str) -> None:
+  """Refuses to resume a checkpoint written with an incompatible config or tokenizer;
+  reports harmless config changes."""
+  latest = checkpointer.latest_step()
+  saved = checkpointer.read_metadata(latest) if latest is not None else None
+  if not saved:
+    return
+  breaking, harmless = config_lib.resume_differences(saved['config'], config.to_dict())
+  if breaking:
+    raise TrainingError(f'the checkpoints in {checkpointer.directory} were written with '
+                        f'another model/tokenizer config ({"; ".join(breaking)}); use a new '
+                        f'--workdir or the original values')
+  if harmless:
+    logging.warning('Resuming with a changed config: %s', '; '.join(harmless))
+  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(tokenizer_path) and file_sha256(tokenizer_path) != saved.get(
+      'tokenizer_sha256'):
+    raise TrainingError(f'{tokenizer_path} is not the tokenizer the checkpoints were '
+                        f'trained with (sha256 differs)')
+
+
+def file_sha256(path: str) -> str:
+  with open(path, 'rb') as handle:
+    return hashlib.sha256(handle.read()).hexdigest()
+
+
+class Preemption:
+  """SIGTERM asks the run to stop; all processes agree on the step to stop at (checked
+  every step on one process, every `every` steps across processes)."""
+
+  def __init__(self, every: int):
+    self.every = every
+    self.requested = False
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, nothing to agree on
+      pass
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def agreed(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self.every:
+      return False
+    flags = multihost_utils.process_allgather(np.asarray(self.requested))
+    return bool(np.any(flags))
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _process_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """This process's slice of a batch that every process built whole."""
+  per_process = rows // jax.process_count()
+  begin = jax.process_index() * per_process
+  return {key: value[begin:begin + per_process] for key, value in batch.items()}
 
 
 def _check_finite(fetched: list[dict], first_step: int) -> None:

@@ -1,9 +1,11 @@
-"""`--mode=translate`: the workdir's latest checkpoint translates lines of text.
+"""`--mode=translate`: a checkpoint translates lines of text.
 
-Lines are sorted by length and decoded in batches of a few padded shapes, then written
+Lines are sorted by length and decoded in batches of a few padded shapes (beam search
+by default, or greedy, or sampling), split over this process's devices, then written
 back in input order: one output line per input line, empty for empty.
 """
 
+import dataclasses
 import functools
 import logging
 import math
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import decode
@@ -24,38 +27,56 @@ from jaxnmt import train
 LENGTH_BUCKET = 16  # sources are padded to a multiple of this: few compiled shapes
 
 
-class Translator:
-  """A trained model, its tokenizer and a jitted greedy decoder."""
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """beam_size > 1: beam search; temperature > 0: sampling; else greedy."""
+  beam_size: int = 4
+  length_penalty: float = 0.6
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  use_cache: bool = True
 
-  def __init__(self, workdir: str, step: int | None = None):
+  @property
+  def strategy(self) -> str:
+    if self.temperature > 0:
+      return 'sample'
+    return 'beam' if self.beam_size > 1 else 'greedy'
+
+
+class Translator:
+  """A checkpoint's model, its tokenizer and a jitted batched decoder on this process's
+  devices (parameters replicated, sentences split over the devices)."""
+
+  def __init__(self, workdir: str, step: int | None = None,
+               options: DecodeOptions = DecodeOptions(), devices=None):
     self.config = train.load_config(workdir)
     self.tokenizer = train.load_tokenizer(self.config, workdir)
-    model_cfg = train.model_config(self.config, self.tokenizer.vocab_size)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise checkpoint_lib.CheckpointError(f'no checkpoint in {checkpointer.directory}')
-    tx, _ = optim.make_optimizer(self.config.optim, self.config.num_train_steps)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                              sharding=device),
-                            train.abstract_train_state(model_cfg, tx))
-    state, _ = checkpointer.restore(step, abstract)
-    checkpointer.close()
-    self.step = step
-    self.params = state['params']
-    self.graphdef, _, self.rest = train.create_model(model_cfg, 0)
-    logging.info('Loaded checkpoint %d from %s', step, workdir)
-    self._decode = jax.jit(functools.partial(_greedy_decode, self.graphdef, self.rest),
+    self.options = options
+    self.model_config = train.model_config(self.config, self.tokenizer.vocab_size)
+    devices = jax.local_devices()[:1] if devices is None else devices
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+    self.graphdef, _, self.rest = train.create_model(self.model_config, 0)
+    self.step, self.params = None, None
+    self.load(workdir, step)
+    self._decode = jax.jit(functools.partial(_decode_batch, self.graphdef, self.rest,
+                                             options),
                            static_argnames=('max_length',))
+
+  def load(self, workdir: str, step: int | None = None) -> None:
+    """Restores the parameters of checkpoint `step` (default: the latest)."""
+    self.step, self.params = restore_params(workdir, self.config, self.model_config,
+                                            NamedSharding(self.mesh, PartitionSpec()), step)
 
   def translate(self, lines: Sequence[str], batch_size: int = 64,
                 progress: bool = False) -> list[str]:
     """Translations of `lines`, in order ('' for blank lines)."""
     data = self.config.data
     max_source = data.max_source_length
-    encoded = {}
-    truncated = 0
+    devices = self.mesh.devices.size
+    batch_size = devices * math.ceil(batch_size / devices)
+    encoded, truncated = {}, 0
     for index, line in enumerate(lines):
       if line.strip():
         ids = self.tokenizer.encode(line.strip())
@@ -68,11 +89,12 @@ class Translator:
                       truncated, max_source - 1)
     outputs = [''] * len(lines)
     order = sorted(encoded, key=lambda i: len(encoded[i]))
-    batches = range(0, len(order), batch_size)
+    starts = range(0, len(order), batch_size)
     if progress:
       import tqdm  # pylint: disable=g-import-not-at-top
-      batches = tqdm.tqdm(batches, desc='translate', unit='batch')
-    for start in batches:
+      starts = tqdm.tqdm(starts, desc='translate', unit='batch')
+    rows_sharding = NamedSharding(self.mesh, PartitionSpec('data'))
+    for batch_number, start in enumerate(starts):
       rows = order[start:start + batch_size]
       length = min(max_source, LENGTH_BUCKET * math.ceil(
           max(len(encoded[i]) for i in rows) / LENGTH_BUCKET))
@@ -83,28 +105,63 @@ class Translator:
         max_lengths[row] = min(data.max_target_length, int(
             self.config.decode.max_length_ratio * len(encoded[index])
             + self.config.decode.max_length_offset))
-      tokens = np.asarray(self._decode(self.params, inputs, max_lengths,
-                                       max_length=data.max_target_length))
+      key = jax.random.fold_in(jax.random.key(self.options.seed), batch_number)
+      tokens = self._decode(self.params, jax.device_put(inputs, rows_sharding),
+                            jax.device_put(max_lengths, rows_sharding), key,
+                            max_length=data.max_target_length)
+      tokens = np.asarray(tokens)
       for row, index in enumerate(rows):
         outputs[index] = self.tokenizer.decode(tokens[row])
     return outputs
 
 
-def _greedy_decode(graphdef, rest, params, inputs, max_lengths, *, max_length: int):
-  """inputs: int32 [B, S] (0 = pad) -> tokens int32 [B, max_length]."""
+def restore_params(workdir: str, config, model_config, sharding, step: int | None = None):
+  """(step, parameters) of checkpoint `step` (default: the latest), placed per
+  `sharding` whatever mesh wrote them."""
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise checkpoint_lib.CheckpointError(f'no checkpoint in {checkpointer.directory}')
+    tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        train.abstract_train_state(model_config, tx))
+    state, _, _ = checkpointer.restore(step, abstract)
+  finally:
+    checkpointer.close()
+  logging.info('Loaded checkpoint %d from %s', step, workdir)
+  return step, state['params']
+
+
+def _decode_batch(graphdef, rest, options: DecodeOptions, params, inputs, max_lengths, key,
+                  *, max_length: int):
+  """inputs: int32 [B, S] (0 = pad) -> best output tokens int32 [B, max_length]."""
   model = nnx.merge(graphdef, params, rest)
   segment_ids = (inputs != 0).astype(jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
   encoded = model.encode(inputs, segment_ids, positions, deterministic=True)
-  cache = model.init_cache(encoded, segment_ids, max_length)
-  return decode.greedy(model.decode_step, cache, inputs.shape[0], max_length,
-                       tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID, max_lengths)
+  if options.use_cache:
+    cache, step_fn = model.init_cache(encoded, segment_ids, max_length), model.decode_step
+  else:
+    cache = model.init_uncached(encoded, segment_ids, max_length)
+    step_fn = model.decode_step_uncached
+  batch = inputs.shape[0]
+  bos, eos = tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID
+  if options.strategy == 'sample':
+    return decode.sample(step_fn, cache, batch, max_length, bos, eos, key,
+                         options.temperature, options.top_k, options.top_p, max_lengths)
+  if options.strategy == 'beam':
+    tokens, _ = decode.beam_search(step_fn, cache, batch, options.beam_size, max_length,
+                                   bos, eos, options.length_penalty, max_lengths)
+    return tokens[:, 0]
+  return decode.greedy(step_fn, cache, batch, max_length, bos, eos, max_lengths)
 
 
 def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
-        batch_size: int = 64) -> None:
+        batch_size: int = 64, options: DecodeOptions = DecodeOptions()) -> None:
   """Reads lines from `input_path` (or stdin), writes translations to `output`."""
-  translator = Translator(workdir)
+  translator = Translator(workdir, options=options)
   if input_path:
     with open(input_path, encoding='utf-8', errors='replace') as handle:
       lines = handle.read().splitlines()

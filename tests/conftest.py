@@ -5,7 +5,15 @@ import os
 import random
 import zipfile
 
-import pytest
+# Eight CPU devices for every test (set before JAX is imported), so the trainer's
+# sharded path runs on a real mesh: the default mesh is 8-way data parallel.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from tests.tiny_config import tiny_config  # pylint: disable=wrong-import-position
 
 SHARED_DATA = os.environ.get(
     'JAXNMT_DATA_DIR',
@@ -26,33 +34,6 @@ def small_corpus(tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp('corpus') / 'pairs.tsv'
   path.write_text(''.join(f'{en}\t{es}\n' for en, es in real_pairs(3000)), encoding='utf-8')
   return str(path)
-
-
-def tiny_config(corpus_path: str):
-  """configs/tiny.py shrunk to seconds: 1+1 layers, width 32, vocab 400."""
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  config.data.path = corpus_path
-  config.data.max_source_length = 24
-  config.data.max_target_length = 24
-  config.data.batch_size = 8
-  config.data.eval_batch_size = 8
-  config.data.num_packing_bins = 16
-  config.data.valid_fraction = 0.02
-  config.data.test_fraction = 0.02
-  config.tokenizer.vocab_size = 400
-  config.model.num_encoder_layers = 1
-  config.model.num_decoder_layers = 1
-  config.model.d_model = 32
-  config.model.num_heads = 2
-  config.model.d_ff = 64
-  config.num_train_steps = 20
-  config.train_time_limit_minutes = 0.0
-  config.log_every_steps = 5
-  config.eval_every_steps = 10
-  config.checkpoint_every_steps = 10
-  config.optim.warmup_steps = 5
-  return config
 
 
 @pytest.fixture(scope='session')

@@ -27,7 +27,11 @@ def test_derived_configs_change_what_they_say():
     ('model.num_heads', 3, 'config.model.num_heads: d_model=512 must divide by num_heads=3'),
     ('model.num_encoder_layers', 0, 'config.model.num_encoder_layers: must be an integer >= 1'),
     ('model.dropout_rate', 1.5, 'config.model.dropout_rate: must be a number in [0.0, 1.0)'),
-    ('model.activation', 'swish', "config.model.activation: must be one of ['gelu', 'relu']"),
+    ('model.activation', 'swish',
+     "config.model.activation: must be one of ['gelu', 'relu', 'swiglu']"),
+    ('model.position_embedding', 'rope',
+     "config.model.position_embedding: must be one of ['learned', 'sinusoidal']"),
+    ('task', 'classification', "config.task: must be one of ['lm', 'translation']"),
     ('optim.learning_rate', -1.0, 'config.optim.learning_rate: must be a number > 0'),
     ('optim.schedule', 'linear', "config.optim.schedule: must be one of ['cosine', 'rsqrt']"),
     ('data.batch_size', 0, 'config.data.batch_size: must be an integer >= 1'),
@@ -36,8 +40,11 @@ def test_derived_configs_change_what_they_say():
 ])
 def test_bad_value_names_the_field(field, value, message):
   config = base.get_config()
-  section, name = field.split('.')
-  config[section][name] = value
+  *sections, name = field.split('.')
+  target = config
+  for section in sections:
+    target = target[section]
+  target[name] = value
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(config)
   assert str(error.value).startswith(message)

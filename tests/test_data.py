@@ -87,14 +87,15 @@ def make_dataset(pairs, tokenizer, **overrides):
 
 def test_packed_batches_shapes_masks_and_real_fraction(small_corpus, tokenizer):
   pairs, _ = data.read_pairs(small_corpus)
-  iterator = iter(make_dataset(pairs, tokenizer))
+  iterator = iter(make_dataset(pairs, tokenizer, max_source_length=64, max_target_length=72,
+                               num_packing_bins=32))
   batches = [next(iterator) for _ in range(10)]
   iterator.close()
   batch = batches[0]
   assert {k: v.shape for k, v in batch.items()} == {
-      'inputs': (8, 24), 'inputs_segment_ids': (8, 24), 'inputs_positions': (8, 24),
-      'decoder_inputs': (8, 24), 'targets': (8, 24), 'targets_segment_ids': (8, 24),
-      'targets_positions': (8, 24)}
+      'inputs': (8, 64), 'inputs_segment_ids': (8, 64), 'inputs_positions': (8, 64),
+      'decoder_inputs': (8, 72), 'targets': (8, 72), 'targets_segment_ids': (8, 72),
+      'targets_positions': (8, 72)}
   for b in batches:
     for side, key in (('inputs', 'inputs'), ('targets', 'targets'),
                       ('targets', 'decoder_inputs')):
@@ -112,8 +113,8 @@ def test_packed_batches_shapes_masks_and_real_fraction(small_corpus, tokenizer):
         assert (b['targets_positions'][row][where] == np.arange(where.sum())).all()
   fraction = np.mean([data.real_token_fraction(b) for b in batches])
   assert fraction >= 0.85, fraction
-  # More than one pair per row: packing happened.
-  assert batch['inputs_segment_ids'].max() >= 2
+  # Rows hold several pairs: packing happened.
+  assert np.mean([b['inputs_segment_ids'].max(axis=1).mean() for b in batches]) > 1.3
 
 
 def test_iterator_state_restores_the_exact_position(small_corpus, tokenizer):
@@ -142,7 +143,7 @@ def test_process_shards_are_disjoint_and_cover_the_data(tokenizer):
     iterator = iter(make_dataset(pairs, tokenizer, process_index=process, process_count=2,
                                  batch_size=4, num_packing_bins=4))
     rows = set()
-    for _ in range(8):
+    for _ in range(30):  # a few epochs of this shard
       batch = next(iterator)
       assert batch['inputs'].shape[0] == 2  # the per-process part of the global batch
       for row in range(2):

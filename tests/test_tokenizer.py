@@ -6,6 +6,7 @@ import pytest
 
 from jaxnmt import data
 from jaxnmt import tokenizer as tokenizer_lib
+from tests.conftest import real_pairs
 
 
 @pytest.fixture(scope='module')
@@ -45,11 +46,11 @@ def test_load_or_train_reuses_the_stored_model(tmp_path, tokenizer):
 
   def sentences():
     calls.append(1)
-    return ['a b c d e f g'] * 50
-  first = tokenizer_lib.load_or_train(path, sentences, vocab_size=300)
-  second = tokenizer_lib.load_or_train(path, sentences, vocab_size=300)
+    return [side for pair in real_pairs(1000) for side in pair]
+  first = tokenizer_lib.load_or_train(path, sentences, vocab_size=500)
+  second = tokenizer_lib.load_or_train(path, sentences, vocab_size=500)
   assert len(calls) == 1 and os.path.exists(path)
-  assert first.encode('a b c') == second.encode('a b c')
+  assert first.encode('Hola, Tom.') == second.encode('Hola, Tom.')
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -1,0 +1,50 @@
+"""`--mode=curves`: renders a workdir's training and evaluation curves to PNG, for
+people without TensorBoard. Reads the `metrics.jsonl` files the trainer and the eval
+worker write next to their TensorBoard events."""
+
+import os
+
+from jaxnmt import metrics as metrics_lib
+
+# (file under the workdir, metric key, panel title)
+PANELS = (
+    ('train/metrics.jsonl', 'loss', 'training loss (label-smoothed)'),
+    ('valid/metrics.jsonl', 'loss', 'validation loss (trainer)'),
+    ('eval/metrics.jsonl', 'bleu', 'test BLEU (eval worker)'),
+    ('eval/metrics.jsonl', 'chrf', 'test chrF (eval worker)'),
+    ('eval/metrics.jsonl', 'bits_per_char', 'validation bits/char (eval worker)'),
+)
+
+
+def render(workdir: str, output: str | None = None) -> str:
+  """Writes a 2-row PNG: the panels against step (top) and wall-clock minutes since the
+  first training record (bottom). Returns its path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  series = []
+  for filename, key, title in PANELS:
+    records = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, filename)) if key in r]
+    if records:
+      series.append((title, records, key))
+  if not series:
+    raise FileNotFoundError(f'{workdir} holds no metrics.jsonl under train/, valid/ or eval/')
+  train_records = metrics_lib.read_jsonl(os.path.join(workdir, 'train/metrics.jsonl'))
+  start = min((r['time'] for r in train_records), default=min(
+      r['time'] for _, records, _ in series for r in records))
+  figure, axes = plt.subplots(2, len(series), figsize=(4.2 * len(series), 6.4), squeeze=False)
+  for column, (title, records, key) in enumerate(series):
+    steps = [r['step'] for r in records]
+    minutes = [(r['time'] - start) / 60 for r in records]
+    values = [r[key] for r in records]
+    for row, (x, label) in enumerate(((steps, 'step'), (minutes, 'wall clock (minutes)'))):
+      axes[row][column].plot(x, values, marker='.' if len(values) < 50 else None)
+      axes[row][column].set_xlabel(label)
+      axes[row][column].set_title(title, fontsize=10)
+      axes[row][column].grid(alpha=0.3)
+  figure.suptitle(os.path.abspath(workdir), fontsize=9)
+  figure.tight_layout()
+  output = output or os.path.join(workdir, 'curves.png')
+  figure.savefig(output, dpi=100)
+  plt.close(figure)
+  return output

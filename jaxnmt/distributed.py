@@ -1,0 +1,49 @@
+"""Multi-process start-up with JAX's own runtime (`jax.distributed`): NCCL on GPUs,
+ICI/DCN on TPU pods, gloo on CPUs."""
+
+import os
+
+import jax
+
+
+class DistributedError(RuntimeError):
+  """This process could not join the job."""
+
+
+def detected_cluster() -> str | None:
+  """Name of a multi-process cluster environment JAX can configure itself from."""
+  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    return 'SLURM'
+  if int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'Open MPI'
+  if ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+    return 'TPU pod'
+  return None
+
+
+def initialize(coordinator_address: str | None, num_processes: int | None,
+               process_id: int | None, timeout_s: int) -> None:
+  """Joins the job: explicitly (all three arguments), by cluster auto-detection, or not
+  at all (a single process). Fails within `timeout_s` if the coordinator is unreachable."""
+  explicit = [coordinator_address, num_processes, process_id]
+  if any(value is not None for value in explicit):
+    if any(value is None for value in explicit):
+      raise DistributedError('--coordinator_address, --num_processes and --process_id '
+                             'must be given together')
+    if not 0 <= process_id < num_processes:
+      raise DistributedError(f'--process_id={process_id} must be in [0, {num_processes})')
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+    where = f'coordinator {coordinator_address}'
+  else:
+    cluster = detected_cluster()
+    if cluster is None:
+      return
+    kwargs, where = {}, f'{cluster} cluster'
+  # CPU collectives across processes go through gloo (ignored on GPUs and TPUs).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+  except Exception as error:  # the runtime raises several types (XlaRuntimeError, ...)
+    raise DistributedError(f'could not join the job through the {where} within '
+                           f'{timeout_s}s: {str(error).splitlines()[0][:200]}') from error

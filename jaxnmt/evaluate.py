@@ -1,0 +1,235 @@
+"""The eval worker (`--mode=eval`): a separate process that follows a training workdir,
+scores each new checkpoint once — validation loss, then beam search over the test split
+scored by sacrebleu BLEU/chrF against the untouched references — and writes TensorBoard
+scalars and sample translations under WORKDIR/eval plus a JSON-lines results file.
+
+It never slows the trainer: it runs on its own devices (or the CPU), restores each
+checkpoint onto them, and tolerates checkpoints the trainer deletes under it. While it
+runs (heartbeat in eval/worker.json), the trainer keeps checkpoints it has not scored.
+"""
+
+import functools
+import json
+import logging
+import os
+import threading
+import time
+
+import jax
+import numpy as np
+
+from jaxnmt import bleu
+from jaxnmt import checkpoint as checkpoint_lib
+from jaxnmt import data as data_lib
+from jaxnmt import metrics as metrics_lib
+from jaxnmt import train
+from jaxnmt import translate
+
+RESULTS_FILE = checkpoint_lib.RESULTS_FILE
+WORKER_FILE = checkpoint_lib.WORKER_FILE
+FINISHED_FILE = train.FINISHED_FILE
+
+
+def finished_step(workdir: str) -> int | None:
+  """The trainer's last step once it has finished (not when preempted)."""
+  try:
+    with open(os.path.join(workdir, FINISHED_FILE), encoding='utf-8') as handle:
+      return json.load(handle)['step']
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+class _Heartbeat:
+  """Refreshes eval/worker.json every `every` seconds from a background thread, so a
+  long scoring pass never looks like a dead worker to the trainer."""
+
+  def __init__(self, workdir: str, every: float = 30.0):
+    self._stop = threading.Event()
+    _heartbeat(workdir)
+    def beat():
+      while not self._stop.wait(every):
+        _heartbeat(workdir)
+    self._thread = threading.Thread(target=beat, daemon=True)
+    self._thread.start()
+
+  def stop(self) -> None:
+    self._stop.set()
+
+
+def _heartbeat(workdir: str) -> None:
+  path = os.path.join(workdir, WORKER_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.partial', 'w', encoding='utf-8') as handle:
+    json.dump({'pid': os.getpid(), 'heartbeat': time.time()}, handle)
+  os.replace(path + '.partial', path)
+
+
+def _read_lines(path: str) -> list[str]:
+  with open(path, encoding='utf-8') as handle:
+    return handle.read().splitlines()
+
+
+class Evaluator:
+  """Scores checkpoints of one workdir: validation loss, test BLEU/chrF, samples."""
+
+  def __init__(self, workdir: str, options: translate.DecodeOptions, batch_size: int = 64,
+               max_test_sentences: int = 0, num_samples: int = 8):
+    self.workdir = workdir
+    self.batch_size = batch_size
+    self.num_samples = num_samples
+    splits = os.path.join(workdir, 'splits')
+    self.sources = _read_lines(os.path.join(splits, 'test.src'))
+    self.references = _read_lines(os.path.join(splits, 'test.ref'))
+    if max_test_sentences:
+      self.sources = self.sources[:max_test_sentences]
+      self.references = self.references[:max_test_sentences]
+    valid = list(zip(_read_lines(os.path.join(splits, 'valid.src')),
+                     _read_lines(os.path.join(splits, 'valid.ref'))))
+    self.translator = None
+    self.options = options
+    self._valid_pairs = valid
+    self._valid_batches = None
+    self._eval_fn = None
+
+  def score(self, step: int) -> dict:
+    """Evaluates checkpoint `step`; CheckpointError if it is gone or unreadable."""
+    if self.translator is None:
+      self.translator = translate.Translator(self.workdir, step, self.options,
+                                             devices=jax.local_devices())
+      config = self.translator.config
+      self._valid_batches = list(data_lib.make_eval_batches(
+          self._valid_pairs, self.translator.tokenizer,
+          batch_size=config.data.eval_batch_size,
+          max_source_length=config.data.max_source_length,
+          max_target_length=config.data.max_target_length))
+      self._eval_fn = jax.jit(functools.partial(train.eval_step, self.translator.graphdef))
+    else:
+      self.translator.load(self.workdir, step)
+    params, rest = self.translator.params, self.translator.rest
+    validation = train.evaluate_loss(self._eval_fn, params, rest, self._valid_batches)
+    started = time.time()
+    hypotheses = self.translator.translate(self.sources, self.batch_size)
+    seconds = time.time() - started
+    hypotheses_path = os.path.join(self.workdir, 'eval', f'test_hypotheses_{step}.txt')
+    with open(hypotheses_path, 'w', encoding='utf-8') as handle:
+      handle.writelines(line + '\n' for line in hypotheses)
+    scores = bleu.scores(bleu.statistics(hypotheses, self.references))
+    return {'step': step, 'time': time.time(), 'bleu': scores['bleu'],
+            'chrf': scores['chrf'], 'valid_loss': validation['loss'],
+            'valid_perplexity': validation['perplexity'],
+            'bleu_signature': scores['bleu_signature'],
+            'chrf_signature': scores['chrf_signature'], 'bleu_text': scores['bleu_text'],
+            'strategy': self.options.strategy, 'beam_size': self.options.beam_size,
+            'sentences': len(self.sources), 'decode_seconds': seconds,
+            'sentences_per_sec': len(self.sources) / max(seconds, 1e-9),
+            'hypotheses': hypotheses_path,
+            'samples': [{'source': s, 'reference': r, 'hypothesis': h} for s, r, h in zip(
+                self.sources[:self.num_samples], self.references[:self.num_samples],
+                hypotheses[:self.num_samples])]}
+
+
+class LMEvaluator:
+  """Scores language-model checkpoints: validation loss, perplexity, bits per char."""
+
+  def __init__(self, workdir: str, num_samples: int = 1):
+    self.workdir = workdir
+    self.config = train.load_config(workdir)
+    self.tokenizer = train.load_tokenizer(self.config, workdir)
+    self.model_config = train.model_config(self.config, self.tokenizer.vocab_size)
+    self.graphdef, _, self.rest = train.create_model(self.model_config, 0)
+    text = open(os.path.join(workdir, 'splits', 'valid.txt'), encoding='utf-8').read()
+    ids = np.asarray(self.tokenizer.encode(text), np.int32)
+    blocks = data_lib.lm_blocks(ids, self.config.data.max_target_length)
+    rows = self.config.data.eval_batch_size
+    self.batches = [data_lib.lm_batch(blocks[start:start + rows])
+                    for start in range(0, len(blocks), rows)]
+    # Characters per token of the scored stream, for bits per character.
+    self.chars_per_token = len(text) / max(len(ids), 1)
+    self._eval_fn = jax.jit(functools.partial(train.eval_step, self.graphdef))
+    self.device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def score(self, step: int) -> dict:
+    step, params = translate.restore_params(self.workdir, self.config, self.model_config,
+                                            self.device, step)
+    validation = train.evaluate_loss(self._eval_fn, params, self.rest, self.batches)
+    return {'step': step, 'time': time.time(), 'valid_loss': validation['loss'],
+            'valid_perplexity': validation['perplexity'],
+            'bits_per_char': validation['loss'] / self.chars_per_token / np.log(2),
+            'samples': []}
+
+
+def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int | None = None,
+                    options: translate.DecodeOptions = translate.DecodeOptions(),
+                    batch_size: int = 64, poll_seconds: float = 10.0,
+                    max_test_sentences: int = 0) -> list[dict]:
+  """Scores every checkpoint of `workdir` not scored yet, then waits for new ones; stops
+  once the trainer's final checkpoint is scored (never, with `follow`), or after
+  `checkpoint_step` alone. Returns the results it wrote."""
+  def ready():
+    splits = os.path.join(workdir, 'splits')
+    return os.path.exists(os.path.join(workdir, train.CONFIG_FILE)) and (
+        os.path.exists(os.path.join(splits, 'test.ref')) or
+        os.path.exists(os.path.join(splits, 'valid.txt')))
+  while not ready():
+    if not follow and checkpoint_step is None and finished_step(workdir) is None and \
+        not os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
+      raise FileNotFoundError(f'{workdir} holds no training run (no config.json)')
+    logging.info('Waiting for the trainer to write %s/splits', workdir)
+    time.sleep(poll_seconds)
+  if train.load_config(workdir).get('task') == 'lm':
+    evaluator = LMEvaluator(workdir)
+  else:
+    evaluator = Evaluator(workdir, options, batch_size, max_test_sentences)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  writer = metrics_lib.Writer(workdir, 'eval')
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  scored, written = checkpoint_lib.scored_steps(workdir), []
+  heartbeat = _Heartbeat(workdir)
+  try:
+    while True:
+      if checkpoint_step is not None:
+        todo = [checkpoint_step]
+      else:
+        todo = [step for step in checkpointer.all_steps() if step not in scored]
+      for step in todo:
+        try:
+          result = evaluator.score(step)
+        except checkpoint_lib.CheckpointError as error:
+          if checkpoint_step is not None:
+            raise
+          logging.warning('Skipping checkpoint %d (deleted or unreadable): %s', step, error)
+          continue
+        _write_result(writer, results_path, result)
+        scored.add(step)
+        written.append(result)
+        logging.info('step %d: %s', step, ', '.join(
+            f'{key} {value:.4g}' if isinstance(value, float) else f'{key} {value}'
+            for key, value in result.items()
+            if key not in ('samples', 'time', 'step', 'hypotheses', 'bleu_text')))
+      if checkpoint_step is not None:
+        break
+      final = finished_step(workdir)
+      if not follow and final is not None and (
+          final in scored or final not in checkpointer.all_steps()):
+        break
+      time.sleep(poll_seconds)
+  finally:
+    heartbeat.stop()
+    writer.close()
+    checkpointer.close()
+  return written
+
+
+def _write_result(writer, results_path: str, result: dict) -> None:
+  step = result['step']
+  names = {'bleu': 'bleu', 'chrf': 'chrf', 'valid_loss': 'loss',
+           'valid_perplexity': 'perplexity', 'bits_per_char': 'bits_per_char'}
+  writer.scalars(step, {name: result[key] for key, name in names.items() if key in result})
+  if result['samples']:
+    table = '| source | reference | translation |\n|---|---|---|\n' + ''.join(
+        f'| {s["source"]} | {s["reference"]} | {s["hypothesis"]} |\n'
+        for s in result['samples'])
+    writer.text(step, 'samples', table)
+  writer.flush()
+  with open(results_path, 'a', encoding='utf-8') as handle:
+    handle.write(json.dumps(result, ensure_ascii=False) + '\n')

@@ -1,0 +1,75 @@
+"""`--mode=generate`: sample text from a language-model checkpoint, continuing a prompt,
+with temperature, top-k and top-p, on the KV-cached decoder."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnmt import decode
+from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt import train
+from jaxnmt import translate
+
+
+class Generator:
+
+  def __init__(self, workdir: str, step: int | None = None):
+    self.config = train.load_config(workdir)
+    if self.config.get('task') != 'lm':
+      raise ValueError(f'{workdir} holds a {self.config.get("task", "translation")} model; '
+                       f'--mode=generate needs a language model (task lm)')
+    self.tokenizer = train.load_tokenizer(self.config, workdir)
+    self.model_config = train.model_config(self.config, self.tokenizer.vocab_size)
+    self.graphdef, _, self.rest = train.create_model(self.model_config, 0)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    self.step, self.params = translate.restore_params(workdir, self.config,
+                                                      self.model_config, device, step)
+    self._sample = jax.jit(
+        functools.partial(_sample, self.graphdef, self.rest, self.tokenizer.vocab_size),
+        static_argnames=('total_length', 'temperature', 'top_k', 'top_p'))
+
+  def generate(self, prompt: str, num_tokens: int, *, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               num_samples: int = 1) -> list[str]:
+    """`num_samples` continuations of `prompt`, `num_tokens` tokens each (prompt
+    included in the returned text)."""
+    prompt_ids = self.tokenizer.encode(prompt) or self.tokenizer.encode('\n')
+    context = self.model_config.max_length
+    if len(prompt_ids) + num_tokens > context:
+      raise ValueError(f'prompt ({len(prompt_ids)} tokens) + {num_tokens} new tokens exceed '
+                       f'the model context of {context} (config.data.max_target_length)')
+    prompt_array = jnp.asarray(np.tile(prompt_ids, (num_samples, 1)), jnp.int32)
+    tokens = self._sample(self.params, prompt_array, jax.random.key(seed),
+                          total_length=len(prompt_ids) + num_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p)
+    return [self.tokenizer.decode(prompt_ids + list(row)) for row in np.asarray(tokens)]
+
+
+def _sample(graphdef, rest, vocab_size: int, params, prompt, key, *, total_length: int,
+            temperature: float, top_k: int, top_p: float):
+  """prompt: int32 [B, P] -> int32 [B, total_length - P] new tokens, never an id at or
+  beyond the tokenizer's `vocab_size` (the model's vocabulary may be padded)."""
+  model = nnx.merge(graphdef, params, rest)
+
+  def step_fn(cache, tokens, index):
+    logits, cache = model.decode_step(cache, tokens, index)
+    in_vocabulary = jnp.arange(logits.shape[-1]) < vocab_size
+    return jnp.where(in_vocabulary, logits, decode.NEG_INF), cache
+
+  batch, prompt_length = prompt.shape
+  cache = model.init_cache(batch, total_length)
+  # Prefill: run the prompt (all but its last token) through the cache.
+  def prefill(index, cache):
+    _, cache = model.decode_step(cache, prompt[:, index], index)
+    return cache
+  cache = jax.lax.fori_loop(0, prompt_length - 1, prefill, cache)
+  # Positions prompt_length - 1 ... total_length - 2 each yield the next token; no
+  # length cap forces an EOS.
+  no_cap = jnp.full((batch,), total_length + 1, jnp.int32)
+  return decode.sample(step_fn, cache, batch, total_length - 1,
+                       tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID, key, temperature, top_k,
+                       top_p, max_lengths=no_cap, start_index=prompt_length - 1,
+                       first_tokens=prompt[:, -1])

@@ -1,0 +1,193 @@
+"""Async checkpoints: exact resume after SIGKILL, SIGTERM preemption, the workdir lock,
+corrupt checkpoints, config changes, and restoring onto another mesh."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnmt import checkpoint as checkpoint_lib
+from jaxnmt import metrics
+from jaxnmt import optim
+from jaxnmt import train
+from jaxnmt import translate
+from tests.tiny_config import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 40
+
+
+def command(workdir, *overrides, processes=1):
+  flags = [f'--workdir={workdir}', '--config=tests/tiny_config.py',
+           f'--config.num_train_steps={STEPS}', '--config.checkpoint_every_steps=4',
+           '--config.log_every_steps=1', '--config.eval_every_steps=1000',
+           '--config.keep_checkpoints=20', *overrides]
+  if processes == 1:
+    return [sys.executable, '-m', 'jaxnmt.main', *flags]
+  return ['launch/local.sh', *flags]
+
+
+def environment(corpus, processes=1, devices=8):
+  env = dict(os.environ, JAXNMT_TEST_CORPUS=corpus, JAX_PLATFORMS='cpu', PYTHON=sys.executable)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  if processes > 1:
+    env.pop('XLA_FLAGS')
+    env.update(NUM_PROCESSES=str(processes), DEVICES_PER_PROCESS=str(devices))
+  return env
+
+
+def run(workdir, corpus, *overrides, processes=1, devices=8):
+  result = subprocess.run(command(workdir, *overrides, processes=processes), cwd=ROOT,
+                          env=environment(corpus, processes, devices), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def committed_steps(workdir):
+  folders = (os.path.basename(os.path.dirname(path)) for path in glob.glob(
+      os.path.join(workdir, 'checkpoints', '*', 'commit_success.txt')))
+  return sorted(int(folder) for folder in folders if folder.isdigit())
+
+
+def start_and_wait_for_checkpoint(workdir, corpus, *overrides, processes=1, devices=8):
+  process = subprocess.Popen(command(workdir, *overrides, processes=processes), cwd=ROOT,
+                             env=environment(corpus, processes, devices),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+  deadline = time.time() + 300
+  while not committed_steps(workdir):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.time() < deadline, 'no checkpoint within 300 s'
+    time.sleep(0.02)
+  return process
+
+
+def final_params(workdir, config):
+  tx, _ = optim.make_optimizer(config.optim, STEPS)
+  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                            sharding=device),
+                          train.abstract_train_state(model_cfg, tx))
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  state, _, _ = checkpointer.restore(STEPS, abstract)
+  checkpointer.close()
+  return jax.tree.leaves(jax.device_get(state))
+
+
+def losses_by_step(workdir):
+  records = metrics.read_jsonl(os.path.join(workdir, 'train', 'metrics.jsonl'))
+  return {record['step']: record['loss'] for record in records}  # last record wins
+
+
+@pytest.mark.parametrize('processes, mesh', [
+    (1, ()),
+    (2, ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')),
+])
+def test_killed_run_resumes_exactly(tmp_path, small_corpus, processes, mesh):
+  devices = 8 // processes
+  reference = tmp_path / 'uninterrupted'
+  run(reference, small_corpus, *mesh, processes=processes, devices=devices)
+  killed = tmp_path / 'killed'
+  process = start_and_wait_for_checkpoint(killed, small_corpus, *mesh, processes=processes,
+                                          devices=devices)
+  os.killpg(process.pid, signal.SIGKILL)
+  process.wait()
+  resumed_from = committed_steps(killed)[-1]
+  assert resumed_from < STEPS
+  result = run(killed, small_corpus, *mesh, processes=processes, devices=devices)
+  assert f'Resumed from checkpoint at step {resumed_from}' in result.stderr
+  config = tiny_config(small_corpus)
+  for want, got in zip(final_params(reference, config), final_params(killed, config)):
+    np.testing.assert_array_equal(got, want)  # bitwise on CPU
+  want_losses, got_losses = losses_by_step(reference), losses_by_step(killed)
+  after = [step for step in want_losses if step > resumed_from]
+  assert after and [got_losses[s] for s in after] == [want_losses[s] for s in after]
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, small_corpus):
+  workdir = tmp_path / 'preempted'
+  process = start_and_wait_for_checkpoint(workdir, small_corpus,
+                                          f'--config.num_train_steps={STEPS * 50}')
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  saved = committed_steps(workdir)[-1]
+  assert f'Preempted: saved step {saved}' in stderr  # the newest checkpoint is the stop step
+  result = run(workdir, small_corpus, f'--config.num_train_steps={saved + 2}')
+  assert f'Resumed from checkpoint at step {saved}' in result.stderr
+
+
+def test_second_trainer_on_a_live_workdir_refuses(tmp_path, small_corpus):
+  workdir = tmp_path / 'busy'
+  process = start_and_wait_for_checkpoint(workdir, small_corpus,
+                                          f'--config.num_train_steps={STEPS * 50}')
+  try:
+    second = subprocess.run(command(workdir), cwd=ROOT, env=environment(small_corpus),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode != 0
+    assert 'is in use by another trainer' in second.stderr.strip().splitlines()[-1]
+    assert process.poll() is None  # the live trainer was not disturbed
+  finally:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_truncated_latest_checkpoint_falls_back(trained_workdir, tmp_path, small_corpus):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'copy'
+  shutil.copytree(trained_workdir, workdir)
+  latest = committed_steps(workdir)[-1]
+  for path in glob.glob(str(workdir / 'checkpoints' / str(latest) / 'state' / '**' / '*'),
+                        recursive=True):
+    if os.path.isfile(path) and os.path.getsize(path) > 64:
+      with open(path, 'r+b') as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+  result = run(workdir, small_corpus, f'--config.num_train_steps={latest + 2}')
+  assert 'could not be read' in result.stderr and 'falling back' in result.stderr
+  assert f'Resumed from checkpoint at step {latest - 10}' in result.stderr
+  assert glob.glob(str(workdir / 'checkpoints' / f'unreadable-{latest}-*'))  # kept aside
+  assert latest + 2 in committed_steps(workdir)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(trained_workdir, tmp_path,
+                                                              small_corpus):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'copy'
+  shutil.copytree(trained_workdir, workdir)
+  for path in glob.glob(str(workdir / 'checkpoints' / '*' / 'state' / '**' / '*'),
+                        recursive=True):
+    if os.path.isfile(path):
+      open(path, 'wb').close()
+  result = subprocess.run(command(workdir), cwd=ROOT, env=environment(small_corpus),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'could be read' in result.stderr.strip().splitlines()[-1]
+  assert 'Traceback' not in result.stderr
+
+
+def test_breaking_config_change_is_refused(trained_workdir, small_corpus):
+  result = subprocess.run(command(trained_workdir, '--config.model.d_model=64'), cwd=ROOT,
+                          env=environment(small_corpus), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0
+  assert 'model.d_model: 32 -> 64' in result.stderr.strip().splitlines()[-1]
+
+
+def test_sharded_checkpoint_restores_on_one_device_and_translates(tmp_path, small_corpus):
+  config = tiny_config(small_corpus)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  workdir = str(tmp_path / 'sharded')
+  train.train_and_evaluate(config, workdir)
+  translator = translate.Translator(workdir)
+  assert translator.step == config.num_train_steps
+  leaf = jax.tree.leaves(translator.params)[0]
+  assert len(leaf.sharding.device_set) == 1
+  assert len(translator.translate(['Hello.', 'Thank you.'])) == 2

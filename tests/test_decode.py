@@ -1,0 +1,160 @@
+"""Greedy, sampling and beam search on hand-built step functions and on the model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxnmt import decode
+from jaxnmt import model as model_lib
+
+BOS, EOS = 2, 3
+
+
+def markov_step(table):
+  """A step function whose next-token log-probs depend only on the previous token.
+  The 'cache' is a per-row counter, checking that caches are carried and reordered."""
+  table = jnp.log(jnp.asarray(table, jnp.float32) + 1e-9)
+
+  def step_fn(cache, tokens, index):
+    return table[tokens], {'calls': cache['calls'] + 1}
+  return step_fn
+
+
+def two_path_table():
+  """From BOS: A (token 4) p=0.6, B (token 5) p=0.4. After A: six tokens at 1/6 each.
+  After B: EOS with p=0.9. Greedy takes A; the best sequence is B EOS (0.36)."""
+  table = np.zeros((12, 12))
+  table[BOS, 4], table[BOS, 5] = 0.6, 0.4
+  table[4, 6:12] = 1 / 6
+  table[5, EOS], table[5, 6] = 0.9, 0.1
+  for token in range(6, 12):
+    table[token, EOS] = 1.0
+  table[EOS, EOS] = 1.0
+  return table
+
+
+def test_beam_search_finds_what_greedy_misses():
+  step_fn = markov_step(two_path_table())
+  cache = {'calls': jnp.zeros((1,), jnp.int32)}
+  greedy = decode.greedy(step_fn, cache, 1, 6, BOS, EOS)
+  assert list(np.asarray(greedy[0])[:3]) == [4, 6, EOS]
+  tokens, scores = decode.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=0.0)
+  assert list(np.asarray(tokens[0, 0])[:2]) == [5, EOS]
+  np.testing.assert_allclose(scores[0, 0], np.log(0.4 * 0.9), rtol=1e-5)
+  # n-best: the runner-up is A then one of the 1/6 tokens then EOS.
+  np.testing.assert_allclose(scores[0, 1], np.log(0.6 / 6), rtol=1e-5)
+  assert (np.asarray(scores[0, :-1]) >= np.asarray(scores[0, 1:])).all()
+
+
+def test_finished_hypotheses_are_never_extended():
+  step_fn = markov_step(two_path_table())
+  cache = {'calls': jnp.zeros((2,), jnp.int32)}
+  tokens, _ = decode.beam_search(step_fn, cache, 2, 3, 8, BOS, EOS, alpha=0.6)
+  for sequence in np.asarray(tokens).reshape(-1, 8):
+    end = list(sequence).index(EOS)
+    assert (sequence[end + 1:] == 0).all(), sequence
+
+
+def test_length_penalty_prefers_longer_hypotheses_as_alpha_grows():
+  # From BOS: EOS p=0.5 or token 4 p=0.5; token 4 -> token 6 (p=0.9) -> EOS.
+  table = np.zeros((8, 8))
+  table[BOS, EOS], table[BOS, 4] = 0.5, 0.5
+  table[4, 6], table[4, EOS] = 0.9, 0.1
+  table[6, EOS] = 1.0
+  table[EOS, EOS] = 1.0
+  step_fn = markov_step(table)
+  cache = {'calls': jnp.zeros((1,), jnp.int32)}
+  short, _ = decode.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=0.0)
+  long, _ = decode.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=2.0)
+  assert int(short[0, 0, 0]) == EOS
+  assert list(np.asarray(long[0, 0])[:3]) == [4, 6, EOS]
+
+
+def test_max_lengths_force_eos_per_row():
+  table = np.full((8, 8), 1 / 8)
+  table[:, EOS] = 0.0
+  step_fn = markov_step(table / table.sum(1, keepdims=True))
+  cache = {'calls': jnp.zeros((2,), jnp.int32)}
+  tokens = decode.greedy(step_fn, cache, 2, 10, BOS, EOS, jnp.array([3, 5]))
+  assert list(np.asarray(tokens[0])).index(EOS) == 2
+  assert list(np.asarray(tokens[1])).index(EOS) == 4
+  beams, _ = decode.beam_search(step_fn, cache, 2, 2, 10, BOS, EOS, 0.6, jnp.array([3, 5]))
+  assert list(np.asarray(beams[0, 0])).index(EOS) == 2
+  assert list(np.asarray(beams[1, 0])).index(EOS) == 4
+
+
+def test_top_p_keeps_the_smallest_set_with_enough_mass():
+  logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+  kept = lambda p: set(np.flatnonzero(np.asarray(decode.filter_logits(logits, top_p=p)[0]) >
+                                      decode.NEG_INF / 2))
+  assert kept(0.4) == {1}
+  assert kept(0.7) == {1, 3}
+  assert kept(0.79) == {1, 3}
+  assert kept(0.81) == {1, 3, 2}
+  assert kept(1.0) == {0, 1, 2, 3}
+
+
+def test_top_k_filter():
+  logits = jnp.array([[1.0, 4.0, 2.0, 3.0]])
+  filtered = np.asarray(decode.filter_logits(logits, top_k=2))[0]
+  assert list(filtered > decode.NEG_INF / 2) == [False, True, False, True]
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+  table = np.zeros((8, 8))
+  table[BOS, 4:8] = [0.4, 0.3, 0.2, 0.1]
+  table[4:8, EOS] = 1.0
+  step_fn = markov_step(table)
+  cache = {'calls': jnp.zeros((2000,), jnp.int32)}
+  first = lambda **kw: np.asarray(decode.sample(step_fn, cache, 2000, 3, BOS, EOS,
+                                                jax.random.key(0), **kw))[:, 0]
+  counts = np.bincount(first(), minlength=8)[4:8] / 2000
+  np.testing.assert_allclose(counts, [0.4, 0.3, 0.2, 0.1], atol=0.04)
+  assert set(first(top_k=2)) == {4, 5}
+  assert set(first(top_p=0.65)) == {4, 5}
+  assert set(first(temperature=0.01)) == {4}
+
+
+def small_model():
+  config = model_lib.ModelConfig(vocab_size=30, num_encoder_layers=1, num_decoder_layers=2,
+                                 d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0,
+                                 attention_dropout_rate=0.0)
+  return model_lib.Transformer(config, rngs=nnx.Rngs(params=3, dropout=4))
+
+
+@pytest.fixture(scope='module')
+def encoded_batch():
+  model = small_model()
+  inputs = jnp.asarray(np.random.default_rng(0).integers(4, 30, (3, 7)), jnp.int32)
+  inputs = inputs.at[2, 4:].set(0)
+  segments = (inputs > 0).astype(jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(7), (3, 7))
+  return model, model.encode(inputs, segments, positions), segments
+
+
+def test_beam_of_one_and_top_k_of_one_equal_greedy(encoded_batch):
+  model, encoded, segments = encoded_batch
+  cache = model.init_cache(encoded, segments, 12)
+  greedy = decode.greedy(model.decode_step, cache, 3, 12, BOS, EOS)
+  beam, _ = decode.beam_search(model.decode_step, cache, 3, 1, 12, BOS, EOS, alpha=0.6)
+  sampled = decode.sample(model.decode_step, cache, 3, 12, BOS, EOS, jax.random.key(5),
+                          top_k=1)
+  np.testing.assert_array_equal(beam[:, 0], greedy)
+  np.testing.assert_array_equal(sampled, greedy)
+
+
+def test_cached_and_uncached_decoding_agree(encoded_batch):
+  model, encoded, segments = encoded_batch
+  cached = model.init_cache(encoded, segments, 12)
+  uncached = model.init_uncached(encoded, segments, 12)
+  np.testing.assert_array_equal(
+      decode.greedy(model.decode_step, cached, 3, 12, BOS, EOS),
+      decode.greedy(model.decode_step_uncached, uncached, 3, 12, BOS, EOS))
+  beam_cached, scores_cached = decode.beam_search(model.decode_step, cached, 3, 4, 12, BOS,
+                                                  EOS)
+  beam_uncached, scores_uncached = decode.beam_search(model.decode_step_uncached, uncached,
+                                                      3, 4, 12, BOS, EOS)
+  np.testing.assert_array_equal(beam_cached[:, 0], beam_uncached[:, 0])
+  np.testing.assert_allclose(scores_cached, scores_uncached, rtol=1e-4, atol=1e-4)

@@ -42,7 +42,7 @@ def get_config():
 
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 100
-  config.optim.schedule = 'cosine'
+  config.optim.schedule = 'rsqrt'
   config.optim.b2 = 0.99
   config.optim.eps = 1e-8
   config.optim.weight_decay = 0.1

@@ -326,9 +326,11 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   graphdef, state, rest, shardings = create_train_state(model_cfg, tx, config.seed, mesh,
                                                         rules)
-  logging.info('Model: %s parameters; %d rows x (%d + %d) tokens per batch, %d per process',
-               f'{count_params(state["params"]):,}', config.data.batch_size,
-               config.data.max_source_length, config.data.max_target_length, process_rows)
+  row = (f'{config.data.max_target_length}' if config.task == 'lm' else
+         f'({config.data.max_source_length} + {config.data.max_target_length})')
+  logging.info('Model: %s parameters; %d rows x %s tokens per batch, %d per process',
+               f'{count_params(state["params"]):,}', config.data.batch_size, row,
+               process_rows)
 
   # ------------------------------------------------------------- resume
   # Order: the workdir's newest readable checkpoint, else a fresh start.

@@ -105,11 +105,18 @@ def test_killed_run_resumes_exactly(tmp_path, small_corpus, processes, mesh):
   result = run(killed, small_corpus, *mesh, processes=processes, devices=devices)
   assert f'Resumed from checkpoint at step {resumed_from}' in result.stderr
   config = tiny_config(small_corpus)
+  max_difference = 0.0
   for want, got in zip(final_params(reference, config), final_params(killed, config)):
     np.testing.assert_array_equal(got, want)  # bitwise on CPU
+    max_difference = max(max_difference, float(np.max(np.abs(got - want), initial=0.0)))
   want_losses, got_losses = losses_by_step(reference), losses_by_step(killed)
   after = [step for step in want_losses if step > resumed_from]
   assert after and [got_losses[s] for s in after] == [want_losses[s] for s in after]
+  print(f'\n{processes} process(es): killed, resumed from step {resumed_from}; max |final '
+        f'parameter difference| = {max_difference}')
+  print('step  uninterrupted  resumed')
+  for step in after:
+    print(f'{step:4d}  {want_losses[step]:.6f}  {got_losses[step]:.6f}')
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, small_corpus):

@@ -19,7 +19,7 @@ class Generator:
   def __init__(self, workdir: str, step: int | None = None):
     self.config = train.load_config(workdir)
     if self.config.get('task') != 'lm':
-      raise ValueError(f'{workdir} holds a {self.config.get("task", "translation")} model; '
+      raise GenerateError(f'{workdir} holds a {self.config.get("task", "translation")} model; '
                        f'--mode=generate needs a language model (task lm)')
     self.tokenizer = train.load_tokenizer(self.config, workdir)
     self.model_config = train.model_config(self.config, self.tokenizer.vocab_size)
@@ -34,18 +34,32 @@ class Generator:
   def generate(self, prompt: str, num_tokens: int, *, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                num_samples: int = 1) -> list[str]:
-    """`num_samples` continuations of `prompt`, `num_tokens` tokens each (prompt
-    included in the returned text)."""
+    """`num_samples` continuations of `prompt` by `num_tokens` tokens each (the prompt
+    included in the returned text). Past the model's context the window slides: the
+    last half-context of text is re-read and generation goes on."""
     prompt_ids = self.tokenizer.encode(prompt) or self.tokenizer.encode('\n')
     context = self.model_config.max_length
-    if len(prompt_ids) + num_tokens > context:
-      raise ValueError(f'prompt ({len(prompt_ids)} tokens) + {num_tokens} new tokens exceed '
-                       f'the model context of {context} (config.data.max_target_length)')
-    prompt_array = jnp.asarray(np.tile(prompt_ids, (num_samples, 1)), jnp.int32)
-    tokens = self._sample(self.params, prompt_array, jax.random.key(seed),
-                          total_length=len(prompt_ids) + num_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p)
-    return [self.tokenizer.decode(prompt_ids + list(row)) for row in np.asarray(tokens)]
+    if len(prompt_ids) >= context:
+      raise GenerateError(f'the prompt is {len(prompt_ids)} tokens; the model reads at most '
+                          f'{context - 1} (config.data.max_target_length)')
+    rows = [list(prompt_ids) for _ in range(num_samples)]
+    key, produced = jax.random.key(seed), 0
+    while produced < num_tokens:
+      window = len(rows[0]) if produced == 0 else min(len(rows[0]), context // 2)
+      count = min(num_tokens - produced, context - window)
+      window_ids = jnp.asarray([row[len(row) - window:] for row in rows], jnp.int32)
+      key, chunk_key = jax.random.split(key)
+      new = np.asarray(self._sample(self.params, window_ids, chunk_key,
+                                    total_length=window + count, temperature=temperature,
+                                    top_k=top_k, top_p=top_p))
+      for row, tokens in zip(rows, new):
+        row.extend(int(token) for token in tokens)
+      produced += count
+    return [self.tokenizer.decode(row) for row in rows]
+
+
+class GenerateError(ValueError):
+  """The request does not fit the model (e.g. a prompt longer than its context)."""
 
 
 def _sample(graphdef, rest, vocab_size: int, params, prompt, key, *, total_length: int,

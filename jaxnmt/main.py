@@ -120,11 +120,11 @@ def main(argv) -> None:
   # Libraries that log through absl (Orbax logs every save step) speak only on warnings.
   logging.getLogger('absl').setLevel(logging.WARNING)
   # pylint: disable=g-import-not-at-top
-  from jaxnmt import checkpoint, config_lib, data, distributed, sharding
+  from jaxnmt import checkpoint, config_lib, data, distributed, generate, sharding
   from jaxnmt import train as train_lib
   user_errors = (config_lib.ConfigError, FileNotFoundError, data.DataError,
                  checkpoint.CheckpointError, train_lib.TrainingError, sharding.MeshError,
-                 distributed.DistributedError)
+                 distributed.DistributedError, generate.GenerateError)
   try:
     _run()
   except user_errors as error:  # known problems: one line, no traceback

@@ -128,7 +128,7 @@ def test_char_lm_trains_evaluates_and_generates(tmp_path):
   assert train_result.returncode == 0, train_result.stderr[-3000:]
   assert 'validation loss' in train_result.stderr
   generated = subprocess.run(
-      common + ['--mode=generate', '--prompt=ROMEO:', '--num_tokens=20', '--top_k=5',
+      common + ['--mode=generate', '--prompt=ROMEO:', '--num_tokens=45', '--top_k=5',
                 '--num_samples=2'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert generated.returncode == 0, generated.stderr[-3000:]

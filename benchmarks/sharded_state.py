@@ -7,6 +7,7 @@ shardings and as actually allocated.
 
 import jax
 from absl import app
+from absl import flags
 from ml_collections import config_flags
 
 from jaxnmt import optim
@@ -17,7 +18,7 @@ config_flags.DEFINE_config_file('config', 'configs/big.py', 'Run config.')
 
 
 def main(_):
-  config = config_flags.FLAGS.config
+  config = flags.FLAGS.config
   mesh, rules = train.plan_mesh(config)
   tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
   model_cfg = train.model_config(config, config.tokenizer.vocab_size)

@@ -107,10 +107,11 @@ def test_tiny_lm_overfits_one_batch():
   blocks = np.random.default_rng(0).integers(4, 64, (4, 33)).astype(np.int32)
   batch = data.lm_batch(blocks)
   losses = []
-  for _ in range(80):
+  for _ in range(120):
     state, sums = step(state, rest, batch)
     losses.append(float(sums['loss'] / sums['tokens']))
-  assert losses[0] > 3.5 and losses[-1] < 0.5, (losses[0], losses[-1])
+  # From about ln(60) (uniform over the used ids) to a memorised batch.
+  assert losses[0] > 3.5 and losses[-1] < 0.15 * losses[0], (losses[0], losses[-1])
 
 
 def test_char_lm_trains_evaluates_and_generates(tmp_path):

@@ -264,11 +264,6 @@ def real_token_fraction(batch: dict[str, np.ndarray]) -> float:
   return real / (batch['inputs_segment_ids'].size + batch['targets_segment_ids'].size)
 
 
-def real_token_count(batch: dict[str, np.ndarray]) -> int:
-  return int(np.count_nonzero(batch['inputs_segment_ids'])
-             + np.count_nonzero(batch['targets_segment_ids']))
-
-
 # ----------------------------------------------------------------------------- language modelling
 
 

@@ -33,9 +33,6 @@ class Tokenizer:
     """Token ids of `text`, without BOS/EOS."""
     return self._processor.encode(text, out_type=int)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self._processor.encode(list(texts), out_type=int)
-
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; stops at the first EOS and ignores PAD and BOS."""
     kept = []
@@ -109,9 +106,6 @@ class CharTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return [self._ids.get(char, UNK_ID) for char in text]
-
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [self.encode(text) for text in texts]
 
   def decode(self, ids: Iterable[int]) -> str:
     chars = []

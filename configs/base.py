@@ -81,6 +81,19 @@ def get_config():
   config.data.eval_batch_size = 64
   # Bins kept open by the packer; more bins pack tighter but mix nearby examples more.
   config.data.num_packing_bins = 128
+  # Best-fit packing of several sentence pairs per row (False: one pair per padded row,
+  # for comparison; most of such a batch is padding).
+  config.data.packing = True
+  # Batches prepared on the devices ahead of the step that uses them, by a background
+  # thread (0 = transfer each batch just before its step).
+  config.data.prefetch_to_device = 2
+  # Before training, replace batch_size by the largest power-of-two multiple or
+  # fraction of it whose compiled train step fits in device memory (see
+  # device_memory_gb); the choice is logged and saved in the workdir's config.
+  config.data.fit_batch_to_memory = False
+  # Usable memory per device in GiB for fit_batch_to_memory; 0 = what the device
+  # reports (GPU/TPU), or this machine's RAM divided among its local devices (CPU).
+  config.data.device_memory_gb = 0.0
 
   # ---------------------------------------------------------------- tokenizer
   config.tokenizer = ml_collections.ConfigDict()
@@ -132,6 +145,9 @@ def get_config():
   config.optim.grad_clip_norm = 1.0
   # Label smoothing of the cross entropy.
   config.optim.label_smoothing = 0.1
+  # Split each batch into this many micro-batches whose gradients are summed before one
+  # update (same update, less activation memory); batch_size must divide by it.
+  config.optim.grad_accum_steps = 1
 
   # ---------------------------------------------------------------- decoding
   config.decode = ml_collections.ConfigDict()

@@ -46,6 +46,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'model.num_decoder_layers', 'model.d_model', 'model.num_heads',
                 'model.d_ff'):
     _positive_int(config, field)
+  _positive_int(config, 'optim.grad_accum_steps')
+  _positive_int(config, 'data.prefetch_to_device', allow_zero=True)
+  _fraction(config, 'data.device_memory_gb', 0.0, float('inf'))
+  _require(config.data.batch_size % config.optim.grad_accum_steps == 0,
+           'optim.grad_accum_steps', f'data.batch_size={config.data.batch_size} must divide '
+           f'by grad_accum_steps={config.optim.grad_accum_steps}')
   _positive_int(config, 'seed', allow_zero=True)
   _positive_int(config, 'data.split_seed', allow_zero=True)
   _positive_int(config, 'optim.warmup_steps', allow_zero=True)

@@ -198,12 +198,13 @@ def encode_pair(pair: Pair, tokenizer: tokenizer_lib.Tokenizer, max_source_lengt
 def make_train_dataset(pairs: Sequence[Pair], tokenizer: tokenizer_lib.Tokenizer, *,
                        batch_size: int, max_source_length: int, max_target_length: int,
                        num_packing_bins: int, seed: int, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
+                       process_count: int = 1, packing: bool = True) -> grain.IterDataset:
   """Endless packed training batches of this process's shard of `pairs`.
 
   Chain: shard by process → shuffle (reseeded every epoch) → repeat → tokenize →
   best-fit pack into rows of [S] / [T] tokens → batch rows → prefetch in a thread.
   Its iterator's `get_state()` / `set_state()` save and restore the exact position.
+  `packing=False` puts one pair per padded row instead (for comparison).
   """
   if batch_size % process_count:
     raise DataError(f'batch_size={batch_size} must divide by the {process_count} processes')
@@ -211,12 +212,19 @@ def make_train_dataset(pairs: Sequence[Pair], tokenizer: tokenizer_lib.Tokenizer
   examples = (shard.shuffle(seed=seed).repeat(None)
               .map(lambda pair: encode_pair(pair, tokenizer, max_source_length,
                                             max_target_length)))
+  rows = batch_size // process_count
+  if not packing:
+    batches = examples.to_iter_dataset().batch(
+        rows, drop_remainder=True,
+        batch_fn=lambda chunk: pad_examples(chunk, rows, max_source_length,
+                                            max_target_length))
+    return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
   packed = grain.experimental.BestFitPackIterDataset(
       examples.to_iter_dataset(),
       length_struct={'inputs': max_source_length, 'decoder_inputs': max_target_length,
                      'targets': max_target_length},
       num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=True)
-  batches = packed.batch(batch_size // process_count, drop_remainder=True)
+  batches = packed.batch(rows, drop_remainder=True)
   batches = batches.map(_rename_packed_features)
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
 

@@ -4,6 +4,7 @@
   python -m jaxnmt.main --mode=translate --workdir=runs/tiny < english.txt
   python -m jaxnmt.main --mode=eval --workdir=runs/tiny            # BLEU eval worker
   python -m jaxnmt.main --mode=curves --workdir=runs/tiny          # curves.png
+  python -m jaxnmt.main --mode=bench --config=configs/tiny.py --workdir=runs/bench
   python -m jaxnmt.main --mode=generate --workdir=runs/lm_char --prompt=ROMEO:
   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh --config=configs/tiny.py --workdir=runs/mp
 """
@@ -17,9 +18,15 @@ from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('mode', 'train', ['train', 'translate', 'eval', 'generate', 'curves'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'translate', 'eval', 'generate', 'curves', 'bench'],
                   'train; translate stdin/--input; eval: the eval worker; generate: sample '
-                  'from a language model; curves: render WORKDIR/curves.png.')
+                  'from a language model; curves: render WORKDIR/curves.png; bench: '
+                  'measure training and decoding speed, write WORKDIR/bench.json.')
+flags.DEFINE_integer('bench_steps', 20, 'bench: timed training steps.')
+flags.DEFINE_integer('bench_warmup', 3, 'bench: untimed steps first (>= 1).')
+flags.DEFINE_integer('bench_decode_sentences', 128,
+                     'bench: test sentences decoded greedily and with beam 4 (0 = skip).')
 flags.DEFINE_string('prompt', '\n', 'generate: text to continue.')
 flags.DEFINE_integer('num_tokens', 300, 'generate: tokens to sample.')
 flags.DEFINE_integer('num_samples', 1, 'generate: independent samples.')
@@ -66,9 +73,12 @@ def _run() -> None:
     from jaxnmt import curves  # pylint: disable=g-import-not-at-top
     print(curves.render(FLAGS.workdir))
     return
-  if FLAGS.mode == 'train':
+  if FLAGS.mode in ('train', 'bench'):
     if FLAGS.config is None:
-      raise app.UsageError('--config is required for --mode=train')
+      raise app.UsageError(f'--config is required for --mode={FLAGS.mode}')
+    if FLAGS.bench_steps < 1 or FLAGS.bench_warmup < 1 or FLAGS.bench_decode_sentences < 0:
+      raise app.UsageError('--bench_steps and --bench_warmup must be >= 1, '
+                           '--bench_decode_sentences >= 0')
     config_lib.validate(FLAGS.config)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed_timeout_s)
@@ -79,6 +89,10 @@ def _run() -> None:
   if FLAGS.mode == 'train':
     from jaxnmt import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'bench':
+    from jaxnmt import bench  # pylint: disable=g-import-not-at-top
+    bench.run(FLAGS.config, FLAGS.workdir, steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup,
+              decode_sentences=FLAGS.bench_decode_sentences, decode_batch_size=FLAGS.batch_size)
   elif FLAGS.mode == 'translate':
     from jaxnmt import translate  # pylint: disable=g-import-not-at-top
     translate.run(FLAGS.workdir, FLAGS.input, batch_size=FLAGS.batch_size,

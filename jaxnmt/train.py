@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
+import threading
 import time
 
 import jax
@@ -105,7 +107,8 @@ def prepare_translation_data(config, workdir: str):
       max_source_length=config.data.max_source_length,
       max_target_length=config.data.max_target_length,
       num_packing_bins=config.data.num_packing_bins, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      packing=config.data.packing)
   valid_batches = list(data_lib.make_eval_batches(
       splits.valid, tokenizer, batch_size=config.data.eval_batch_size,
       max_source_length=config.data.max_source_length,
@@ -171,13 +174,19 @@ def plan_mesh(config, num_devices: int | None = None):
   sharding.check_divisibility(sizes, rules, {'batch': config.data.eval_batch_size})
   vocab = CHAR_VOCAB_MULTIPLE if config.tokenizer.model_type == 'char' else (
       config.tokenizer.vocab_size)
+  # Each micro-batch of gradient accumulation is split over the devices like a batch.
+  micro_batch = config.data.batch_size // config.optim.grad_accum_steps
   sharding.check_divisibility(sizes, rules, {
-      'batch': config.data.batch_size, 'heads': config.model.num_heads,
+      'batch': micro_batch, 'heads': config.model.num_heads,
       'mlp': config.model.d_ff, 'vocab': vocab, 'embed': config.model.d_model})
   for field in ('batch_size', 'eval_batch_size'):
     if config.data[field] % jax.process_count():
       raise sharding.MeshError(f'config.data.{field}={config.data[field]} must divide by '
                                f'the {jax.process_count()} processes')
+  if micro_batch % jax.process_count():
+    raise sharding.MeshError(f'config.data.batch_size / config.optim.grad_accum_steps = '
+                             f'{micro_batch} rows must divide by the {jax.process_count()} '
+                             f'processes')
   return sharding.make_mesh(sizes), rules
 
 
@@ -225,21 +234,46 @@ def count_params(params) -> int:
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(graphdef, tx, label_smoothing: float, seed: int, state: dict, rest,
-               batch: dict):
+def train_step(graphdef, tx, label_smoothing: float, seed: int, accumulate: int,
+               state: dict, rest, batch: dict):
   """One update. state: {'params', 'opt_state', 'step'}; returns (state, metric sums).
-  Dropout draws from fold_in(key(seed), step): a pure function of the state."""
+  Dropout draws from fold_in(key(seed), step): a pure function of the state.
+
+  With `accumulate` > 1 the batch's rows are split into that many micro-batches (rows
+  j, j + accumulate, ... form micro-batch j, so every device keeps its share) whose
+  gradients of the *summed* loss are added up; the total is divided once by the real
+  target tokens of the whole batch, so the update equals the one-batch update however
+  the tokens fall into micro-batches."""
   dropout_key = jax.random.fold_in(jax.random.key(seed), state['step'])
 
-  def loss_fn(params, rest):
+  def loss_fn(params, micro_batch, key):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    nnx.reseed(model, dropout=dropout_key)
-    logits = model(batch, deterministic=False)
-    sums = losses.cross_entropy_sums(logits, batch['targets'],
-                                     batch['targets_segment_ids'] > 0, label_smoothing)
-    return sums['loss'] / jnp.maximum(sums['tokens'], 1.0), sums
+    nnx.reseed(model, dropout=key)
+    logits = model(micro_batch, deterministic=False)
+    sums = losses.cross_entropy_sums(logits, micro_batch['targets'],
+                                     micro_batch['targets_segment_ids'] > 0,
+                                     label_smoothing)
+    return sums['loss'], sums
 
-  grads, sums = jax.grad(loss_fn, has_aux=True)(state['params'], rest)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if accumulate == 1:
+    grads, sums = grad_fn(state['params'], batch, dropout_key)
+  else:
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // accumulate, accumulate, *x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+    def accumulate_one(carry, inputs):
+      index, micro_batch = inputs
+      grads, sums = grad_fn(state['params'], micro_batch,
+                            jax.random.fold_in(dropout_key, index))
+      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        grad_fn, state['params'], jax.tree.map(lambda x: x[0], micro_batches), dropout_key))
+    (grads, sums), _ = jax.lax.scan(accumulate_one, zeros,
+                                    (jnp.arange(accumulate), micro_batches))
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1.0), grads)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   sums['grad_norm'] = optax.global_norm(grads)
@@ -259,13 +293,108 @@ def compile_steps(graphdef, tx, config, mesh, rules, shardings):
   replicated = sharding.replicated(mesh)
   batch = sharding.batch_sharding(mesh, rules)
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef, tx, config.optim.label_smoothing, config.seed),
+      functools.partial(train_step, graphdef, tx, config.optim.label_smoothing, config.seed,
+                        config.optim.grad_accum_steps),
       in_shardings=(shardings, replicated, batch), out_shardings=(shardings, replicated),
       donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, graphdef),
                     in_shardings=(shardings['params'], replicated, batch),
                     out_shardings=replicated)
   return step_fn, eval_fn
+
+
+# ----------------------------------------------------------------------------- memory fit
+
+
+def batch_shapes(config, rows: int) -> dict[str, tuple[int, int]]:
+  """Shapes of a global training batch of `rows` rows."""
+  target = config.data.max_target_length
+  shapes = {key: (rows, target) for key in ('decoder_inputs', 'targets',
+                                            'targets_segment_ids', 'targets_positions')}
+  if config.task != 'lm':
+    shapes.update({key: (rows, config.data.max_source_length) for key in (
+        'inputs', 'inputs_segment_ids', 'inputs_positions')})
+  return shapes
+
+
+def compile_train_step(config, model_cfg: model_lib.ModelConfig, mesh, rules, rows: int):
+  """The train step compiled ahead of time for batches of `rows` rows, from shapes
+  alone (nothing is allocated): its `memory_analysis()` is the step's footprint."""
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  abstract = abstract_train_state(model_cfg, tx)
+  shardings = sharding.state_shardings(abstract, mesh, rules)
+  graphdef, _, rest = nnx.split(
+      nnx.eval_shape(lambda: model_lib.build(model_cfg, rngs=_rngs(config.seed))),
+      nnx.Param, ...)
+  step_fn, _ = compile_steps(graphdef, tx, config, mesh, rules, shardings)
+  state = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                sharding=where),
+                       abstract, shardings)
+  rest = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+      leaf.shape, leaf.dtype, sharding=sharding.replicated(mesh)), rest)
+  where = sharding.batch_sharding(mesh, rules)
+  batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=where)
+           for key, shape in batch_shapes(config, rows).items()}
+  return step_fn.lower(state, rest, batch).compile()
+
+
+def step_bytes(compiled) -> int:
+  """Peak bytes per device of a compiled step: arguments + outputs (less donated
+  buffers reused for outputs) + temporaries."""
+  stats = compiled.memory_analysis()
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+
+
+def device_memory_limit(config) -> tuple[int, str]:
+  """(usable bytes per device, where that figure comes from)."""
+  if config.data.device_memory_gb:
+    return int(config.data.device_memory_gb * 2**30), 'config.data.device_memory_gb'
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get('bytes_limit'):
+    # Leave a tenth for fragmentation and buffers outside the step (batches in flight).
+    return int(0.9 * stats['bytes_limit']), 'the device (90% of its limit)'
+  ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return int(0.9 * ram / jax.local_device_count()), 'host RAM (90%) / local devices'
+
+
+def fit_batch_size(config, model_cfg: model_lib.ModelConfig, mesh, rules,
+                   max_doublings: int = 6) -> tuple[int, dict[int, int]]:
+  """The largest batch (rows) of the form batch_size * 2^k, |k| <= max_doublings,
+  whose compiled train step fits in device memory. Returns (rows, {rows tried: bytes})."""
+  limit, source = device_memory_limit(config)
+  accumulate = config.optim.grad_accum_steps
+  parts = math.prod(mesh.shape[axis] for axis in sharding.mesh_axes_of(rules, sharding.BATCH))
+  granule = math.lcm(accumulate * parts, accumulate * jax.process_count())
+  tried = {}
+
+  def fits(rows: int) -> bool:
+    if rows not in tried:
+      started = time.time()
+      tried[rows] = step_bytes(compile_train_step(config, model_cfg, mesh, rules, rows))
+      logging.info('Memory fit: %d rows need %.1f MiB per device (limit %.1f MiB from %s; '
+                   'compiled in %.1fs)', rows, tried[rows] / 2**20, limit / 2**20, source,
+                   time.time() - started)
+    return tried[rows] <= limit
+
+  rows = config.data.batch_size
+  if fits(rows):
+    for _ in range(max_doublings):
+      if not fits(rows * 2):
+        break
+      rows *= 2
+    return rows, tried
+  for _ in range(max_doublings):
+    smaller = rows // 2
+    if smaller < granule or smaller % granule:
+      break
+    rows = smaller
+    if fits(rows):
+      return rows, tried
+  raise TrainingError(
+      f'no batch size fits in device memory: {rows} rows need {tried[rows] / 2**30:.2f} GiB '
+      f'per device, {source} allows {limit / 2**30:.2f} GiB; shard the model '
+      f'(config.mesh.fsdp/tensor), use config.model.remat or a smaller model')
 
 
 def evaluate_loss(eval_fn, params, rest, batches) -> dict[str, float]:
@@ -315,6 +444,14 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
   # ------------------------------------------------------------- data and tokenizer
   prepare = prepare_lm_data if config.task == 'lm' else prepare_translation_data
   tokenizer, train_data, valid_batches = prepare(config, workdir)
+  if config.data.fit_batch_to_memory:
+    rows, _ = fit_batch_size(config, model_config(config, tokenizer.vocab_size), mesh, rules)
+    if rows != config.data.batch_size:
+      logging.warning('Memory fit: batch_size %d -> %d rows', config.data.batch_size, rows)
+      config.data.batch_size = rows
+      if jax.process_index() == 0:
+        save_config(config, workdir)
+      tokenizer, train_data, valid_batches = prepare(config, workdir)
   process_rows = config.data.batch_size // jax.process_count()
   batch_sharding = sharding.batch_sharding(mesh, rules)
   eval_rows = config.data.eval_batch_size
@@ -347,7 +484,7 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
 
   def save(step):
     _check_finite(jax.device_get(pending), step - len(pending) + 1)  # never save NaNs
-    checkpointer.save(step, state, train_iterator.get_state(), metadata)
+    checkpointer.save(step, state, feeder.iterator_state(), metadata)
     # Keep the newest `keep_checkpoints`, and any a live eval worker has not scored.
     protected = set()
     if not config.delete_unscored_checkpoints and checkpoint_lib.worker_alive(workdir):
@@ -358,6 +495,7 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
   step_fn, eval_fn = compile_steps(graphdef, tx, config, mesh, rules, shardings)
 
   # ------------------------------------------------------------- train loop
+  feeder = DeviceFeeder(train_iterator, batch_sharding, config.data.prefetch_to_device)
   writer = metrics_lib.Writer(workdir, 'train')
   eval_writer = metrics_lib.Writer(workdir, 'valid')
   preemption = Preemption(config.preemption_check_every_steps)
@@ -373,10 +511,9 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
                        dynamic_ncols=True, disable=jax.process_index() != 0)
   try:
     while step < total:
-      batch = next(train_iterator)
-      slots += sum(batch[key].size for key in ('inputs', 'targets') if key in batch) * (
-          jax.process_count())
-      state, step_metrics = step_fn(state, rest, sharding.to_global(batch, batch_sharding))
+      batch, batch_slots = next(feeder)
+      slots += batch_slots
+      state, step_metrics = step_fn(state, rest, batch)
       pending.append(step_metrics)
       step += 1
       out_of_time = bool(time_limit) and time.time() - started > time_limit
@@ -428,6 +565,7 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
     writer.close()
     eval_writer.close()
     checkpointer.wait()
+    feeder.close()
     train_iterator.close()
   logging.info('Finished at step %d after %.1f minutes; model in %s', step,
                (time.time() - started) / 60, workdir)
@@ -521,6 +659,64 @@ class Preemption:
   def close(self) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class DeviceFeeder:
+  """Iterates global device batches of a host batch iterator, `depth` batches ahead:
+  a background thread pulls the next host batches and starts their transfer to the
+  devices while the current step computes (depth 0: in the caller, just in time).
+  Yields (batch, slots): slots = token positions in the global batch. `iterator_state`
+  is the host iterator's state after the last batch *yielded*, so a checkpoint resumes
+  at the right batch however far ahead the thread has read."""
+
+  def __init__(self, iterator, batch_sharding, depth: int):
+    self._iterator, self._sharding, self._depth = iterator, batch_sharding, depth
+    self._state = iterator.get_state() if depth else None
+    if depth:
+      self._queue = queue.Queue(maxsize=depth)
+      self._stop = threading.Event()
+      self._thread = threading.Thread(target=self._fill, name='device-feeder', daemon=True)
+      self._thread.start()
+
+  def _load(self):
+    host = next(self._iterator)
+    slots = sum(host[key].size for key in ('inputs', 'targets') if key in host)
+    return sharding.to_global(host, self._sharding), slots * jax.process_count()
+
+  def _fill(self) -> None:
+    while not self._stop.is_set():
+      try:
+        item = (*self._load(), self._iterator.get_state())
+      except BaseException as error:  # pylint: disable=broad-except  # re-raised in next()
+        item = error
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if isinstance(item, BaseException):
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if not self._depth:
+      return self._load()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    batch, slots, self._state = item
+    return batch, slots
+
+  def iterator_state(self):
+    return self._state if self._depth else self._iterator.get_state()
+
+  def close(self) -> None:
+    if self._depth:
+      self._stop.set()
+      self._thread.join(timeout=10)
 
 
 def _process_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

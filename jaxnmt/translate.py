@@ -51,15 +51,29 @@ class Translator:
 
   def __init__(self, workdir: str, step: int | None = None,
                options: DecodeOptions = DecodeOptions(), devices=None):
-    self.config = train.load_config(workdir)
-    self.tokenizer = train.load_tokenizer(self.config, workdir)
-    self.options = options
-    self.model_config = train.model_config(self.config, self.tokenizer.vocab_size)
+    config = train.load_config(workdir)
+    tokenizer = train.load_tokenizer(config, workdir)
+    self._setup(config, tokenizer, train.model_config(config, tokenizer.vocab_size),
+                options, devices)
+    self.load(workdir, step)
+
+  @classmethod
+  def from_params(cls, config, tokenizer, model_config, params,
+                  options: DecodeOptions = DecodeOptions(), devices=None) -> 'Translator':
+    """A translator of parameters in memory (e.g. of a model being benchmarked)."""
+    translator = cls.__new__(cls)
+    translator._setup(config, tokenizer, model_config, options, devices)
+    translator.params = jax.device_put(params, NamedSharding(translator.mesh,
+                                                             PartitionSpec()))
+    return translator
+
+  def _setup(self, config, tokenizer, model_config, options, devices) -> None:
+    self.config, self.tokenizer, self.options = config, tokenizer, options
+    self.model_config = model_config
     devices = jax.local_devices()[:1] if devices is None else devices
     self.mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
     self.graphdef, _, self.rest = train.create_model(self.model_config, 0)
     self.step, self.params = None, None
-    self.load(workdir, step)
     self._decode = jax.jit(functools.partial(_decode_batch, self.graphdef, self.rest,
                                              options),
                            static_argnames=('max_length',))

@@ -103,7 +103,7 @@ def test_tiny_lm_overfits_one_batch():
   tx, _ = optim.make_optimizer(config.optim, 200)
   graphdef, params, rest = train.create_model(model_cfg, 0)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
-  step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.0, 0))
+  step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.0, 0, 1))
   blocks = np.random.default_rng(0).integers(4, 64, (4, 33)).astype(np.int32)
   batch = data.lm_batch(blocks)
   losses = []

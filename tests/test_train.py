@@ -31,7 +31,7 @@ def test_loss_falls_when_overfitting_a_few_batches(small_corpus, tmp_path):
   graphdef, params, rest = train.create_model(
       train.model_config(config, tokenizer.vocab_size), seed=0)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
-  step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.0, 0))
+  step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.0, 0, 1))
   losses = []
   for i in range(120):
     state, sums = step(state, rest, batches[i % 2])

@@ -1,0 +1,179 @@
+"""The speed features: gradient accumulation, device prefetch, packing, memory fit, the
+FLOPs formula and `--mode=bench`."""
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnmt import bench
+from jaxnmt import data
+from jaxnmt import optim
+from jaxnmt import sharding
+from jaxnmt import train
+from tests.conftest import real_pairs
+from tests.tiny_config import tiny_config
+
+
+def _first_batches(config, workdir, count):
+  _, dataset, _ = train.prepare_translation_data(config, workdir)
+  iterator = iter(dataset)
+  batches = [next(iterator) for _ in range(count)]
+  iterator.close()
+  return batches
+
+
+def test_gradient_accumulation_gives_the_one_batch_update(small_corpus, tmp_path):
+  config = tiny_config(small_corpus)
+  config.model.dropout_rate = 0.0
+  config.model.attention_dropout_rate = 0.0
+  batch = _first_batches(config, str(tmp_path), 1)[0]
+  # Empty two rows of the second micro-batch (rows 1, 3, 5, 7) so the micro-batches
+  # hold very different numbers of target tokens: a mean of per-micro-batch means
+  # would then differ from the token-weighted update.
+  for key in batch:
+    batch[key][[1, 3]] = 0
+  tokens = (batch['targets_segment_ids'] > 0).sum(axis=1)
+  assert tokens[0::2].sum() > 1.5 * tokens[1::2].sum()
+  tx, _ = optim.make_optimizer(config.optim, 100)
+  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
+  graphdef, params, rest = train.create_model(model_cfg, seed=0)
+  results = {}
+  for accumulate in (1, 2, 4):
+    state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
+    step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.1, 0, accumulate))
+    results[accumulate] = jax.device_get(step(state, rest, batch))
+  for accumulate in (2, 4):
+    (state, sums), (reference, reference_sums) = results[accumulate], results[1]
+    for key in ('loss', 'tokens', 'source_tokens', 'grad_norm'):
+      np.testing.assert_allclose(sums[key], reference_sums[key], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 state['params'], reference['params'])
+
+
+def test_accumulation_steps_must_divide_the_batch(small_corpus):
+  from jaxnmt import config_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config(small_corpus)
+  config.optim.grad_accum_steps = 3
+  with pytest.raises(config_lib.ConfigError, match='grad_accum_steps'):
+    config_lib.validate(config)
+  config.optim.grad_accum_steps = 2  # 8 rows / 2 = 4 per micro-batch, 8 devices
+  with pytest.raises(sharding.MeshError, match='batch=4'):
+    train.plan_mesh(config)
+
+
+def _pairs(count):
+  return real_pairs(count)
+
+
+def _dataset(tokenizer, packing=True):
+  # The row lengths and bins of configs/base.py.
+  return data.make_train_dataset(_pairs(400), tokenizer, batch_size=8, max_source_length=56,
+                                 max_target_length=64, num_packing_bins=128, seed=0,
+                                 packing=packing)
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  from jaxnmt import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('tok') / 'tokenizer.model')
+  tokenizer_lib.train([side for pair in _pairs(400) for side in pair], path, vocab_size=600)
+  return tokenizer_lib.load(path, 'unigram')
+
+
+@pytest.mark.parametrize('depth', [0, 3])
+def test_device_feeder_checkpoints_the_consumed_batch(tokenizer, depth):
+  mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
+  where = sharding.batch_sharding(mesh, [('batch', ('data',))])
+  iterator = iter(_dataset(tokenizer))
+  feeder = train.DeviceFeeder(iterator, where, depth)
+  consumed = [next(feeder) for _ in range(2)]
+  time.sleep(0.5)  # let the thread read ahead
+  state = feeder.iterator_state()
+  expected, slots = next(feeder)
+  feeder.close()
+  assert slots == 8 * 120 and consumed[0][0]['inputs'].sharding == where
+  resumed = iter(_dataset(tokenizer))
+  resumed.set_state(state)
+  again = next(resumed)
+  for key, value in again.items():
+    np.testing.assert_array_equal(np.asarray(expected[key]), value)
+
+
+def test_device_feeder_reraises_pipeline_errors():
+  class Broken:
+    def get_state(self):
+      return {}
+
+    def __next__(self):
+      raise ValueError('bad line 7')
+
+  mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
+  feeder = train.DeviceFeeder(Broken(), sharding.batch_sharding(mesh, []), 2)
+  with pytest.raises(ValueError, match='bad line 7'):
+    next(feeder)
+  feeder.close()
+
+
+def test_packing_fills_most_slots_and_padding_does_not(tokenizer):
+  fractions = {}
+  for packing in (True, False):
+    iterator = iter(_dataset(tokenizer, packing))
+    fractions[packing] = np.mean([data.real_token_fraction(next(iterator))
+                                  for _ in range(5)])
+    iterator.close()
+  assert fractions[True] >= 0.85
+  assert fractions[False] < 0.6 * fractions[True]
+
+
+def test_memory_fit_takes_the_largest_batch_that_fits(small_corpus):
+  config = tiny_config(small_corpus)
+  mesh, rules = train.plan_mesh(config)
+  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
+  sizes = {rows: train.step_bytes(train.compile_train_step(config, model_cfg, mesh, rules, rows))
+           for rows in (16, 32)}
+  assert sizes[32] > sizes[16]
+  config.data.device_memory_gb = (sizes[16] + sizes[32]) / 2 / 2**30
+  rows, tried = train.fit_batch_size(config, model_cfg, mesh, rules)
+  assert rows == 16 and tried[16] <= config.data.device_memory_gb * 2**30 < tried[32]
+  config.data.device_memory_gb = 1e-4  # 100 KiB: nothing fits
+  with pytest.raises(train.TrainingError, match='no batch size fits'):
+    train.fit_batch_size(config, model_cfg, mesh, rules)
+
+
+def test_flops_formula_agrees_with_xla_on_a_full_batch(small_corpus):
+  config = tiny_config(small_corpus)
+  config.model.d_model, config.model.d_ff, config.model.num_heads = 128, 512, 4
+  config.model.num_encoder_layers = config.model.num_decoder_layers = 2
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  rules = sharding.rules_from_config(config.sharding_rules)
+  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
+  rows, length = 16, config.data.max_source_length
+  compiled = train.compile_train_step(config, model_cfg, mesh, rules, rows)
+  cost = compiled.cost_analysis()
+  xla_flops = (cost[0] if isinstance(cost, list) else cost)['flops']
+  formula = bench.model_flops(model_cfg, rows * length, rows * length, length, length)
+  # XLA also counts softmax, norms, the loss and AdamW: a few percent more.
+  assert 0.85 < formula / xla_flops < 1.02, formula / xla_flops
+
+
+def test_bench_mode_reports_and_writes_json(small_corpus, tmp_path):
+  config = tiny_config(small_corpus)
+  result = bench.run(config, str(tmp_path), steps=2, warmup=1, decode_sentences=4,
+                     decode_batch_size=8)
+  saved = json.load(open(os.path.join(tmp_path, bench.RESULT_FILE)))
+  assert saved['real_tokens_per_sec'] == pytest.approx(result['real_tokens_per_sec'])
+  assert saved['batch_rows'] == 8 and saved['parameters'] > 0
+  assert 0.5 < saved['real_token_fraction'] <= 1.0
+  assert saved['real_tokens_per_sec'] <= saved['padded_tokens_per_sec']
+  assert saved['compile_seconds'] > 0 and saved['median_step_seconds'] > 0
+  assert 0 < saved['mfu'] < 1 and saved['peak_flops_per_sec'] > 1e9
+  assert saved['compiled_step_bytes_per_device'] > 0
+  for name in ('greedy', 'beam4'):
+    assert saved['decode'][name]['sentences_per_sec'] > 0
+  assert saved['decode']['sentences'] == 4

@@ -35,6 +35,12 @@ def get_config():
   # On SIGTERM (preemption) every process saves at the same step and exits 0; with
   # several processes they agree on that step every this many steps.
   config.preemption_check_every_steps = 10
+  # Random-bit generator of dropout masks (a jax.random implementation):
+  # 'threefry2x32' (JAX's default: the same masks on every mesh), 'philox4x32'
+  # (cheaper on CPUs; one device only: jax 0.10 cannot shard it), 'rbg' / 'unsafe_rbg'
+  # (XLA's RngBitGenerator; the masks depend on the backend and the sharding), or
+  # 'auto': philox4x32 on a one-device mesh, else threefry2x32.
+  config.dropout_rng = 'auto'
 
   # ---------------------------------------------------------------- parallelism
   # Device mesh: sizes of the ('data', 'fsdp', 'tensor') axes; their product must be
@@ -128,6 +134,14 @@ def get_config():
   config.model.position_embedding = 'sinusoidal'
   # Share one embedding matrix between source, target and the output projection.
   config.model.share_embeddings = True
+  # Compute dtype 'float32' or 'bfloat16' (params, norms, softmax and logits stay float32).
+  config.model.dtype = 'float32'
+  # 'einsum' or 'dot_product' (jax.nn.dot_product_attention; no attention dropout).
+  config.model.attention = 'einsum'
+  # Kernel of 'dot_product': '' (JAX picks), 'xla' or 'cudnn' (GPU flash attention, bf16).
+  config.model.attention_implementation = ''
+  # Recompute each layer in the backward pass: 'none', 'full' or 'dots' (saves matmuls).
+  config.model.remat = 'none'
 
   # ---------------------------------------------------------------- optimizer
   config.optim = ml_collections.ConfigDict()

@@ -74,8 +74,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.optim.eps, (int, float)) and config.optim.eps > 0,
            'optim.eps', f'must be a number > 0, got {config.optim.eps!r}')
   _choice(config, 'task', {'translation', 'lm'})
+  _choice(config, 'dropout_rng', {'auto', 'threefry2x32', 'philox4x32', 'rbg', 'unsafe_rbg'})
   _choice(config, 'model.activation', {'relu', 'gelu', 'swiglu'})
   _choice(config, 'model.norm', {'layernorm', 'rmsnorm'})
+  _choice(config, 'model.dtype', {'float32', 'bfloat16'})
+  _choice(config, 'model.attention', {'einsum', 'dot_product'})
+  _choice(config, 'model.attention_implementation', {'', 'xla', 'cudnn'})
+  _choice(config, 'model.remat', {'none', 'full', 'dots'})
+  dot_product = config.model.attention == 'dot_product'
+  _require(not dot_product or config.model.attention_dropout_rate == 0,
+           'model.attention_dropout_rate', "must be 0 with model.attention='dot_product' "
+           f'(it has no attention dropout), got {config.model.attention_dropout_rate!r}')
+  _require(dot_product or not config.model.attention_implementation,
+           'model.attention_implementation', "applies to model.attention='dot_product' "
+           f'only, got {config.model.attention_implementation!r} with '
+           f'{config.model.attention!r}')
+  _require(config.model.attention_implementation != 'cudnn'
+           or config.model.dtype == 'bfloat16', 'model.attention_implementation',
+           f"'cudnn' needs model.dtype='bfloat16' (no float32 kernel), got "
+           f'{config.model.dtype!r}')
   positions = {'sinusoidal', 'learned', 'rope'} if config.task == 'lm' else {
       'sinusoidal', 'learned'}
   _choice(config, 'model.position_embedding', positions)
@@ -94,9 +111,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'must be a string path, got {config.data.path!r}')
 
 
-# Fields whose change makes a checkpoint unusable (parameter shapes, token ids).
+# Fields whose change makes a checkpoint unusable (parameter shapes, token ids) ...
 _BREAKING_PREFIXES = ('task', 'model.', 'tokenizer.', 'data.max_source_length',
                       'data.max_target_length')
+# ... except these, which change how the same parameters are computed with.
+_HARMLESS_FIELDS = frozenset({'model.dtype', 'model.attention',
+                              'model.attention_implementation', 'model.remat'})
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -120,7 +140,8 @@ def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
       continue
     line = f'{field}: {old!r} -> {new!r}'
     clipping_toggled = field == 'optim.grad_clip_norm' and (bool(old) != bool(new))
-    if field.startswith(_BREAKING_PREFIXES) or clipping_toggled:
+    breaks_shapes = field.startswith(_BREAKING_PREFIXES) and field not in _HARMLESS_FIELDS
+    if breaks_shapes or clipping_toggled:
       breaking.append(line)
     else:
       harmless.append(line)

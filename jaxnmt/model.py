@@ -4,6 +4,10 @@ model (`DecoderLM`) in Flax NNX, built from the same layers.
 Shapes: B batch, S source length, T target length, D model width, N heads,
 H head width, V vocabulary. Segment ids (0 = padding, 1, 2, ... = packed pairs)
 drive every mask, so padding and packed neighbours never see each other.
+
+`ModelConfig.dtype` is the compute dtype (parameters stay float32, logits are float32),
+`attention` picks the attention kernel and `remat` recomputes each layer's forward in
+the backward pass of training; none of them changes the parameters.
 """
 
 import dataclasses
@@ -32,6 +36,10 @@ class ModelConfig:
   max_length: int = 256  # longest position a learned table covers
   norm: str = 'layernorm'  # or 'rmsnorm'
   kind: str = 'transformer'  # or 'decoder_lm'
+  dtype: str = 'float32'  # compute dtype, or 'bfloat16'
+  attention: str = 'einsum'  # or 'dot_product' (jax.nn.dot_product_attention)
+  attention_implementation: str = ''  # for 'dot_product': '' (JAX picks), 'xla', 'cudnn'
+  remat: str = 'none'  # or 'full' (save nothing), 'dots' (save matmul outputs)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -53,16 +61,36 @@ def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
 # ----------------------------------------------------------------------------- layers
 
 
+def _attention(config: ModelConfig, *, rngs: nnx.Rngs) -> layers.Attention:
+  return layers.Attention(config.d_model, config.num_heads, config.attention_dropout_rate,
+                          rngs=rngs, dtype=config.dtype, kind=config.attention,
+                          implementation=config.attention_implementation)
+
+
+def _feed_forward(config: ModelConfig, *, rngs: nnx.Rngs) -> layers.FeedForward:
+  return layers.FeedForward(config.d_model, config.d_ff, config.activation,
+                            config.dropout_rate, rngs=rngs, dtype=config.dtype)
+
+
+def _remat(function, mode: str):
+  """`function(layer, *arrays)` rematerialised per `mode`: 'none' (as is), 'full'
+  (saves only its inputs; the backward pass recomputes the layer's forward) or 'dots'
+  (also saves the outputs of matmuls without batch dimensions, i.e. the projections;
+  attention scores and everything elementwise are recomputed)."""
+  if mode == 'none':
+    return function
+  policies = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  return nnx.remat(function, policy=policies[mode])
+
+
 class EncoderLayer(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.pre_layer_norm = config.pre_layer_norm
     self.attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.attention = layers.Attention(config.d_model, config.num_heads,
-                                      config.attention_dropout_rate, rngs=rngs)
+    self.attention = _attention(config, rngs=rngs)
     self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
-                                  config.dropout_rate, rngs=rngs)
+    self.mlp = _feed_forward(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def __call__(self, hidden: jax.Array, mask: jax.Array, *, deterministic: bool):
@@ -81,14 +109,11 @@ class DecoderLayer(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.pre_layer_norm = config.pre_layer_norm
     self.self_attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.self_attention = layers.Attention(config.d_model, config.num_heads,
-                                           config.attention_dropout_rate, rngs=rngs)
+    self.self_attention = _attention(config, rngs=rngs)
     self.cross_attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.cross_attention = layers.Attention(config.d_model, config.num_heads,
-                                            config.attention_dropout_rate, rngs=rngs)
+    self.cross_attention = _attention(config, rngs=rngs)
     self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
-                                  config.dropout_rate, rngs=rngs)
+    self.mlp = _feed_forward(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def __call__(self, hidden, self_mask, cross_keys, cross_values, cross_mask, *,
@@ -136,12 +161,12 @@ class Transformer(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     d_model, vocab = config.d_model, config.vocab_size
-    self.source_embed = layers.Embed(vocab, d_model, rngs=rngs)
+    self.source_embed = layers.Embed(vocab, d_model, rngs=rngs, dtype=config.dtype)
     if config.share_embeddings:
       self.target_embed = self.source_embed
       self.output_kernel = None
     else:
-      self.target_embed = layers.Embed(vocab, d_model, rngs=rngs)
+      self.target_embed = layers.Embed(vocab, d_model, rngs=rngs, dtype=config.dtype)
       self.output_kernel = layers.param(rngs, nnx.initializers.lecun_normal(),
                                         (d_model, vocab), (layers.EMBED, layers.VOCAB))
     if config.position_embedding == 'learned':
@@ -156,11 +181,13 @@ class Transformer(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def _embed(self, embed, position_table, ids, positions, deterministic):
+    """-> [B, L, D] in the compute dtype."""
     hidden = embed(ids)
     if self.config.position_embedding == 'learned':
-      hidden = hidden + position_table(positions)
+      encoding = position_table(positions)
     else:
-      hidden = hidden + layers.sinusoidal_positions(positions, self.config.d_model)
+      encoding = layers.sinusoidal_positions(positions, self.config.d_model)
+    hidden = hidden + encoding.astype(hidden.dtype)
     return self.dropout(hidden, deterministic=deterministic)
 
   def encode(self, inputs, segment_ids, positions, *, deterministic: bool = True):
@@ -168,17 +195,19 @@ class Transformer(nnx.Module):
     hidden = self._embed(self.source_embed, getattr(self, 'source_positions', None),
                          inputs, positions, deterministic)
     mask = attention_mask(segment_ids, segment_ids)
+    run = _remat(lambda layer, hidden, mask: layer(hidden, mask, deterministic=deterministic),
+                 self.config.remat)
     for layer in self.encoder_layers:
-      hidden = layer(hidden, mask, deterministic=deterministic)
+      hidden = run(layer, hidden, mask)
     return self.encoder_norm(hidden) if self.config.pre_layer_norm else hidden
 
   def logits(self, hidden):
-    """hidden: [B, T, D] -> logits [B, T, V]."""
+    """hidden: [B, T, D] -> float32 logits [B, T, V]."""
     if self.config.pre_layer_norm:
       hidden = self.decoder_norm(hidden)
     if self.output_kernel is None:
       return self.target_embed.attend(hidden)
-    return jnp.einsum('BTD,DV->BTV', hidden, self.output_kernel[...])
+    return _project_out(hidden, self.output_kernel)
 
   def decode(self, encoded, source_segment_ids, decoder_inputs, target_segment_ids,
              target_positions, *, deterministic: bool = True):
@@ -187,10 +216,16 @@ class Transformer(nnx.Module):
                          decoder_inputs, target_positions, deterministic)
     self_mask = attention_mask(target_segment_ids, target_segment_ids, causal=True)
     cross_mask = attention_mask(target_segment_ids, source_segment_ids)
-    for layer in self.decoder_layers:
+
+    def run(layer, hidden, encoded, self_mask, cross_mask):
+      # Cross keys/values inside, so that remat recomputes rather than saves them.
       keys, values = layer.cross_attention.project_kv(encoded)
-      hidden, _ = layer(hidden, self_mask, keys, values, cross_mask,
-                        deterministic=deterministic)
+      return layer(hidden, self_mask, keys, values, cross_mask,
+                   deterministic=deterministic)[0]
+
+    run = _remat(run, self.config.remat)
+    for layer in self.decoder_layers:
+      hidden = run(layer, hidden, encoded, self_mask, cross_mask)
     return self.logits(hidden)
 
   def __call__(self, batch: dict, *, deterministic: bool = True):
@@ -267,11 +302,9 @@ class LMBlock(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.rope = config.position_embedding == 'rope'
     self.attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.attention = layers.Attention(config.d_model, config.num_heads,
-                                      config.attention_dropout_rate, rngs=rngs)
+    self.attention = _attention(config, rngs=rngs)
     self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
-                                  config.dropout_rate, rngs=rngs)
+    self.mlp = _feed_forward(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def __call__(self, hidden, positions, mask, *, deterministic: bool,
@@ -305,7 +338,8 @@ class DecoderLM(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.embed = layers.Embed(config.vocab_size, config.d_model, rngs=rngs)
+    self.embed = layers.Embed(config.vocab_size, config.d_model, rngs=rngs,
+                              dtype=config.dtype)
     if config.position_embedding == 'learned':
       self.positions = layers.LearnedPositions(config.max_length, config.d_model, rngs=rngs)
     self.blocks = nnx.List([LMBlock(config, rngs=rngs)
@@ -317,18 +351,21 @@ class DecoderLM(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def _embed(self, tokens, positions, deterministic):
+    """-> [B, T, D] in the compute dtype."""
     hidden = self.embed(tokens)
     if self.config.position_embedding == 'learned':
-      hidden = hidden + self.positions(positions)
+      hidden = hidden + self.positions(positions).astype(hidden.dtype)
     elif self.config.position_embedding == 'sinusoidal':
-      hidden = hidden + layers.sinusoidal_positions(positions, self.config.d_model)
+      hidden = hidden + layers.sinusoidal_positions(positions, self.config.d_model).astype(
+          hidden.dtype)
     return self.dropout(hidden, deterministic=deterministic)
 
   def logits(self, hidden):
+    """hidden: [B, T, D] -> float32 logits [B, T, V]."""
     hidden = self.final_norm(hidden)
     if self.output_kernel is None:
       return self.embed.attend(hidden)
-    return jnp.einsum('BTD,DV->BTV', hidden, self.output_kernel[...])
+    return _project_out(hidden, self.output_kernel)
 
   def __call__(self, batch: dict, *, deterministic: bool = True):
     """A batch -> logits [B, T, V] for its `targets`."""
@@ -336,11 +373,15 @@ class DecoderLM(nnx.Module):
     hidden = self._embed(batch['decoder_inputs'], positions, deterministic)
     segments = batch['targets_segment_ids']
     mask = attention_mask(segments, segments, causal=True)
+    run = _remat(lambda block, hidden, positions, mask: block(
+        hidden, positions, mask, deterministic=deterministic)[0], self.config.remat)
     for block in self.blocks:
-      hidden, _ = block(hidden, positions, mask, deterministic=deterministic)
+      hidden = run(block, hidden, positions, mask)
     return self.logits(hidden)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+    """Empty key/value slots, in the compute dtype unless `dtype` says otherwise."""
+    dtype = dtype or self.config.dtype
     num_heads = self.config.num_heads
     empty = jnp.zeros((batch_size, max_length, num_heads, self.config.d_model // num_heads),
                       dtype)
@@ -359,6 +400,12 @@ class DecoderLM(nnx.Module):
                                   cache=block_cache, index=index)
       new_layers.append(block_cache)
     return self.logits(hidden)[:, 0, :], {'layers': new_layers}
+
+
+def _project_out(hidden, kernel) -> jax.Array:
+  """hidden: [B, T, D] @ an untied output kernel [D, V] -> float32 logits [B, T, V]."""
+  return jnp.einsum('BTD,DV->BTV', hidden, kernel[...].astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def build(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -183,6 +183,7 @@ def plan_mesh(config, num_devices: int | None = None):
     if config.data[field] % jax.process_count():
       raise sharding.MeshError(f'config.data.{field}={config.data[field]} must divide by '
                                f'the {jax.process_count()} processes')
+  dropout_rng(config.dropout_rng, num_devices)  # a one-line error if it cannot be sharded
   if micro_batch % jax.process_count():
     raise sharding.MeshError(f'config.data.batch_size / config.optim.grad_accum_steps = '
                              f'{micro_batch} rows must divide by the {jax.process_count()} '
@@ -235,7 +236,7 @@ def count_params(params) -> int:
 
 
 def train_step(graphdef, tx, label_smoothing: float, seed: int, accumulate: int,
-               state: dict, rest, batch: dict):
+               state: dict, rest, batch: dict, rng_impl: str = 'threefry2x32'):
   """One update. state: {'params', 'opt_state', 'step'}; returns (state, metric sums).
   Dropout draws from fold_in(key(seed), step): a pure function of the state.
 
@@ -244,7 +245,7 @@ def train_step(graphdef, tx, label_smoothing: float, seed: int, accumulate: int,
   gradients of the *summed* loss are added up; the total is divided once by the real
   target tokens of the whole batch, so the update equals the one-batch update however
   the tokens fall into micro-batches."""
-  dropout_key = jax.random.fold_in(jax.random.key(seed), state['step'])
+  dropout_key = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), state['step'])
 
   def loss_fn(params, micro_batch, key):
     model = nnx.merge(graphdef, params, rest, copy=True)
@@ -288,13 +289,24 @@ def eval_step(graphdef, params, rest, batch: dict) -> dict:
   return losses.cross_entropy_sums(logits, batch['targets'], batch['targets_segment_ids'] > 0)
 
 
+def dropout_rng(name: str, num_devices: int) -> str:
+  """The jax.random implementation of dropout masks for config.dropout_rng."""
+  if name == 'auto':
+    return 'philox4x32' if num_devices == 1 else 'threefry2x32'
+  if name == 'philox4x32' and num_devices > 1:
+    raise sharding.MeshError('config.dropout_rng=philox4x32 works on one device only (jax '
+                             'cannot shard it); use threefry2x32 or auto on this mesh')
+  return name
+
+
 def compile_steps(graphdef, tx, config, mesh, rules, shardings):
   """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
   replicated = sharding.replicated(mesh)
   batch = sharding.batch_sharding(mesh, rules)
   step_fn = jax.jit(
       functools.partial(train_step, graphdef, tx, config.optim.label_smoothing, config.seed,
-                        config.optim.grad_accum_steps),
+                        config.optim.grad_accum_steps,
+                        rng_impl=dropout_rng(config.dropout_rng, mesh.size)),
       in_shardings=(shardings, replicated, batch), out_shardings=(shardings, replicated),
       donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, graphdef),

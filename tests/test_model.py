@@ -16,7 +16,7 @@ CONFIG = model_lib.ModelConfig(vocab_size=40, num_encoder_layers=2, num_decoder_
 
 def make_model(**overrides):
   config = model_lib.ModelConfig(**{**CONFIG.__dict__, **overrides})
-  return model_lib.Transformer(config, rngs=nnx.Rngs(params=0, dropout=1))
+  return model_lib.build(config, rngs=nnx.Rngs(params=0, dropout=1))
 
 
 def packed_batch():
@@ -127,3 +127,148 @@ def test_loss_ignores_padding_and_smooths():
   perfect = jnp.log(jnp.full((1, 1, 10), smoothing / 9).at[0, 0, 3].set(1 - smoothing))
   smoothed = losses.cross_entropy_sums(perfect, jnp.array([[3]]), jnp.ones((1, 1)), smoothing)
   assert abs(float(smoothed['loss'])) < 1e-5
+
+
+# ----------------------------------------------------------------------------- switches:
+# attention kernel, compute dtype, rematerialisation
+
+
+def lm_model(**overrides):
+  """A small DecoderLM (RoPE, RMSNorm, SwiGLU)."""
+  return make_model(kind='decoder_lm', position_embedding='rope', norm='rmsnorm',
+                    activation='swiglu', **overrides)
+
+
+def loss_and_grads(model, batch, deterministic: bool = True):
+  """(summed loss, logits, gradients w.r.t. the parameters), computed eagerly (cheaper
+  than compiling each variant for models this small)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params):
+    logits = nnx.merge(graphdef, params, rest, copy=True)(batch, deterministic=deterministic)
+    sums = losses.cross_entropy_sums(logits, batch['targets'], batch['targets_segment_ids'] > 0)
+    return sums['loss'], logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, logits, grads
+
+
+def assert_trees_close(actual, expected, rtol: float):
+  """Every leaf within rtol of the largest magnitude of its expected leaf."""
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(actual),
+                               jax.tree.leaves(expected)):
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.isfinite(got).all(), path
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * max(np.abs(want).max(), 1e-6),
+                               err_msg=str(path))
+
+
+@pytest.mark.parametrize('kind', ['transformer', 'decoder_lm'])
+def test_dot_product_attention_matches_einsum(kind):
+  build = make_model if kind == 'transformer' else lm_model
+  batch = packed_batch()  # packed pairs and padding rows (all-False mask rows)
+  loss, logits, grads = loss_and_grads(build(), batch)
+  dot_loss, dot_logits, dot_grads = loss_and_grads(build(attention='dot_product'), batch)
+  assert np.isfinite(dot_logits).all()  # padding positions included
+  np.testing.assert_allclose(dot_logits, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dot_loss, loss, rtol=1e-6)
+  assert_trees_close(dot_grads, grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_fully_masked_query_rows_stay_finite(dtype):
+  """A padding query (segment id 0) may attend nothing: both kernels give finite
+  outputs (uniform weights) and finite gradients for it."""
+  hidden = jax.random.normal(jax.random.key(0), (1, 3, 32))
+  segments = jnp.array([[1, 1, 0]])
+  mask = model_lib.attention_mask(segments, segments)
+  assert not mask[0, 0, 2].any()
+  outputs = {}
+  for kind in ('einsum', 'dot_product'):
+    attention = model_lib.layers.Attention(32, 4, 0.0, rngs=nnx.Rngs(0), dtype=dtype,
+                                           kind=kind)
+
+    def total(hidden, attention=attention):
+      keys, values = attention.project_kv(hidden)
+      out = attention(hidden, keys, values, mask, deterministic=True)
+      return out.astype(jnp.float32).sum(), out
+
+    (_, outputs[kind]), grad = jax.value_and_grad(total, has_aux=True)(hidden)
+    assert outputs[kind].dtype == dtype
+    assert np.isfinite(np.asarray(outputs[kind], np.float32)).all(), kind
+    assert np.isfinite(grad).all(), kind
+  np.testing.assert_allclose(np.asarray(outputs['dot_product'], np.float32),
+                             np.asarray(outputs['einsum'], np.float32),
+                             atol=1e-5 if dtype == jnp.float32 else 5e-2)
+
+
+@pytest.mark.parametrize('kind, mode', [('transformer', 'full'), ('transformer', 'dots'),
+                                        ('decoder_lm', 'full'), ('decoder_lm', 'dots')])
+def test_remat_keeps_loss_and_gradients(kind, mode):
+  # With dropout on: the recomputed forward must draw the same dropout masks.
+  build = make_model if kind == 'transformer' else lm_model
+  batch = packed_batch()
+  loss, _, grads = loss_and_grads(build(dropout_rate=0.1, attention_dropout_rate=0.1),
+                                  batch, deterministic=False)
+  remat_loss, _, remat_grads = loss_and_grads(
+      build(dropout_rate=0.1, attention_dropout_rate=0.1, remat=mode), batch,
+      deterministic=False)
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  assert_trees_close(remat_grads, grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize('attention', ['einsum', 'dot_product'])
+def test_bfloat16_compute_keeps_float32_params_and_logits(attention):
+  batch = packed_batch()
+  _, reference, _ = loss_and_grads(make_model(), batch)
+  model = make_model(dtype='bfloat16', attention=attention)
+  loss, logits, grads = loss_and_grads(model, batch)
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
+      jnp.dtype(jnp.float32)}
+  assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(grads))
+  assert logits.dtype == jnp.float32 and loss.dtype == jnp.float32
+  assert np.isfinite(logits).all()
+  # The activations really are bfloat16 ...
+  encoded = model.encode(batch['inputs'], batch['inputs_segment_ids'],
+                         batch['inputs_positions'])
+  assert encoded.dtype == jnp.bfloat16
+  # ... and the logits are those of float32 up to bfloat16 rounding (~1% of their
+  # spread: the logits here span about +-5, their differences stay near 0.03).
+  difference = np.abs(np.asarray(logits) - np.asarray(reference))
+  assert 0 < difference.max() < 0.02 * np.ptp(np.asarray(reference)), (
+      difference.max(), np.ptp(np.asarray(reference)))
+
+
+def test_bfloat16_cached_decoding_matches_full_recomputation():
+  model = make_model(dtype='bfloat16')
+  batch = packed_batch()
+  source_segments = (batch['inputs_segment_ids'] > 0).astype(jnp.int32)
+  source_positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  encoded = model.encode(batch['inputs'], source_segments, source_positions)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(4, 40, (2, 6)), jnp.int32)
+  full = model.decode(encoded, source_segments, tokens, jnp.ones_like(tokens),
+                      jnp.broadcast_to(jnp.arange(6), (2, 6)))
+  cache = model.init_cache(encoded, source_segments, max_length=6)
+  assert cache['layers'][0]['keys'].dtype == jnp.bfloat16
+  for index in range(6):
+    step_logits, cache = model.decode_step(cache, tokens[:, index], index)
+    assert step_logits.dtype == jnp.float32 and step_logits.shape == (2, 40)
+    np.testing.assert_allclose(step_logits, full[:, index], atol=5e-2)
+
+
+def test_bfloat16_language_model_decodes_with_a_bfloat16_cache():
+  model = lm_model(dtype='bfloat16', attention='dot_product')
+  cache = model.init_cache(2, 4)
+  assert cache['layers'][0]['keys'].dtype == jnp.bfloat16
+  tokens = jnp.array([5, 6], jnp.int32)
+  for index in range(4):
+    logits, cache = model.decode_step(cache, tokens, index)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 40)
+    assert np.isfinite(logits).all()
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def test_dot_product_attention_refuses_attention_dropout():
+  with pytest.raises(ValueError, match='no attention dropout'):
+    make_model(attention='dot_product', attention_dropout_rate=0.1)

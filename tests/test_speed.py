@@ -177,3 +177,11 @@ def test_bench_mode_reports_and_writes_json(small_corpus, tmp_path):
   for name in ('greedy', 'beam4'):
     assert saved['decode'][name]['sentences_per_sec'] > 0
   assert saved['decode']['sentences'] == 4
+
+
+def test_dropout_rng_auto_picks_philox_on_one_device_only():
+  assert train.dropout_rng('auto', 1) == 'philox4x32'
+  assert train.dropout_rng('auto', 8) == 'threefry2x32'
+  assert train.dropout_rng('rbg', 8) == 'rbg'
+  with pytest.raises(sharding.MeshError, match='one device only'):
+    train.dropout_rng('philox4x32', 2)

@@ -404,8 +404,7 @@ class DecoderLM(nnx.Module):
 
 def _project_out(hidden, kernel) -> jax.Array:
   """hidden: [B, T, D] @ an untied output kernel [D, V] -> float32 logits [B, T, V]."""
-  return jnp.einsum('BTD,DV->BTV', hidden, kernel[...].astype(hidden.dtype),
-                    preferred_element_type=jnp.float32)
+  return layers.einsum_f32('BTD,DV->BTV', hidden, kernel[...].astype(hidden.dtype))
 
 
 def build(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -185,3 +185,22 @@ def test_dropout_rng_auto_picks_philox_on_one_device_only():
   assert train.dropout_rng('rbg', 8) == 'rbg'
   with pytest.raises(sharding.MeshError, match='one device only'):
     train.dropout_rng('philox4x32', 2)
+
+
+def test_bfloat16_training_step_keeps_float32_master_weights(small_corpus, tmp_path):
+  config = tiny_config(small_corpus)
+  batch = _first_batches(config, str(tmp_path), 1)[0]
+  tx, _ = optim.make_optimizer(config.optim, 100)
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.model.dtype = dtype
+    graphdef, params, rest = train.create_model(
+        train.model_config(config, config.tokenizer.vocab_size), seed=0)
+    state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
+    step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.1, 0, 1))
+    state, sums = jax.device_get(step(state, rest, batch))
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state['params']))
+    assert np.isfinite(sums['grad_norm']) and sums['grad_norm'] > 0
+    losses[dtype] = sums['loss'] / sums['tokens']
+  # Same parameters and batch: the bf16 loss is the float32 loss up to rounding.
+  assert abs(losses['bfloat16'] - losses['float32']) < 0.02 * losses['float32']

@@ -37,6 +37,13 @@ def test_derived_configs_change_what_they_say():
     ('data.batch_size', 0, 'config.data.batch_size: must be an integer >= 1'),
     ('data.test_fraction', 0.7, 'config.data.test_fraction: must be a number in [0.0, 0.5)'),
     ('tokenizer.vocab_size', 100, 'config.tokenizer.vocab_size: must be >= 300'),
+    ('model.dtype', 'float16', "config.model.dtype: must be one of ['bfloat16', 'float32']"),
+    ('model.attention', 'flash',
+     "config.model.attention: must be one of ['dot_product', 'einsum']"),
+    ('model.remat', 'yes', "config.model.remat: must be one of ['dots', 'full', 'none']"),
+    ('model.attention_implementation', 'cudnn',
+     "config.model.attention_implementation: applies to model.attention='dot_product' "
+     "only, got 'cudnn' with 'einsum'"),
 ])
 def test_bad_value_names_the_field(field, value, message):
   config = base.get_config()
@@ -49,6 +56,40 @@ def test_bad_value_names_the_field(field, value, message):
     config_lib.validate(config)
   assert str(error.value).startswith(message)
   assert '\n' not in str(error.value)
+
+
+def test_dot_product_attention_needs_no_attention_dropout_and_cudnn_bfloat16():
+  config = base.get_config()
+  config.model.attention = 'dot_product'
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)  # base keeps attention_dropout_rate = 0.1
+  assert str(error.value) == (
+      "config.model.attention_dropout_rate: must be 0 with model.attention='dot_product' "
+      '(it has no attention dropout), got 0.1')
+  config.model.attention_dropout_rate = 0.0
+  config_lib.validate(config)
+  config.model.attention_implementation = 'cudnn'
+  with pytest.raises(config_lib.ConfigError, match="'cudnn' needs model.dtype='bfloat16'"):
+    config_lib.validate(config)
+  config.model.dtype = 'bfloat16'
+  config_lib.validate(config)
+
+
+def test_compute_switches_are_harmless_to_resume_across():
+  saved = base.get_config().to_dict()
+  del saved['model']['remat']  # a checkpoint written before the field existed
+  current = base.get_config()
+  current.model.dtype = 'bfloat16'
+  current.model.attention = 'dot_product'
+  current.model.attention_implementation = 'cudnn'
+  current.model.remat = 'dots'
+  current.model.d_model = 256
+  breaking, harmless = config_lib.resume_differences(saved, current.to_dict())
+  assert breaking == ['model.d_model: 512 -> 256']
+  assert harmless == ["model.attention: 'einsum' -> 'dot_product'",
+                      "model.attention_implementation: '' -> 'cudnn'",
+                      "model.dtype: 'float32' -> 'bfloat16'",
+                      "model.remat: None -> 'dots'"]
 
 
 def test_main_reports_bad_value_in_one_line(tmp_path):

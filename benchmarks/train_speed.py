@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from jaxnmt import bench
 from jaxnmt import config_lib
+from jaxnmt import host_runtime
 from jaxnmt import optim
 from jaxnmt import sharding
 from jaxnmt import train
@@ -94,6 +95,7 @@ def _variant(config, workdir: str, batches_cache: dict):
 
 
 def main(_):
+  host_runtime.apply_cpu_xla_flags()  # as `python -m jaxnmt.main` does
   base = FLAGS.config
   variants = [_parse(spec, base) for spec in FLAGS.variant]
   cache, runners = {}, {}
@@ -133,4 +135,5 @@ def main(_):
 
 
 if __name__ == '__main__':
+  host_runtime.reexec_with_allocator()
   app.run(main)

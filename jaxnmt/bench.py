@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxnmt import config_lib
+from jaxnmt import host_runtime
 from jaxnmt import model as model_lib
 from jaxnmt import optim
 from jaxnmt import sharding
@@ -164,6 +165,7 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
       batch, _ = next(feeder)
       jax.block_until_ready(metrics)
     times, real_source, real_target, slots = [], 0.0, 0.0, 0
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     window_started = time.perf_counter()
     for _ in range(steps):
       step_started = time.perf_counter()
@@ -175,6 +177,7 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
       real_target += float(metrics['tokens'])
       slots += batch_slots
     window = time.perf_counter() - window_started
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
   finally:
     feeder.close()
     iterator.close()
@@ -188,6 +191,7 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
   result.update({
       'steps_timed': steps,
       'median_step_seconds': float(np.median(times)),
+      'step_seconds': [round(t, 4) for t in times],
       'real_tokens_per_sec': real / window,
       'real_tokens_per_sec_per_device': real / window / devices,
       'padded_tokens_per_sec': slots / window,
@@ -204,6 +208,10 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
       'peak_memory_bytes': memory,
       'peak_memory_source': memory_source,
       'host_max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      # Page faults show an allocator that hands memory back to the OS every step.
+      'host_page_faults_per_step': faults / steps,
+      'host_allocator': host_runtime.describe_allocator(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
   })
   if decode_sentences and config.task != 'lm':
     result['decode'] = _decode_throughput(config, workdir, tokenizer, model_cfg,
@@ -281,6 +289,8 @@ def format_table(result: dict) -> str:
       f'peak device memory      '
       f'{"n/a (" + result["peak_memory_source"] + ")" if memory is None else f"{memory / 2**20:,.1f} MiB"}',
       f'host max RSS            {result["host_max_rss_bytes"] / 2**20:,.1f} MiB',
+      f'host page faults/step   {result["host_page_faults_per_step"]:,.0f} '
+      f'({result["host_allocator"]})',
   ]
   for name in ('greedy', 'beam4'):
     if name in result.get('decode', {}):

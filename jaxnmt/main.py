@@ -139,6 +139,10 @@ def main(argv) -> None:
   user_errors = (config_lib.ConfigError, FileNotFoundError, data.DataError,
                  checkpoint.CheckpointError, train_lib.TrainingError, sharding.MeshError,
                  distributed.DistributedError, generate.GenerateError)
+  from jaxnmt import host_runtime
+  host_runtime.apply_cpu_xla_flags()
+  logging.info('Host allocator: %s; XLA_FLAGS=%r', host_runtime.describe_allocator(),
+               os.environ.get('XLA_FLAGS', ''))
   try:
     _run()
   except user_errors as error:  # known problems: one line, no traceback
@@ -146,4 +150,6 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  from jaxnmt import host_runtime  # pylint: disable=g-import-not-at-top
+  host_runtime.reexec_with_allocator()  # first: may restart this command once
   app.run(main)

@@ -7,8 +7,11 @@ import zipfile
 
 # Eight CPU devices for every test (set before JAX is imported), so the trainer's
 # sharded path runs on a real mesh: the default mesh is 8-way data parallel.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=8')
+# The CPU library fusions `python -m jaxnmt.main` uses are on here too.
+from jaxnmt import host_runtime  # pylint: disable=wrong-import-position
+
+os.environ['XLA_FLAGS'] = host_runtime.cpu_xla_flags(
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -1,0 +1,129 @@
+"""Host runtime settings: the XLA:CPU library fusions and the allocator restart."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxnmt import host_runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FUSIONS = f'{host_runtime.YNN_FLAG}={host_runtime.CPU_LIBRARY_FUSIONS}'
+
+
+def test_cpu_xla_flags_added_kept_or_left_alone():
+  assert host_runtime.cpu_xla_flags('', '0.10.2') == FUSIONS
+  assert (host_runtime.cpu_xla_flags('--xla_force_host_platform_device_count=8', '0.10.2')
+          == f'--xla_force_host_platform_device_count=8 {FUSIONS}')
+  # The user's own choice wins, and an unmeasured jaxlib gets nothing added.
+  mine = f'{host_runtime.YNN_FLAG}=individual_dot'
+  assert host_runtime.cpu_xla_flags(mine, '0.10.2') == mine
+  assert host_runtime.cpu_xla_flags('--foo', '0.11.0') == '--foo'
+
+
+def test_allocator_environment_choices(tmp_path):
+  allocator = host_runtime.allocator_environment
+  base = {'PATH': '/usr/bin'}
+  # tcmalloc found: preloaded, ahead of what the user preloads, and marked done.
+  env = allocator({**base, 'LD_PRELOAD': 'libmine.so'}, '/lib/libtcmalloc.so.4', True)
+  assert env['LD_PRELOAD'] == '/lib/libtcmalloc.so.4 libmine.so'
+  assert env['PATH'] == '/usr/bin' and env['_JAXNMT_ALLOCATOR_DONE'] == '1'
+  # No tcmalloc: glibc's huge-page tunable, appended to the user's tunables.
+  env = allocator({**base, 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, None, True)
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  assert 'LD_PRELOAD' not in env
+  # Nothing to change: an old glibc, the opt-out, an allocator the user preloaded, or a
+  # process that already restarted.
+  assert allocator(base, None, False) is None
+  assert allocator({**base, 'JAXNMT_ALLOCATOR': 'system'}, '/lib/libtcmalloc.so.4', True) is None
+  assert allocator({**base, 'LD_PRELOAD': '/x/libjemalloc.so.2'}, '/lib/t.so', True) is None
+  assert allocator({**base, '_JAXNMT_ALLOCATOR_DONE': '1'}, '/lib/t.so', True) is None
+  # An explicit library: preloaded if it exists, a clear error if it does not.
+  library = tmp_path / 'libfast.so'
+  library.write_bytes(b'')
+  env = allocator({**base, 'JAXNMT_ALLOCATOR': str(library)}, None, True)
+  assert env['LD_PRELOAD'] == str(library)
+  with pytest.raises(FileNotFoundError, match='JAXNMT_ALLOCATOR=/no/such.so'):
+    allocator({**base, 'JAXNMT_ALLOCATOR': '/no/such.so'}, None, True)
+
+
+def _main(args, **env):
+  environment = {k: v for k, v in os.environ.items()
+                 if k not in ('_JAXNMT_ALLOCATOR_DONE', 'JAXNMT_ALLOCATOR')}
+  environment.update(env)
+  return subprocess.run([sys.executable, '-m', 'jaxnmt.main', *args], cwd=ROOT,
+                        env=environment, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='LD_PRELOAD / glibc tunables are Linux')
+def test_main_restarts_itself_once_with_the_allocator(tmp_path):
+  if host_runtime.find_tcmalloc() is None and not host_runtime._glibc_has_hugepage_tunable():
+    pytest.skip('neither tcmalloc nor glibc >= 2.35 here')
+  workdir = tmp_path / 'empty'
+  workdir.mkdir()
+  result = _main(['--mode=curves', f'--workdir={workdir}'])
+  # The restarted process kept its arguments (the error names the workdir) ...
+  assert result.returncode == 1 and f'error: {workdir} holds no metrics' in result.stderr
+  # ... and runs with tcmalloc or glibc's huge pages, said once.
+  lines = [line for line in result.stderr.splitlines() if 'Host allocator:' in line]
+  assert len(lines) == 1
+  assert 'tcmalloc' in lines[0] or 'glibc.malloc.hugetlb=1' in lines[0], lines[0]
+  assert host_runtime.CPU_LIBRARY_FUSIONS in lines[0]
+  plain = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR='system')
+  assert 'Host allocator: glibc malloc;' in plain.stderr
+
+
+_LOSSES = r'''
+import json, os, sys
+import jax, jax.numpy as jnp, numpy as np
+from jaxnmt import optim, train
+from tests.tiny_config import tiny_config
+config = tiny_config('')
+config.model.d_model, config.model.d_ff, config.model.num_heads = 64, 128, 4
+config.model.num_encoder_layers = config.model.num_decoder_layers = 2
+config.data.batch_size = 8
+mesh, rules = train.plan_mesh(config)
+model_cfg = train.model_config(config, 400)
+tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+graphdef, state, rest, shardings = train.create_train_state(model_cfg, tx, 0, mesh, rules)
+step_fn, _ = train.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+rng = np.random.default_rng(0)
+shape = (8, 24)
+segments = np.repeat(np.arange(1, 4), 8)[None].repeat(8, 0).astype(np.int32)
+segments[:, -3:] = 0
+positions = (np.arange(24) % 8)[None].repeat(8, 0).astype(np.int32) * (segments > 0)
+tokens = rng.integers(4, 400, shape).astype(np.int32) * (segments > 0)
+batch = {'inputs': tokens, 'inputs_segment_ids': segments, 'inputs_positions': positions,
+         'decoder_inputs': np.roll(tokens, 1, 1), 'targets': tokens,
+         'targets_segment_ids': segments, 'targets_positions': positions}
+losses = []
+for _ in range(5):
+  state, metrics = step_fn(state, rest, batch)
+  metrics = jax.device_get(metrics)
+  losses.append(float(metrics['loss'] / metrics['tokens']))
+  losses.append(float(metrics['grad_norm']))
+print('LOSSES ' + json.dumps(losses))
+'''
+
+
+def _losses(xla_flags: str) -> list[float]:
+  env = {**os.environ, 'XLA_FLAGS': xla_flags, 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-c', _LOSSES], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('LOSSES ')][0]
+  return json.loads(line[len('LOSSES '):])
+
+
+def test_library_fusions_train_like_xla_default():
+  """Guards the fusions against a jaxlib that miscompiles them: five steps of losses and
+  gradient norms with XLA's default CPU fusions and with ours agree."""
+  flags = host_runtime.cpu_xla_flags('')
+  if host_runtime.YNN_FLAG not in flags:
+    pytest.skip('this jaxlib gets no library fusions')
+  default = _losses(f'{host_runtime.YNN_FLAG}=individual_dot')
+  ours = _losses(flags)
+  assert default[0] > 5.0  # a real, untrained loss
+  assert ours == pytest.approx(default, rel=1e-4)

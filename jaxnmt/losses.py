@@ -15,8 +15,14 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   log-likelihood), `correct` (argmax hits) and `tokens` (the weight sum).
   """
   vocab = logits.shape[-1]
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logits = logits.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
   target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  # A hit is a target scored at the row's maximum: one max-reduction, where argmax's
+  # (value, index) reduction cost ~4% of a CPU training step. Exact ties (measure
+  # zero for float logits) count as hits.
+  values = jax.lax.stop_gradient(logits)
+  hits = jnp.take_along_axis(values, targets[..., None], axis=-1)[..., 0] >= values.max(-1)
   confidence = 1.0 - label_smoothing
   low = label_smoothing / (vocab - 1)
   smoothed = -(confidence * target_log_probs
@@ -28,6 +34,6 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   return {
       'loss': ((smoothed - normalizer) * weights).sum(),
       'nll': (-target_log_probs * weights).sum(),
-      'correct': ((logits.argmax(-1) == targets) * weights).sum(),
+      'correct': (hits * weights).sum(),
       'tokens': weights.sum(),
   }

@@ -119,6 +119,13 @@ def test_loss_ignores_padding_and_smooths():
   np.testing.assert_allclose(sums['nll'], expected, rtol=1e-5)
   np.testing.assert_allclose(sums['loss'], expected, rtol=1e-5)
   assert float(sums['tokens']) == 5
+  # Hits: real positions whose target has the highest logit.
+  hits = sum(int(weights[b, t]) * int(logits[b, t].argmax() == targets[b, t])
+             for b in range(2) for t in range(3))
+  assert float(sums['correct']) == hits
+  onehot = jax.nn.one_hot(targets, 10)
+  assert float(losses.cross_entropy_sums(logits + 20 * onehot, targets, weights)['correct']) == 5
+  assert float(losses.cross_entropy_sums(logits - 20 * onehot, targets, weights)['correct']) == 0
   # Changing the logits of the padded position changes nothing.
   padded_changed = logits.at[1, 2].set(100.0)
   assert float(losses.cross_entropy_sums(padded_changed, targets, weights)['nll']) == float(sums['nll'])

@@ -195,6 +195,13 @@ def encode_pair(pair: Pair, tokenizer: tokenizer_lib.Tokenizer, max_source_lengt
   }
 
 
+# The map steps run inline in the one prefetch thread at the end of each pipeline.
+# Grain's default (16 reader threads, 500 futures in flight) polled every pending future
+# on each element: 75% of the pipeline's time on a 2-core CPU, in bursts that stalled
+# one training step in four (BUILD_NOTES.md, "Speed").
+_INLINE = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
 def make_train_dataset(pairs: Sequence[Pair], tokenizer: tokenizer_lib.Tokenizer, *,
                        batch_size: int, max_source_length: int, max_target_length: int,
                        num_packing_bins: int, seed: int, process_index: int = 0,
@@ -214,13 +221,13 @@ def make_train_dataset(pairs: Sequence[Pair], tokenizer: tokenizer_lib.Tokenizer
                                             max_target_length)))
   rows = batch_size // process_count
   if not packing:
-    batches = examples.to_iter_dataset().batch(
+    batches = examples.to_iter_dataset(_INLINE).batch(
         rows, drop_remainder=True,
         batch_fn=lambda chunk: pad_examples(chunk, rows, max_source_length,
                                             max_target_length))
     return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
   packed = grain.experimental.BestFitPackIterDataset(
-      examples.to_iter_dataset(),
+      examples.to_iter_dataset(_INLINE),
       length_struct={'inputs': max_source_length, 'decoder_inputs': max_target_length,
                      'targets': max_target_length},
       num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=True)
@@ -339,5 +346,5 @@ def make_lm_dataset(ids: np.ndarray, *, batch_size: int, block_length: int, seed
             .map_with_index(lambda i, position: block(
                 (i // per_process) * num_blocks + position)))
   batches = blocks.batch(batch_size // process_count, drop_remainder=True).map(lm_batch)
-  return grain.experimental.ThreadPrefetchIterDataset(batches.to_iter_dataset(),
+  return grain.experimental.ThreadPrefetchIterDataset(batches.to_iter_dataset(_INLINE),
                                                       prefetch_buffer_size=4)

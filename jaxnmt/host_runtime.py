@@ -3,25 +3,28 @@
 Two settings decide much of a CPU step's time (measured in BUILD_NOTES.md, "Speed"):
 
 * **XLA:CPU library fusions.** By default XLA hands only matrix multiplies to YNNPACK
-  and emits the elementwise and reduction loops itself; those loops ran mostly on one
-  core of two. `cpu_xla_flags` adds `--xla_cpu_experimental_ynn_fusion_type=
-  individual_dot,eltwise,reduce`, which lets YNNPACK run them across the cores. It is
+  and emits the elementwise and reduction loops itself; in a profile of a tiny-model
+  step those loops (transposed copies into which XLA had fused long recomputed
+  chains) took a third of the threads' time. `cpu_xla_flags` adds
+  `--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce`, which hands
+  them to YNNPACK as well (tiny steps 1.4x faster on a 2-core CPU). It is
   applied for the jaxlib minor versions it was measured with (losses agree to 1e-5
   over 30 steps; `tests/test_host_runtime.py` checks each install), and never over a
   value the user put in XLA_FLAGS.
 * **The allocator.** XLA allocates each step's temporaries anew; glibc serves large
-  blocks with fresh `mmap`s, so every step page-faults its working set in again (32,000
-  faults for one 131 MB buffer). `reexec_with_allocator` restarts the process once,
-  before anything is imported, with tcmalloc preloaded if the system has it, else with
-  glibc's transparent-huge-page tunable (512x fewer faults). `JAXNMT_ALLOCATOR=system`
-  turns this off; a path to a malloc library preloads that library instead.
+  blocks with fresh `mmap`s, so every step page-faults its working set in again
+  (190,000 faults per tiny-model step). `reexec_with_allocator` restarts the process
+  once, before anything is imported, with tcmalloc preloaded when the system has it
+  (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), which keeps and reuses that
+  memory. `JAXNMT_ALLOCATOR=system` turns this off; a path to a malloc library preloads
+  that library instead. (glibc's own transparent-huge-page tunable cut the faults too,
+  but stalled one step in five for ~0.8 s while the kernel compacted memory.)
 
 Nothing here imports JAX, so the launcher and tests can call it first.
 """
 
 import importlib.metadata
 import os
-import platform
 import sys
 
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
@@ -34,7 +37,6 @@ _DONE_ENV = '_JAXNMT_ALLOCATOR_DONE'
 _TCMALLOC_NAMES = ('libtcmalloc_minimal.so.4', 'libtcmalloc.so.4')
 _LIBRARY_DIRS = ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64',
                  '/usr/lib', '/usr/local/lib', '/lib/x86_64-linux-gnu', '/lib64')
-_HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 
 
 def _jaxlib_version() -> str:
@@ -58,14 +60,6 @@ def apply_cpu_xla_flags() -> None:
   os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''))
 
 
-def _glibc_has_hugepage_tunable() -> bool:
-  name, version = platform.libc_ver()
-  if name != 'glibc':
-    return False
-  major, minor = (int(part) for part in version.split('.')[:2])
-  return (major, minor) >= (2, 35)
-
-
 def find_tcmalloc(directories=_LIBRARY_DIRS) -> str | None:
   for directory in directories:
     for name in _TCMALLOC_NAMES:
@@ -75,8 +69,7 @@ def find_tcmalloc(directories=_LIBRARY_DIRS) -> str | None:
   return None
 
 
-def allocator_environment(environ: dict, tcmalloc: str | None,
-                          hugepage_tunable: bool) -> dict | None:
+def allocator_environment(environ: dict, tcmalloc: str | None) -> dict | None:
   """The environment to restart with for a faster allocator, or None to go on as is."""
   choice = environ.get(ALLOCATOR_ENV, 'auto')
   if environ.get(_DONE_ENV) or choice == 'system' or sys.platform != 'linux':
@@ -84,27 +77,22 @@ def allocator_environment(environ: dict, tcmalloc: str | None,
   preload = environ.get('LD_PRELOAD', '')
   if any(name in preload for name in ('tcmalloc', 'jemalloc', 'mimalloc')):
     return None  # the user chose an allocator already
-  changes = {}
   if choice != 'auto':
     if not os.path.exists(choice):
       raise FileNotFoundError(f'{ALLOCATOR_ENV}={choice}: no such library (use auto, system '
                               'or the path of a malloc library such as libtcmalloc.so.4)')
-    changes['LD_PRELOAD'] = f'{choice} {preload}'.strip()
+    library = choice
   elif tcmalloc:
-    changes['LD_PRELOAD'] = f'{tcmalloc} {preload}'.strip()
-  elif hugepage_tunable and 'glibc.malloc.hugetlb' not in environ.get('GLIBC_TUNABLES', ''):
-    tunables = environ.get('GLIBC_TUNABLES', '')
-    changes['GLIBC_TUNABLES'] = f'{tunables}:{_HUGEPAGE_TUNABLE}' if tunables else _HUGEPAGE_TUNABLE
-  if not changes:
+    library = tcmalloc
+  else:
     return None
-  return {**environ, **changes, _DONE_ENV: '1'}
+  return {**environ, 'LD_PRELOAD': f'{library} {preload}'.strip(), _DONE_ENV: '1'}
 
 
 def reexec_with_allocator() -> None:
   """Restarts this command once with a faster allocator (see the module docstring).
   Call first thing in a `__main__`; returns only when nothing needs to change."""
-  environment = allocator_environment(dict(os.environ), find_tcmalloc(),
-                                      _glibc_has_hugepage_tunable())
+  environment = allocator_environment(dict(os.environ), find_tcmalloc())
   if environment is None:
     return
   sys.stdout.flush()
@@ -127,7 +115,5 @@ def describe_allocator() -> str:
     if name in loaded:
       paths = sorted({line.split()[-1] for line in loaded.splitlines() if name in line})
       return f'{name} ({paths[0]})'
-  if 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', ''):
-    return 'glibc malloc, transparent huge pages (glibc.malloc.hugetlb=1)'
-  return 'glibc malloc'
-
+  preload = os.environ.get('LD_PRELOAD')
+  return f'glibc malloc (LD_PRELOAD={preload})' if preload else 'glibc malloc'

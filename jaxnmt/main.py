@@ -141,8 +141,11 @@ def main(argv) -> None:
                  distributed.DistributedError, generate.GenerateError)
   from jaxnmt import host_runtime
   host_runtime.apply_cpu_xla_flags()
-  logging.info('Host allocator: %s; XLA_FLAGS=%r', host_runtime.describe_allocator(),
-               os.environ.get('XLA_FLAGS', ''))
+  allocator = host_runtime.describe_allocator()
+  if allocator == 'glibc malloc' and os.environ.get(host_runtime.ALLOCATOR_ENV) != 'system':
+    allocator += (' (CPU training steps run ~1.2x faster with tcmalloc: apt install '
+                  'libtcmalloc-minimal4)')
+  logging.info('Host allocator: %s; XLA_FLAGS=%r', allocator, os.environ.get('XLA_FLAGS', ''))
   try:
     _run()
   except user_errors as error:  # known problems: one line, no traceback
@@ -151,5 +154,8 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   from jaxnmt import host_runtime  # pylint: disable=g-import-not-at-top
-  host_runtime.reexec_with_allocator()  # first: may restart this command once
+  try:
+    host_runtime.reexec_with_allocator()  # first: may restart this command once
+  except FileNotFoundError as error:
+    sys.exit(f'error: {error}')
   app.run(main)

@@ -1,5 +1,6 @@
 """Host runtime settings: the XLA:CPU library fusions and the allocator restart."""
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -27,52 +28,56 @@ def test_allocator_environment_choices(tmp_path):
   allocator = host_runtime.allocator_environment
   base = {'PATH': '/usr/bin'}
   # tcmalloc found: preloaded, ahead of what the user preloads, and marked done.
-  env = allocator({**base, 'LD_PRELOAD': 'libmine.so'}, '/lib/libtcmalloc.so.4', True)
+  env = allocator({**base, 'LD_PRELOAD': 'libmine.so'}, '/lib/libtcmalloc.so.4')
   assert env['LD_PRELOAD'] == '/lib/libtcmalloc.so.4 libmine.so'
   assert env['PATH'] == '/usr/bin' and env['_JAXNMT_ALLOCATOR_DONE'] == '1'
-  # No tcmalloc: glibc's huge-page tunable, appended to the user's tunables.
-  env = allocator({**base, 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, None, True)
-  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
-  assert 'LD_PRELOAD' not in env
-  # Nothing to change: an old glibc, the opt-out, an allocator the user preloaded, or a
+  # Nothing to change: no tcmalloc, the opt-out, an allocator the user preloaded, or a
   # process that already restarted.
-  assert allocator(base, None, False) is None
-  assert allocator({**base, 'JAXNMT_ALLOCATOR': 'system'}, '/lib/libtcmalloc.so.4', True) is None
-  assert allocator({**base, 'LD_PRELOAD': '/x/libjemalloc.so.2'}, '/lib/t.so', True) is None
-  assert allocator({**base, '_JAXNMT_ALLOCATOR_DONE': '1'}, '/lib/t.so', True) is None
+  assert allocator(base, None) is None
+  assert allocator({**base, 'JAXNMT_ALLOCATOR': 'system'}, '/lib/libtcmalloc.so.4') is None
+  assert allocator({**base, 'LD_PRELOAD': '/x/libjemalloc.so.2'}, '/lib/t.so') is None
+  assert allocator({**base, '_JAXNMT_ALLOCATOR_DONE': '1'}, '/lib/t.so') is None
   # An explicit library: preloaded if it exists, a clear error if it does not.
   library = tmp_path / 'libfast.so'
   library.write_bytes(b'')
-  env = allocator({**base, 'JAXNMT_ALLOCATOR': str(library)}, None, True)
+  env = allocator({**base, 'JAXNMT_ALLOCATOR': str(library)}, None)
   assert env['LD_PRELOAD'] == str(library)
   with pytest.raises(FileNotFoundError, match='JAXNMT_ALLOCATOR=/no/such.so'):
-    allocator({**base, 'JAXNMT_ALLOCATOR': '/no/such.so'}, None, True)
+    allocator({**base, 'JAXNMT_ALLOCATOR': '/no/such.so'}, None)
 
 
 def _main(args, **env):
   environment = {k: v for k, v in os.environ.items()
-                 if k not in ('_JAXNMT_ALLOCATOR_DONE', 'JAXNMT_ALLOCATOR')}
+                 if k not in ('_JAXNMT_ALLOCATOR_DONE', 'JAXNMT_ALLOCATOR', 'LD_PRELOAD')}
   environment.update(env)
   return subprocess.run([sys.executable, '-m', 'jaxnmt.main', *args], cwd=ROOT,
                         env=environment, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(sys.platform != 'linux', reason='LD_PRELOAD / glibc tunables are Linux')
+@pytest.mark.skipif(sys.platform != 'linux', reason='LD_PRELOAD is Linux')
 def test_main_restarts_itself_once_with_the_allocator(tmp_path):
-  if host_runtime.find_tcmalloc() is None and not host_runtime._glibc_has_hugepage_tunable():
-    pytest.skip('neither tcmalloc nor glibc >= 2.35 here')
+  # A library every Linux has stands in for tcmalloc: the restart is what is tested.
+  libc = ctypes.util.find_library('c')
+  library = next((path for directory in ('/lib/x86_64-linux-gnu', '/lib/aarch64-linux-gnu',
+                                         '/lib64', '/usr/lib64', '/lib')
+                  if os.path.exists(path := os.path.join(directory, libc or 'libc.so.6'))),
+                 None)
+  if library is None:
+    pytest.skip('no libc.so.6 found to preload')
   workdir = tmp_path / 'empty'
   workdir.mkdir()
-  result = _main(['--mode=curves', f'--workdir={workdir}'])
+  result = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR=library)
   # The restarted process kept its arguments (the error names the workdir) ...
   assert result.returncode == 1 and f'error: {workdir} holds no metrics' in result.stderr
-  # ... and runs with tcmalloc or glibc's huge pages, said once.
+  # ... and runs with the library preloaded, said once, with the library fusions on.
   lines = [line for line in result.stderr.splitlines() if 'Host allocator:' in line]
-  assert len(lines) == 1
-  assert 'tcmalloc' in lines[0] or 'glibc.malloc.hugetlb=1' in lines[0], lines[0]
+  assert len(lines) == 1 and f'LD_PRELOAD={library}' in lines[0], lines
   assert host_runtime.CPU_LIBRARY_FUSIONS in lines[0]
   plain = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR='system')
   assert 'Host allocator: glibc malloc;' in plain.stderr
+  missing = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR='/no/lib.so')
+  assert missing.returncode == 1 and 'Traceback' not in missing.stderr
+  assert 'error: JAXNMT_ALLOCATOR=/no/lib.so: no such library' in missing.stderr
 
 
 _LOSSES = r'''

@@ -135,5 +135,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  host_runtime.reexec_with_allocator()
+  host_runtime.choose_allocator()
   app.run(main)

@@ -11,18 +11,25 @@ Two settings decide much of a CPU step's time (measured in BUILD_NOTES.md, "Spee
   applied for the jaxlib minor versions it was measured with (losses agree to 1e-5
   over 30 steps; `tests/test_host_runtime.py` checks each install), and never over a
   value the user put in XLA_FLAGS.
-* **The allocator.** XLA allocates each step's temporaries anew; glibc serves large
-  blocks with fresh `mmap`s, so every step page-faults its working set in again
-  (190,000 faults per tiny-model step). `reexec_with_allocator` restarts the process
-  once, before anything is imported, with tcmalloc preloaded when the system has it
-  (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), which keeps and reuses that
-  memory. `JAXNMT_ALLOCATOR=system` turns this off; a path to a malloc library preloads
-  that library instead. (glibc's own transparent-huge-page tunable cut the faults too,
-  but stalled one step in five for ~0.8 s while the kernel compacted memory.)
+* **The allocator.** XLA allocates each step's temporaries anew; glibc's defaults serve
+  large blocks with fresh `mmap`s and give them back on `free`, so every step
+  page-faults its working set in again (190,000 faults per tiny-model step).
+  `choose_allocator` (called first thing by `python -m jaxnmt.main`) restarts the
+  process once with tcmalloc preloaded when the system has it (Debian/Ubuntu:
+  `apt install libtcmalloc-minimal4`), which keeps and reuses that memory.
+  `JAXNMT_ALLOCATOR` chooses: `auto` (the default: tcmalloc if found, else glibc as
+  it is), `system` (glibc as it is), the path of a malloc library to preload, or
+  `glibc`: glibc tuned in place with `mallopt` (`tune_glibc_malloc`: one arena, no
+  `mmap` for large blocks, no trimming). Tuned glibc runs tiny-model steps as fast as
+  tcmalloc but fragments: its resident set grew to 1.9x glibc's on the tiny model and
+  2.5x (15 GiB) on the base model, so it is a choice, not the default. (glibc's
+  transparent-huge-page tunable cut the faults too, but stalled one step in five for
+  ~0.8 s while the kernel compacted memory.)
 
 Nothing here imports JAX, so the launcher and tests can call it first.
 """
 
+import ctypes
 import importlib.metadata
 import os
 import sys
@@ -34,6 +41,7 @@ TESTED_JAXLIB = ('0.10.',)
 
 ALLOCATOR_ENV = 'JAXNMT_ALLOCATOR'
 _DONE_ENV = '_JAXNMT_ALLOCATOR_DONE'
+_ALLOCATOR_NAMES = ('tcmalloc', 'jemalloc', 'mimalloc')
 _TCMALLOC_NAMES = ('libtcmalloc_minimal.so.4', 'libtcmalloc.so.4')
 _LIBRARY_DIRS = ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64',
                  '/usr/lib', '/usr/local/lib', '/lib/x86_64-linux-gnu', '/lib64')
@@ -69,18 +77,23 @@ def find_tcmalloc(directories=_LIBRARY_DIRS) -> str | None:
   return None
 
 
+def _allocator_preloaded(environ) -> bool:
+  return any(name in environ.get('LD_PRELOAD', '') for name in _ALLOCATOR_NAMES)
+
+
 def allocator_environment(environ: dict, tcmalloc: str | None) -> dict | None:
   """The environment to restart with for a faster allocator, or None to go on as is."""
   choice = environ.get(ALLOCATOR_ENV, 'auto')
-  if environ.get(_DONE_ENV) or choice == 'system' or sys.platform != 'linux':
+  if environ.get(_DONE_ENV) or choice in ('system', 'glibc') or sys.platform != 'linux':
     return None
   preload = environ.get('LD_PRELOAD', '')
-  if any(name in preload for name in ('tcmalloc', 'jemalloc', 'mimalloc')):
+  if _allocator_preloaded(environ):
     return None  # the user chose an allocator already
   if choice != 'auto':
     if not os.path.exists(choice):
-      raise FileNotFoundError(f'{ALLOCATOR_ENV}={choice}: no such library (use auto, system '
-                              'or the path of a malloc library such as libtcmalloc.so.4)')
+      raise FileNotFoundError(f'{ALLOCATOR_ENV}={choice}: no such library (use auto, glibc, '
+                              'system or the path of a malloc library such as '
+                              'libtcmalloc.so.4)')
     library = choice
   elif tcmalloc:
     library = tcmalloc
@@ -103,6 +116,37 @@ def reexec_with_allocator() -> None:
     os.environ[_DONE_ENV] = '1'  # could not restart: go on with the system allocator
 
 
+# mallopt parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+_glibc_tuned = False
+
+
+def tune_glibc_malloc() -> bool:
+  """Makes glibc keep and reuse freed memory: one arena (other threads' arenas would
+  `mmap` large blocks whatever the settings), no `mmap` for large blocks, no trimming
+  of the heap (-1: never; any positive threshold is at most 2 GiB, and a base-model
+  step frees more than that at once), and the heap grown 64 MiB at a time. Call before other threads start.
+  Returns whether glibc took the settings (False on other C libraries)."""
+  global _glibc_tuned
+  if sys.platform != 'linux' or not (os.confstr('CS_GNU_LIBC_VERSION') or '').startswith('glibc'):
+    return False
+  mallopt = ctypes.CDLL(None).mallopt
+  mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
+              (_M_TOP_PAD, 64 << 20))
+  _glibc_tuned = all([mallopt(parameter, value) == 1 for parameter, value in settings])
+  return _glibc_tuned
+
+
+def choose_allocator() -> None:
+  """The allocator choice of `JAXNMT_ALLOCATOR` (see the module docstring): restarts
+  once with tcmalloc or the given library, or tunes glibc in place. Call first thing in
+  a `__main__`, before other threads start."""
+  reexec_with_allocator()  # returns only when this process goes on as it is
+  if (os.environ.get(ALLOCATOR_ENV) == 'glibc' and not _allocator_preloaded(os.environ)):
+    tune_glibc_malloc()
+
+
 def describe_allocator() -> str:
   """How this process allocates host memory, for logs and bench.json."""
   loaded = ''
@@ -111,9 +155,11 @@ def describe_allocator() -> str:
       loaded = maps.read()
   except OSError:
     pass
-  for name in ('tcmalloc', 'jemalloc', 'mimalloc'):
+  for name in _ALLOCATOR_NAMES:
     if name in loaded:
       paths = sorted({line.split()[-1] for line in loaded.splitlines() if name in line})
       return f'{name} ({paths[0]})'
   preload = os.environ.get('LD_PRELOAD')
-  return f'glibc malloc (LD_PRELOAD={preload})' if preload else 'glibc malloc'
+  name = ('glibc malloc (tuned: one arena, no mmap, no trim)' if _glibc_tuned
+          else 'glibc malloc')
+  return f'{name} (LD_PRELOAD={preload})' if preload else name

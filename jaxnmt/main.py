@@ -143,8 +143,8 @@ def main(argv) -> None:
   host_runtime.apply_cpu_xla_flags()
   allocator = host_runtime.describe_allocator()
   if allocator == 'glibc malloc' and os.environ.get(host_runtime.ALLOCATOR_ENV) != 'system':
-    allocator += (' (CPU training steps run ~1.2x faster with tcmalloc: apt install '
-                  'libtcmalloc-minimal4)')
+    allocator += (' (CPU training steps run 1.2-1.4x faster with tcmalloc: apt install '
+                  'libtcmalloc-minimal4; or JAXNMT_ALLOCATOR=glibc, which uses more memory)')
   logging.info('Host allocator: %s; XLA_FLAGS=%r', allocator, os.environ.get('XLA_FLAGS', ''))
   try:
     _run()
@@ -155,7 +155,7 @@ def main(argv) -> None:
 if __name__ == '__main__':
   from jaxnmt import host_runtime  # pylint: disable=g-import-not-at-top
   try:
-    host_runtime.reexec_with_allocator()  # first: may restart this command once
+    host_runtime.choose_allocator()  # first: may restart this command once
   except FileNotFoundError as error:
     sys.exit(f'error: {error}')
   app.run(main)

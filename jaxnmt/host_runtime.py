@@ -22,7 +22,7 @@ Two settings decide much of a CPU step's time (measured in BUILD_NOTES.md, "Spee
   `glibc`: glibc tuned in place with `mallopt` (`tune_glibc_malloc`: one arena, no
   `mmap` for large blocks, no trimming). Tuned glibc runs tiny-model steps as fast as
   tcmalloc but fragments: its resident set grew to 1.9x glibc's on the tiny model and
-  2.5x (15 GiB) on the base model, so it is a choice, not the default. (glibc's
+  2.5x (14 GiB) on the base model, so it is a choice, not the default. (glibc's
   transparent-huge-page tunable cut the faults too, but stalled one step in five for
   ~0.8 s while the kernel compacted memory.)
 

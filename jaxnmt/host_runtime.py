@@ -125,8 +125,9 @@ def tune_glibc_malloc() -> bool:
   """Makes glibc keep and reuse freed memory: one arena (other threads' arenas would
   `mmap` large blocks whatever the settings), no `mmap` for large blocks, no trimming
   of the heap (-1: never; any positive threshold is at most 2 GiB, and a base-model
-  step frees more than that at once), and the heap grown 64 MiB at a time. Call before other threads start.
-  Returns whether glibc took the settings (False on other C libraries)."""
+  step frees more than that at once), and the heap grown 64 MiB at a time. Call
+  before other threads start. Returns whether glibc took the settings (False on other
+  C libraries)."""
   global _glibc_tuned
   if sys.platform != 'linux' or not (os.confstr('CS_GNU_LIBC_VERSION') or '').startswith('glibc'):
     return False
@@ -143,7 +144,7 @@ def choose_allocator() -> None:
   once with tcmalloc or the given library, or tunes glibc in place. Call first thing in
   a `__main__`, before other threads start."""
   reexec_with_allocator()  # returns only when this process goes on as it is
-  if (os.environ.get(ALLOCATOR_ENV) == 'glibc' and not _allocator_preloaded(os.environ)):
+  if os.environ.get(ALLOCATOR_ENV) == 'glibc' and not _allocator_preloaded(os.environ):
     tune_glibc_malloc()
 
 

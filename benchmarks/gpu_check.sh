@@ -12,7 +12,8 @@
 # summary.txt (time to BLEU 35). Budgets (seconds) are env knobs: BIG_S, BASE_S, WAIT_S
 # (for the eval worker to score the last checkpoint). On the device tool: run with
 # carry ['.gpu'] and timeout_s=600.
-# GPU_CHECK_QUICK=1 runs the same plumbing on a CPU with the tiny config in ~5 minutes.
+# GPU_CHECK_QUICK=1 runs the same plumbing on a CPU with the tiny config (3.5 minutes
+# on a 2-core VM).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

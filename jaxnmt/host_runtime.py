@@ -121,6 +121,12 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _glibc_tuned = False
 
 
+def is_glibc() -> bool:
+  """Whether this process runs on GNU libc (the C library `tune_glibc_malloc` tunes)."""
+  return (sys.platform == 'linux'
+          and (os.confstr('CS_GNU_LIBC_VERSION') or '').startswith('glibc'))
+
+
 def tune_glibc_malloc() -> bool:
   """Makes glibc keep and reuse freed memory: one arena (other threads' arenas would
   `mmap` large blocks whatever the settings), no `mmap` for large blocks, no trimming
@@ -129,7 +135,7 @@ def tune_glibc_malloc() -> bool:
   before other threads start. Returns whether glibc took the settings (False on other
   C libraries)."""
   global _glibc_tuned
-  if sys.platform != 'linux' or not (os.confstr('CS_GNU_LIBC_VERSION') or '').startswith('glibc'):
+  if not is_glibc():
     return False
   mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -105,9 +105,7 @@ print(sum(faults[1:]))
 '''
 
 
-@pytest.mark.skipif(sys.platform != 'linux' or
-                    not (os.confstr('CS_GNU_LIBC_VERSION') or '').startswith('glibc'),
-                    reason='glibc only')
+@pytest.mark.skipif(not host_runtime.is_glibc(), reason='glibc only')
 def test_tuned_glibc_reuses_freed_memory():
   """glibc's defaults map a large block anew on each allocation (a page fault per 4 KiB
   touched); tuned, the second and later allocations reuse memory already faulted in."""

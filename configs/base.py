@@ -162,6 +162,9 @@ def get_config():
   # Split each batch into this many micro-batches whose gradients are summed before one
   # update (same update, less activation memory); batch_size must divide by it.
   config.optim.grad_accum_steps = 1
+  # Output layer and loss fused, in this many slices of the target length: the
+  # [batch, length, vocab] logits are never held whole (0 = the plain output layer).
+  config.optim.loss_chunks = 0
 
   # ---------------------------------------------------------------- decoding
   config.decode = ml_collections.ConfigDict()

@@ -47,6 +47,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'model.d_ff'):
     _positive_int(config, field)
   _positive_int(config, 'optim.grad_accum_steps')
+  _positive_int(config, 'optim.loss_chunks', allow_zero=True)
+  _require(config.optim.loss_chunks <= config.data.max_target_length, 'optim.loss_chunks',
+           f'{config.optim.loss_chunks} slices of data.max_target_length='
+           f'{config.data.max_target_length} tokens leave some empty')
   _positive_int(config, 'data.prefetch_to_device', allow_zero=True)
   _fraction(config, 'data.device_memory_gb', 0.0, float('inf'))
   _require(config.data.batch_size % config.optim.grad_accum_steps == 0,

@@ -201,17 +201,29 @@ class Transformer(nnx.Module):
       hidden = run(layer, hidden, mask)
     return self.encoder_norm(hidden) if self.config.pre_layer_norm else hidden
 
-  def logits(self, hidden):
-    """hidden: [B, T, D] -> float32 logits [B, T, V]."""
-    if self.config.pre_layer_norm:
-      hidden = self.decoder_norm(hidden)
+  def final_states(self, hidden):
+    """The last decoder layer's output, normalised: what the output layer reads."""
+    return self.decoder_norm(hidden) if self.config.pre_layer_norm else hidden
+
+  def output_weight(self) -> jax.Array:
+    """The output projection as [V, D] (the target embedding when tied)."""
     if self.output_kernel is None:
-      return self.target_embed.attend(hidden)
-    return _project_out(hidden, self.output_kernel)
+      return self.target_embed.embedding[...]
+    return self.output_kernel[...].T
+
+  def logits(self, hidden):
+    """hidden: [B, T, D] (a decoder layer's output) -> float32 logits [B, T, V]."""
+    return _project(self, self.final_states(hidden))
 
   def decode(self, encoded, source_segment_ids, decoder_inputs, target_segment_ids,
              target_positions, *, deterministic: bool = True):
     """Teacher-forced decoder. encoded: [B, S, D]; the rest int32 -> logits [B, T, V]."""
+    return self.logits(self._decoder_stack(encoded, source_segment_ids, decoder_inputs,
+                                           target_segment_ids, target_positions,
+                                           deterministic))
+
+  def _decoder_stack(self, encoded, source_segment_ids, decoder_inputs, target_segment_ids,
+                     target_positions, deterministic):
     hidden = self._embed(self.target_embed, getattr(self, 'target_positions', None),
                          decoder_inputs, target_positions, deterministic)
     self_mask = attention_mask(target_segment_ids, target_segment_ids, causal=True)
@@ -226,15 +238,19 @@ class Transformer(nnx.Module):
     run = _remat(run, self.config.remat)
     for layer in self.decoder_layers:
       hidden = run(layer, hidden, encoded, self_mask, cross_mask)
-    return self.logits(hidden)
+    return hidden
+
+  def features(self, batch: dict, *, deterministic: bool = True):
+    """A (packed) training batch -> the output layer's input [B, T, D]."""
+    encoded = self.encode(batch['inputs'], batch['inputs_segment_ids'],
+                          batch['inputs_positions'], deterministic=deterministic)
+    return self.final_states(self._decoder_stack(
+        encoded, batch['inputs_segment_ids'], batch['decoder_inputs'],
+        batch['targets_segment_ids'], batch['targets_positions'], deterministic))
 
   def __call__(self, batch: dict, *, deterministic: bool = True):
     """A (packed) training batch -> logits [B, T, V]."""
-    encoded = self.encode(batch['inputs'], batch['inputs_segment_ids'],
-                          batch['inputs_positions'], deterministic=deterministic)
-    return self.decode(encoded, batch['inputs_segment_ids'], batch['decoder_inputs'],
-                       batch['targets_segment_ids'], batch['targets_positions'],
-                       deterministic=deterministic)
+    return _project(self, self.features(batch, deterministic=deterministic))
 
   # --------------------------------------------------------------- cached decoding
 
@@ -360,15 +376,26 @@ class DecoderLM(nnx.Module):
           hidden.dtype)
     return self.dropout(hidden, deterministic=deterministic)
 
-  def logits(self, hidden):
-    """hidden: [B, T, D] -> float32 logits [B, T, V]."""
-    hidden = self.final_norm(hidden)
+  def final_states(self, hidden):
+    """The last block's output, normalised: what the output layer reads."""
+    return self.final_norm(hidden)
+
+  def output_weight(self) -> jax.Array:
+    """The output projection as [V, D] (the token embedding when tied)."""
     if self.output_kernel is None:
-      return self.embed.attend(hidden)
-    return _project_out(hidden, self.output_kernel)
+      return self.embed.embedding[...]
+    return self.output_kernel[...].T
+
+  def logits(self, hidden):
+    """hidden: [B, T, D] (a block's output) -> float32 logits [B, T, V]."""
+    return _project(self, self.final_states(hidden))
 
   def __call__(self, batch: dict, *, deterministic: bool = True):
     """A batch -> logits [B, T, V] for its `targets`."""
+    return _project(self, self.features(batch, deterministic=deterministic))
+
+  def features(self, batch: dict, *, deterministic: bool = True):
+    """A batch -> the output layer's input [B, T, D] for its `targets`."""
     positions = batch['targets_positions']
     hidden = self._embed(batch['decoder_inputs'], positions, deterministic)
     segments = batch['targets_segment_ids']
@@ -377,7 +404,7 @@ class DecoderLM(nnx.Module):
         hidden, positions, mask, deterministic=deterministic)[0], self.config.remat)
     for block in self.blocks:
       hidden = run(block, hidden, positions, mask)
-    return self.logits(hidden)
+    return self.final_states(hidden)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
     """Empty key/value slots, in the compute dtype unless `dtype` says otherwise."""
@@ -400,6 +427,14 @@ class DecoderLM(nnx.Module):
                                   cache=block_cache, index=index)
       new_layers.append(block_cache)
     return self.logits(hidden)[:, 0, :], {'layers': new_layers}
+
+
+def _project(model, states) -> jax.Array:
+  """Normalised final states [B, T, D] -> float32 logits [B, T, V]."""
+  if model.output_kernel is None:
+    embed = model.embed if isinstance(model, DecoderLM) else model.target_embed
+    return embed.attend(states)
+  return _project_out(states, model.output_kernel)
 
 
 def _project_out(hidden, kernel) -> jax.Array:

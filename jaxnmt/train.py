@@ -236,7 +236,8 @@ def count_params(params) -> int:
 
 
 def train_step(graphdef, tx, label_smoothing: float, seed: int, accumulate: int,
-               state: dict, rest, batch: dict, rng_impl: str = 'threefry2x32'):
+               state: dict, rest, batch: dict, rng_impl: str = 'threefry2x32',
+               loss_chunks: int = 0):
   """One update. state: {'params', 'opt_state', 'step'}; returns (state, metric sums).
   Dropout draws from fold_in(key(seed), step): a pure function of the state.
 
@@ -244,16 +245,23 @@ def train_step(graphdef, tx, label_smoothing: float, seed: int, accumulate: int,
   j, j + accumulate, ... form micro-batch j, so every device keeps its share) whose
   gradients of the *summed* loss are added up; the total is divided once by the real
   target tokens of the whole batch, so the update equals the one-batch update however
-  the tokens fall into micro-batches."""
+  the tokens fall into micro-batches.
+
+  `loss_chunks` > 0 computes the output layer and the loss fused, in that many slices
+  of the target length (`losses.fused_cross_entropy_sums`); 0 materialises the logits."""
   dropout_key = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), state['step'])
 
   def loss_fn(params, micro_batch, key):
     model = nnx.merge(graphdef, params, rest, copy=True)
     nnx.reseed(model, dropout=key)
-    logits = model(micro_batch, deterministic=False)
-    sums = losses.cross_entropy_sums(logits, micro_batch['targets'],
-                                     micro_batch['targets_segment_ids'] > 0,
-                                     label_smoothing)
+    targets, weights = micro_batch['targets'], micro_batch['targets_segment_ids'] > 0
+    if loss_chunks:
+      sums = losses.fused_cross_entropy_sums(
+          model.features(micro_batch, deterministic=False), model.output_weight(), targets,
+          weights, label_smoothing, loss_chunks, model.config.dtype)
+    else:
+      sums = losses.cross_entropy_sums(model(micro_batch, deterministic=False), targets,
+                                       weights, label_smoothing)
     return sums['loss'], sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -306,7 +314,8 @@ def compile_steps(graphdef, tx, config, mesh, rules, shardings):
   step_fn = jax.jit(
       functools.partial(train_step, graphdef, tx, config.optim.label_smoothing, config.seed,
                         config.optim.grad_accum_steps,
-                        rng_impl=dropout_rng(config.dropout_rng, mesh.size)),
+                        rng_impl=dropout_rng(config.dropout_rng, mesh.size),
+                        loss_chunks=config.optim.loss_chunks),
       in_shardings=(shardings, replicated, batch), out_shardings=(shardings, replicated),
       donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, graphdef),

@@ -136,6 +136,51 @@ def test_loss_ignores_padding_and_smooths():
   assert abs(float(smoothed['loss'])) < 1e-5
 
 
+@pytest.mark.parametrize('chunks', [1, 3, 7])  # 7 and 3 do not divide the length 9
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_fused_loss_matches_the_plain_output_layer(chunks, smoothing):
+  keys = jax.random.split(jax.random.key(1), 5)
+  hidden = jax.random.normal(keys[0], (3, 9, 16))
+  weight = 0.3 * jax.random.normal(keys[1], (50, 16))
+  targets = jax.random.randint(keys[2], (3, 9), 0, 50)
+  weights = jax.random.uniform(keys[3], (3, 9)) > 0.3
+  # Make some hits, so that `correct` is tested beyond 0.
+  hidden = hidden.at[0, :4].set(3 * weight[targets[0, :4]])
+  weights = weights.at[0, :4].set(True)
+
+  def plain(hidden, weight):
+    sums = losses.cross_entropy_sums(jnp.einsum('BTD,VD->BTV', hidden, weight), targets,
+                                     weights, smoothing)
+    return sums['loss'], sums
+
+  def fused(hidden, weight):
+    sums = losses.fused_cross_entropy_sums(hidden, weight, targets, weights, smoothing, chunks)
+    return sums['loss'], sums
+
+  expected_grads, expected = jax.grad(plain, (0, 1), has_aux=True)(hidden, weight)
+  grads, sums = jax.jit(jax.grad(fused, (0, 1), has_aux=True))(hidden, weight)
+  assert float(expected['correct']) >= 4
+  for name, values in ((' under grad', sums), (' alone', jax.jit(fused)(hidden, weight)[1])):
+    for key in ('loss', 'nll', 'correct', 'tokens'):
+      np.testing.assert_allclose(values[key], expected[key], rtol=1e-5, err_msg=key + name)
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_passes_gradients_to_the_loss_only():
+  hidden = jax.random.normal(jax.random.key(0), (2, 4, 8))
+  weight = jax.random.normal(jax.random.key(1), (20, 8))
+  targets, weights = jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4))
+  nll_grad = jax.grad(lambda h: losses.fused_cross_entropy_sums(
+      h, weight, targets, weights, 0.1, 2)['nll'])(hidden)
+  assert not np.any(np.asarray(nll_grad))
+  scaled = jax.grad(lambda h: 3.0 * losses.fused_cross_entropy_sums(
+      h, weight, targets, weights, 0.1, 2)['loss'])(hidden)
+  once = jax.grad(lambda h: losses.fused_cross_entropy_sums(
+      h, weight, targets, weights, 0.1, 2)['loss'])(hidden)
+  np.testing.assert_allclose(scaled, 3.0 * once, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- switches:
 # attention kernel, compute dtype, rematerialisation
 

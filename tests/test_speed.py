@@ -1,6 +1,7 @@
 """The speed features: gradient accumulation, device prefetch, packing, memory fit, the
 FLOPs formula and `--mode=bench`."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -54,6 +55,53 @@ def test_gradient_accumulation_gives_the_one_batch_update(small_corpus, tmp_path
       np.testing.assert_allclose(sums[key], reference_sums[key], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  state['params'], reference['params'])
+
+
+@pytest.mark.parametrize('kind,shared', [('transformer', True), ('transformer', False),
+                                         ('decoder_lm', True)])
+def test_fused_loss_gives_the_plain_update(small_corpus, tmp_path, kind, shared):
+  config = tiny_config(small_corpus)
+  batch = _first_batches(config, str(tmp_path), 1)[0]
+  tx, _ = optim.make_optimizer(config.optim, 100)
+  model_cfg = dataclasses.replace(train.model_config(config, config.tokenizer.vocab_size),
+                                  kind=kind, share_embeddings=shared)
+  graphdef, params, rest = train.create_model(model_cfg, seed=0)
+  results = {}
+  for chunks in (0, 5):  # 5 slices of the 24-token rows: the last one padded
+    state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
+    step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.1, 0, 1,
+                                     loss_chunks=chunks))
+    results[chunks] = jax.device_get(step(state, rest, batch))
+  (state, sums), (reference, reference_sums) = results[5], results[0]
+  for key in ('loss', 'nll', 'correct', 'tokens', 'grad_norm'):
+    np.testing.assert_allclose(sums[key], reference_sums[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               state['params'], reference['params'])
+
+
+def test_fused_loss_never_holds_the_logits(small_corpus):
+  config = tiny_config(small_corpus)
+  mesh, rules = train.plan_mesh(config)
+  # A vocabulary large enough for the logits to dominate the step's temporaries.
+  model_cfg = dataclasses.replace(train.model_config(config, 400), vocab_size=8000)
+  rows_per_device = 8
+  temporaries = {}
+  for chunks in (0, 8):
+    config.optim.loss_chunks = chunks
+    compiled = train.compile_train_step(config, model_cfg, mesh, rules,
+                                        rows_per_device * mesh.size)
+    temporaries[chunks] = compiled.memory_analysis().temp_size_in_bytes
+  logits_bytes = rows_per_device * config.data.max_target_length * 8000 * 4  # per device
+  assert temporaries[8] + 2 * logits_bytes < temporaries[0]
+
+
+def test_loss_chunks_must_fit_the_target_length(small_corpus):
+  from jaxnmt import config_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config(small_corpus)
+  for bad in (-1, 25):
+    config.optim.loss_chunks = bad
+    with pytest.raises(config_lib.ConfigError, match='loss_chunks'):
+      config_lib.validate(config)
 
 
 def test_accumulation_steps_must_divide_the_batch(small_corpus):

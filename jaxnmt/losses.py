@@ -18,6 +18,11 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   prediction of the smoothed distribution scores 0), `nll` (plain negative
   log-likelihood), `correct` (argmax hits) and `tokens` (the weight sum).
   """
+  return _sums_and_log_probs(logits, targets, weights, label_smoothing)[0]
+
+
+def _sums_and_log_probs(logits, targets, weights, label_smoothing):
+  """(`cross_entropy_sums`, the float32 log-softmax it was computed from)."""
   vocab = logits.shape[-1]
   logits = logits.astype(jnp.float32)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -36,7 +41,7 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
       'nll': (-target_log_probs * weights).sum(),
       'correct': (hits * weights).sum(),
       'tokens': weights.sum(),
-  }
+  }, log_probs
 
 
 # ------------------------------------------------------------ fused output layer + loss
@@ -69,25 +74,17 @@ def _pad_length(chunks: int, *arrays):
 
 
 def _chunk_sums(hidden, weight, targets, weights, label_smoothing, dtype, with_grads):
-  """Loss sums of one chunk (and, `with_grads`, the gradients of the loss sum with
-  respect to the chunk's hidden states and the [D, V] transposed output weight)."""
-  vocab = weight.shape[0]
-  confidence, low, normalizer = _smoothing(vocab, label_smoothing)
+  """(loss, nll, correct) sums of one chunk and, `with_grads`, the gradients of the
+  loss sum for the chunk's hidden states and for the [D, V] transposed output weight."""
   cast_hidden, cast_weight = hidden.astype(dtype), weight.astype(dtype)
   logits = layers.einsum_f32('BTD,VD->BTV', cast_hidden, cast_weight)
-  top = logits.max(-1, keepdims=True)
-  shifted = logits - top
-  log_total = jnp.log(jnp.exp(shifted).sum(-1, keepdims=True))
-  log_probs = shifted - log_total
-  target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  hits = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0] >= 0.0
-  smoothed = -(confidence * target_log_probs
-               + low * (log_probs.sum(-1) - target_log_probs))
-  sums = ((smoothed - normalizer) * weights).sum(), (-target_log_probs * weights).sum(), \
-      (hits * weights).sum()
+  sums, log_probs = _sums_and_log_probs(logits, targets, weights, label_smoothing)
+  sums = sums['loss'], sums['nll'], sums['correct']
   if not with_grads:
     return sums
   # d(smoothed)/d(logits) = softmax - q, q the smoothed one-hot target distribution.
+  vocab = weight.shape[0]
+  confidence, low, _ = _smoothing(vocab, label_smoothing)
   is_target = targets[..., None] == jnp.arange(vocab, dtype=targets.dtype)
   d_logits = (jnp.exp(log_probs) - jnp.where(is_target, confidence, low)) * weights[..., None]
   d_logits = d_logits.astype(dtype)
@@ -99,12 +96,13 @@ def _chunk_sums(hidden, weight, targets, weights, label_smoothing, dtype, with_g
 
 def _fused_sums(hidden, weight, targets, weights, label_smoothing, chunks, dtype,
                 with_grads):
+  rows, length = targets.shape
   hidden, targets, weights = _pad_length(chunks, hidden, targets, weights)
-  length = hidden.shape[1]
 
   def body(carry, inputs):
-    outputs = _chunk_sums(*inputs[:1], weight, *inputs[1:], label_smoothing, dtype,
-                          with_grads)
+    chunk_hidden, chunk_targets, chunk_weights = inputs
+    outputs = _chunk_sums(chunk_hidden, weight, chunk_targets, chunk_weights,
+                          label_smoothing, dtype, with_grads)
     if not with_grads:
       return jax.tree.map(jnp.add, carry, outputs), None
     sums, d_hidden, d_weight_t = outputs
@@ -120,8 +118,8 @@ def _fused_sums(hidden, weight, targets, weights, label_smoothing, chunks, dtype
   if not with_grads:
     return carry
   sums, d_weight_t = carry
-  d_hidden = jnp.moveaxis(d_hidden, 0, 1).reshape(hidden.shape[0], length, -1)
-  return sums, d_hidden, d_weight_t.T
+  d_hidden = jnp.moveaxis(d_hidden, 0, 1).reshape(rows, hidden.shape[1], -1)
+  return sums, d_hidden[:, :length], d_weight_t.T
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -133,7 +131,7 @@ def _fused(hidden, weight, targets, weights, label_smoothing, chunks, dtype):
 def _fused_forward(hidden, weight, targets, weights, label_smoothing, chunks, dtype):
   sums, d_hidden, d_weight = _fused_sums(hidden, weight, targets, weights, label_smoothing,
                                          chunks, dtype, with_grads=True)
-  return sums, (d_hidden[:, :targets.shape[1]], d_weight)
+  return sums, (d_hidden, d_weight)
 
 
 def _fused_backward(label_smoothing, chunks, dtype, residuals, cotangents):

@@ -152,10 +152,35 @@ def _residual(hidden, sublayer, norm, dropout, pre_layer_norm: bool, determinist
   return norm(hidden + dropout(sublayer(hidden), deterministic=deterministic))
 
 
+# ----------------------------------------------------------------------------- output layer
+
+
+class OutputLayer:
+  """The output layer both models share: the target-side embedding (tied) or an
+  untied `output_kernel` [D, V]. A model provides `final_states` (the normalised
+  input of the output layer) and `_output_embed`."""
+
+  def output_weight(self) -> jax.Array:
+    """The output projection as [V, D] (the target-side embedding when tied)."""
+    if self.output_kernel is None:
+      return self._output_embed().embedding[...]
+    return self.output_kernel[...].T
+
+  def project(self, states) -> jax.Array:
+    """Normalised final states [B, T, D] -> float32 logits [B, T, V]."""
+    if self.output_kernel is None:
+      return self._output_embed().attend(states)
+    return _project_out(states, self.output_kernel)
+
+  def logits(self, hidden):
+    """hidden: [B, T, D] (the last layer's output) -> float32 logits [B, T, V]."""
+    return self.project(self.final_states(hidden))
+
+
 # ----------------------------------------------------------------------------- model
 
 
-class Transformer(nnx.Module):
+class Transformer(OutputLayer, nnx.Module):
   """Encoder-decoder. `encode` and `decode` are separate so decoding encodes once."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -205,15 +230,8 @@ class Transformer(nnx.Module):
     """The last decoder layer's output, normalised: what the output layer reads."""
     return self.decoder_norm(hidden) if self.config.pre_layer_norm else hidden
 
-  def output_weight(self) -> jax.Array:
-    """The output projection as [V, D] (the target embedding when tied)."""
-    if self.output_kernel is None:
-      return self.target_embed.embedding[...]
-    return self.output_kernel[...].T
-
-  def logits(self, hidden):
-    """hidden: [B, T, D] (a decoder layer's output) -> float32 logits [B, T, V]."""
-    return _project(self, self.final_states(hidden))
+  def _output_embed(self) -> layers.Embed:
+    return self.target_embed
 
   def decode(self, encoded, source_segment_ids, decoder_inputs, target_segment_ids,
              target_positions, *, deterministic: bool = True):
@@ -250,7 +268,7 @@ class Transformer(nnx.Module):
 
   def __call__(self, batch: dict, *, deterministic: bool = True):
     """A (packed) training batch -> logits [B, T, V]."""
-    return _project(self, self.features(batch, deterministic=deterministic))
+    return self.project(self.features(batch, deterministic=deterministic))
 
   # --------------------------------------------------------------- cached decoding
 
@@ -344,7 +362,7 @@ class LMBlock(nnx.Module):
     return hidden + self.dropout(mlp_out, deterministic=deterministic), new_cache
 
 
-class DecoderLM(nnx.Module):
+class DecoderLM(OutputLayer, nnx.Module):
   """GPT-style language model: token embedding (tied to the output by default), RoPE or
   learned/sinusoidal positions, `num_decoder_layers` LMBlocks, a final norm.
 
@@ -380,19 +398,12 @@ class DecoderLM(nnx.Module):
     """The last block's output, normalised: what the output layer reads."""
     return self.final_norm(hidden)
 
-  def output_weight(self) -> jax.Array:
-    """The output projection as [V, D] (the token embedding when tied)."""
-    if self.output_kernel is None:
-      return self.embed.embedding[...]
-    return self.output_kernel[...].T
-
-  def logits(self, hidden):
-    """hidden: [B, T, D] (a block's output) -> float32 logits [B, T, V]."""
-    return _project(self, self.final_states(hidden))
+  def _output_embed(self) -> layers.Embed:
+    return self.embed
 
   def __call__(self, batch: dict, *, deterministic: bool = True):
     """A batch -> logits [B, T, V] for its `targets`."""
-    return _project(self, self.features(batch, deterministic=deterministic))
+    return self.project(self.features(batch, deterministic=deterministic))
 
   def features(self, batch: dict, *, deterministic: bool = True):
     """A batch -> the output layer's input [B, T, D] for its `targets`."""
@@ -427,14 +438,6 @@ class DecoderLM(nnx.Module):
                                   cache=block_cache, index=index)
       new_layers.append(block_cache)
     return self.logits(hidden)[:, 0, :], {'layers': new_layers}
-
-
-def _project(model, states) -> jax.Array:
-  """Normalised final states [B, T, D] -> float32 logits [B, T, V]."""
-  if model.output_kernel is None:
-    embed = model.embed if isinstance(model, DecoderLM) else model.target_embed
-    return embed.attend(states)
-  return _project_out(states, model.output_kernel)
 
 
 def _project_out(hidden, kernel) -> jax.Array:

@@ -15,9 +15,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxnmt import checkpoint as checkpoint_lib
+from jaxnmt import config_lib
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import train
+from jaxnmt import steps
+from jaxnmt import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/base.py', 'Run config.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per variant.')
@@ -40,11 +42,12 @@ def synthetic_batch(config, rng):
 
 def main(_):
   config = FLAGS.config
-  mesh, rules = train.plan_mesh(config)
+  config_lib.check_mesh(config, jax.device_count(), jax.process_count())
+  mesh, rules = sharding.plan_mesh(config)
   tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
-  graphdef, state, rest, shardings = train.create_train_state(model_cfg, tx, 0, mesh, rules)
-  step_fn, _ = train.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
+  graphdef, state, rest, shardings = train_state.create_train_state(model_cfg, tx, 0, mesh, rules)
+  step_fn, _ = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
   batch = sharding.to_global(synthetic_batch(config, np.random.default_rng(0)),
                              sharding.batch_sharding(mesh, rules))
   state, metrics = step_fn(state, rest, batch)  # compile

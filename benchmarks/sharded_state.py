@@ -10,25 +10,28 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jaxnmt import config_lib
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import train
+from jaxnmt import steps
+from jaxnmt import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/big.py', 'Run config.')
 
 
 def main(_):
   config = flags.FLAGS.config
-  mesh, rules = train.plan_mesh(config)
+  config_lib.check_mesh(config, jax.device_count(), jax.process_count())
+  mesh, rules = sharding.plan_mesh(config)
   tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
-  abstract = train.abstract_train_state(model_cfg, tx)
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
+  abstract = train_state.abstract_train_state(model_cfg, tx)
   planned_total, planned_per_device = sharding.planned_bytes(
       abstract, sharding.state_shardings(abstract, mesh, rules))
-  _, state, _, _ = train.create_train_state(model_cfg, tx, 0, mesh, rules)
+  _, state, _, _ = train_state.create_train_state(model_cfg, tx, 0, mesh, rules)
   allocated = sharding.bytes_per_device(state)
   total = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-  print(f'mesh {dict(mesh.shape)}; {train.count_params(state["params"]):,} parameters')
+  print(f'mesh {dict(mesh.shape)}; {train_state.count_params(state["params"]):,} parameters')
   print(f'unsharded parameters + optimizer state: {total / 2**20:.1f} MiB')
   print(f'planned per device: {planned_per_device / 2**20:.1f} MiB '
         f'({planned_per_device / planned_total:.4f} of the total)')

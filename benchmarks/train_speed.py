@@ -27,9 +27,11 @@ from ml_collections import config_flags
 from jaxnmt import bench
 from jaxnmt import config_lib
 from jaxnmt import host_runtime
+from jaxnmt import inputs
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import train
+from jaxnmt import steps
+from jaxnmt import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Run config.')
 flags.DEFINE_string('workdir', None, 'Workdir for the tokenizer and splits.', required=True)
@@ -64,20 +66,20 @@ def _parse(spec: str, base):
 
 def _variant(config, workdir: str, batches_cache: dict):
   """(run one step -> (real source, real target) tokens, model config)."""
-  mesh, rules = train.plan_mesh(config)
+  mesh, rules = sharding.plan_mesh(config)
   data_key = json.dumps({k: v for k, v in config.to_dict().items() if k in ('data', 'tokenizer')},
                         sort_keys=True)
   if data_key not in batches_cache:
-    tokenizer, dataset, _ = train.prepare_translation_data(config, workdir)
-    iterator = iter(dataset)
+    run_inputs = inputs.training_inputs(config, workdir)
+    tokenizer, iterator = run_inputs.tokenizer, iter(run_inputs.train_data)
     batches_cache[data_key] = (tokenizer, [next(iterator) for _ in range(FLAGS.batches)])
     iterator.close()
   tokenizer, host_batches = batches_cache[data_key]
-  model_cfg = train.model_config(config, tokenizer.vocab_size)
+  model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
   tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  graphdef, state, rest, shardings = train.create_train_state(model_cfg, tx, config.seed,
+  graphdef, state, rest, shardings = train_state.create_train_state(model_cfg, tx, config.seed,
                                                               mesh, rules)
-  step_fn, _ = train.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+  step_fn, _ = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
   where = sharding.batch_sharding(mesh, rules)
   batches = [sharding.to_global(batch, where) for batch in host_batches]
   holder = {'state': state, 'index': 0}

@@ -34,12 +34,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import config_lib
+from jaxnmt import feeding
 from jaxnmt import host_runtime
+from jaxnmt import inference
+from jaxnmt import inputs as inputs_lib
+from jaxnmt import memory_fit
 from jaxnmt import model as model_lib
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import train
+from jaxnmt import steps
+from jaxnmt import train_state
+from jaxnmt import translate
+from jaxnmt import workdir as workdir_lib
 
 RESULT_FILE = 'bench.json'
 
@@ -122,36 +130,36 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
         decode_sentences: int = 128, decode_batch_size: int = 64) -> dict:
   """Benchmarks `config` (see the module docstring); returns and writes the results."""
   config_lib.validate(config)
-  mesh, rules = train.plan_mesh(config)
+  config_lib.check_mesh(config, jax.device_count(), jax.process_count())
+  mesh, rules = sharding.plan_mesh(config)
   os.makedirs(workdir, exist_ok=True)
-  prepare = train.prepare_lm_data if config.task == 'lm' else train.prepare_translation_data
-  tokenizer, train_data, _ = prepare(config, workdir)
-  model_cfg = train.model_config(config, tokenizer.vocab_size)
+  run_inputs = inputs_lib.training_inputs(config, workdir)
+  model_cfg = config_lib.model_config(config, run_inputs.tokenizer.vocab_size)
   result = {'config': config.to_dict(), 'devices': jax.device_count(),
             'processes': jax.process_count(), 'device_kind': jax.devices()[0].device_kind,
             'mesh': dict(mesh.shape)}
   if config.data.fit_batch_to_memory:
-    rows, tried = train.fit_batch_size(config, model_cfg, mesh, rules)
+    rows, tried = memory_fit.fit_batch_size(config, model_cfg, mesh, rules)
     result['memory_fit'] = {'rows': rows, 'bytes_by_rows': tried}
     if rows != config.data.batch_size:
       config.data.batch_size = rows
-      tokenizer, train_data, _ = prepare(config, workdir)
+      run_inputs = inputs_lib.training_inputs(config, workdir)
   result['batch_rows'] = config.data.batch_size
 
   tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  graphdef, state, rest, shardings = train.create_train_state(model_cfg, tx, config.seed,
-                                                              mesh, rules)
-  result['parameters'] = train.count_params(state['params'])
-  step_fn, _ = train.compile_steps(graphdef, tx, config, mesh, rules, shardings)
-  iterator = iter(train_data)
-  feeder = train.DeviceFeeder(iterator, sharding.batch_sharding(mesh, rules),
-                              config.data.prefetch_to_device)
+  graphdef, state, rest, shardings = train_state.create_train_state(model_cfg, tx,
+                                                                    config.seed, mesh, rules)
+  result['parameters'] = train_state.count_params(state['params'])
+  step_fn, _ = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+  iterator = iter(run_inputs.train_data)
+  feeder = feeding.DeviceFeeder(iterator, sharding.batch_sharding(mesh, rules),
+                                config.data.prefetch_to_device)
   try:
     batch, _ = next(feeder)
     started = time.perf_counter()
     compiled = step_fn.lower(state, rest, batch).compile()
     result['compile_seconds'] = time.perf_counter() - started
-    result['compiled_step_bytes_per_device'] = train.step_bytes(compiled)
+    result['compiled_step_bytes_per_device'] = memory_fit.step_bytes(compiled)
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax: one dict per program
       cost = cost[0] if cost else {}
@@ -214,7 +222,7 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
   })
   if decode_sentences and config.task != 'lm':
-    result['decode'] = _decode_throughput(config, workdir, tokenizer, model_cfg,
+    result['decode'] = _decode_throughput(config, workdir, run_inputs.tokenizer, model_cfg,
                                           state['params'], decode_sentences,
                                           decode_batch_size)
   if jax.process_index() == 0:
@@ -230,10 +238,7 @@ def _decode_throughput(config, workdir: str, tokenizer, model_cfg, params, sente
   checkpoint if it has one (a trained model: real output lengths), else with the
   benchmarked parameters (an untrained model, which may stop at once). Each strategy
   decodes once to compile, then once timed."""
-  from jaxnmt import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from jaxnmt import translate  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, 'splits', 'test.src'), encoding='utf-8') as handle:
-    sources = handle.read().splitlines()[:sentences]
+  sources = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'test.src'))[:sentences]
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   trained = checkpointer.latest_step() is not None
   checkpointer.close()
@@ -243,10 +248,10 @@ def _decode_throughput(config, workdir: str, tokenizer, model_cfg, params, sente
   for name, beam in (('greedy', 1), ('beam4', 4)):
     options = translate.DecodeOptions(beam_size=beam)
     if trained:
-      translator = translate.Translator(workdir, options=options)
+      loaded = inference.load(workdir)
     else:
-      translator = translate.Translator.from_params(config, tokenizer, model_cfg, params,
-                                                    options=options)
+      loaded = inference.from_params(config, tokenizer, model_cfg, params)
+    translator = translate.Translator(loaded, options)
     results['parameters'] = (f'checkpoint {translator.step}' if trained else
                              'the benchmarked (untrained) model')
     translator.translate(sources, batch_size)

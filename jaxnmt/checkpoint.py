@@ -18,49 +18,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxnmt import workdir as workdir_lib
+from jaxnmt.errors import CheckpointError
+
 # A data-iterator state must fit in this many bytes of JSON to be gathered across hosts.
 MAX_ITERATOR_STATE_BYTES = 1 << 16
-
-
-# Files through which an eval worker tells the trainer what it has scored (and that it
-# is alive), so retention never deletes a checkpoint it has not scored.
-RESULTS_FILE = os.path.join('eval', 'results.jsonl')
-WORKER_FILE = os.path.join('eval', 'worker.json')
-HEARTBEAT_TIMEOUT_S = 600  # a worker silent for longer is considered gone
-
-
-def scored_steps(workdir: str) -> set[int]:
-  """Steps the eval worker has written results for."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
-    return set()
-  steps = set()
-  with open(path, encoding='utf-8') as handle:
-    for line in handle:
-      try:
-        steps.add(json.loads(line)['step'])
-      except (ValueError, KeyError):  # a line the worker is still writing
-        pass
-  return steps
-
-
-def worker_alive(workdir: str) -> bool:
-  """Whether an eval worker has reported within HEARTBEAT_TIMEOUT_S."""
-  try:
-    with open(os.path.join(workdir, WORKER_FILE), encoding='utf-8') as handle:
-      return time.time() - json.load(handle)['heartbeat'] < HEARTBEAT_TIMEOUT_S
-  except (OSError, ValueError, KeyError):
-    return False
-
-
-class CheckpointError(RuntimeError):
-  """No readable checkpoint where one was expected."""
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3, read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.directory = workdir_lib.checkpoints_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=True)
@@ -110,6 +78,30 @@ class Checkpointer:
                         '%d: the data pipeline restarts from its seed', step,
                         len(per_process), jax.process_count())
     return restored['state'], iterator_state, restored.get('metadata')
+
+  def restore_params(self, step: int, abstract_params):
+    """The parameters of checkpoint `step` alone, onto the shardings of
+    `abstract_params` (ShapeDtypeStructs with .sharding): the optimizer state stored
+    beside them is never read or allocated."""
+    item = {'params': abstract_params}
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True)))
+    except Exception as error:  # Orbax raises many types for unreadable files.
+      raise CheckpointError(f'checkpoint {os.path.join(self.directory, str(step))} could '
+                            f'not be read: {type(error).__name__}: '
+                            f'{str(error)[:300]}') from error
+    params = restored['state']['params']
+    missing = [jax.tree_util.keystr(path) for path, leaf in
+               jax.tree_util.tree_leaves_with_path(params)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:  # a partial restore leaves what the checkpoint lacks unfilled
+      raise CheckpointError(f'checkpoint {os.path.join(self.directory, str(step))} holds no '
+                            f'{missing[0]} (and {len(missing) - 1} more parameters): it was '
+                            f'written by another model definition')
+    return params
 
   def restore_latest(self, abstract_state):
     """(step, state, iterator state, metadata) of the newest readable checkpoint, or

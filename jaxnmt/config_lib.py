@@ -1,10 +1,18 @@
-"""Checks a run config before any JAX work, so a bad value is a one-line error."""
+"""Every check of a run config, done before JAX compiles anything, so a bad value is a
+one-line error naming the field: `validate` (the values alone) and `check_mesh` (the
+values against this job's devices and processes). Also the config's translation into
+the model's own `ModelConfig`.
+"""
 
 import ml_collections
 
+from jaxnmt import model as model_lib
+from jaxnmt import sharding
+from jaxnmt.errors import ConfigError, MeshError
 
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the field and what is allowed."""
+# A data-dependent character vocabulary is padded to a multiple of this, so any tensor
+# axis divides it.
+CHAR_VOCAB_MULTIPLE = 64
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -113,6 +121,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'must be >= 300 (specials + byte fallback), got {config.tokenizer.vocab_size}')
   _require(isinstance(config.data.path, str), 'data.path',
            f'must be a string path, got {config.data.path!r}')
+
+
+def check_mesh(config: ml_collections.ConfigDict, num_devices: int,
+               num_processes: int) -> None:
+  """Raises MeshError if the mesh does not fit `num_devices`, a dimension does not
+  divide by the mesh axes that split it, or a batch does not divide by the processes."""
+  sizes = sharding.mesh_sizes(config.mesh, num_devices)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  sharding.check_divisibility(sizes, rules, {'batch': config.data.eval_batch_size})
+  vocab = CHAR_VOCAB_MULTIPLE if config.tokenizer.model_type == 'char' else (
+      config.tokenizer.vocab_size)
+  # Each micro-batch of gradient accumulation is split over the devices like a batch.
+  micro_batch = config.data.batch_size // config.optim.grad_accum_steps
+  sharding.check_divisibility(sizes, rules, {
+      'batch': micro_batch, 'heads': config.model.num_heads,
+      'mlp': config.model.d_ff, 'vocab': vocab, 'embed': config.model.d_model})
+  for field in ('batch_size', 'eval_batch_size'):
+    if config.data[field] % num_processes:
+      raise MeshError(f'config.data.{field}={config.data[field]} must divide by the '
+                      f'{num_processes} processes')
+  if micro_batch % num_processes:
+    raise MeshError(f'config.data.batch_size / config.optim.grad_accum_steps = '
+                    f'{micro_batch} rows must divide by the {num_processes} processes')
+  dropout_rng(config.dropout_rng, num_devices)
+
+
+def dropout_rng(name: str, num_devices: int) -> str:
+  """The jax.random implementation of dropout masks for config.dropout_rng."""
+  if name == 'auto':
+    return 'philox4x32' if num_devices == 1 else 'threefry2x32'
+  if name == 'philox4x32' and num_devices > 1:
+    raise MeshError('config.dropout_rng=philox4x32 works on one device only (jax cannot '
+                    'shard it); use threefry2x32 or auto on this mesh')
+  return name
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+  """The run config's model section as the model's own frozen dataclass, for a
+  tokenizer of `vocab_size` pieces."""
+  if config.tokenizer.model_type == 'char':
+    vocab_size = CHAR_VOCAB_MULTIPLE * -(-vocab_size // CHAR_VOCAB_MULTIPLE)
+  lm = config.task == 'lm'
+  return model_lib.ModelConfig(
+      vocab_size=vocab_size, **config.model.to_dict(),
+      kind='decoder_lm' if lm else 'transformer',
+      max_length=(config.data.max_target_length if lm else
+                  max(config.data.max_source_length, config.data.max_target_length)))
 
 
 # Fields whose change makes a checkpoint unusable (parameter shapes, token ids) ...

@@ -5,6 +5,7 @@ worker write next to their TensorBoard events."""
 import os
 
 from jaxnmt import metrics as metrics_lib
+from jaxnmt.errors import WorkdirError
 
 # (file under the workdir, metric key, panel title)
 PANELS = (
@@ -28,7 +29,7 @@ def render(workdir: str, output: str | None = None) -> str:
     if records:
       series.append((title, records, key))
   if not series:
-    raise FileNotFoundError(f'{workdir} holds no metrics.jsonl under train/, valid/ or eval/')
+    raise WorkdirError(f'{workdir} holds no metrics.jsonl under train/, valid/ or eval/')
   train_records = metrics_lib.read_jsonl(os.path.join(workdir, 'train/metrics.jsonl'))
   start = min((r['time'] for r in train_records), default=min(
       r['time'] for _, records, _ in series for r in records))

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt.errors import DataError
 
 DATA_DIR_ENV = 'JAXNMT_DATA_DIR'
 DEFAULT_FILENAME = 'spa-eng.zip'
@@ -30,10 +31,6 @@ DEFAULT_FILENAME = 'spa-eng.zip'
 DEFAULT_SHA256 = 'f80e581ae291aa34dd3aba7bd98b5e9505234da4318e2f3295df70a1520c7f61'
 
 Pair = tuple[str, str]
-
-
-class DataError(ValueError):
-  """The corpus is missing or holds no usable sentence pairs."""
 
 
 # ----------------------------------------------------------------------------- files

@@ -4,10 +4,10 @@ ICI/DCN on TPU pods, gloo on CPUs."""
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-
-class DistributedError(RuntimeError):
-  """This process could not join the job."""
+from jaxnmt.errors import DistributedError, RuntimeFailure
 
 
 def detected_cluster() -> str | None:
@@ -45,5 +45,16 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   try:
     jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
   except Exception as error:  # the runtime raises several types (XlaRuntimeError, ...)
-    raise DistributedError(f'could not join the job through the {where} within '
+    raise RuntimeFailure(f'could not join the job through the {where} within '
                            f'{timeout_s}s: {str(error).splitlines()[0][:200]}') from error
+
+
+def agree(local_flags) -> np.ndarray:
+  """Element-wise OR of every process's boolean flags: what one process saw, all act
+  on. Collective: every process calls it at the same step with the same number of
+  flags."""
+  local_flags = np.asarray(local_flags, dtype=bool)
+  if jax.process_count() == 1:
+    return local_flags
+  gathered = multihost_utils.process_allgather(local_flags.astype(np.int32))
+  return np.asarray(gathered).reshape(jax.process_count(), -1).any(axis=0)

@@ -9,9 +9,7 @@ runs (heartbeat in eval/worker.json), the trainer keeps checkpoints it has not s
 """
 
 import functools
-import json
 import logging
-import os
 import threading
 import time
 
@@ -21,22 +19,13 @@ import numpy as np
 from jaxnmt import bleu
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import data as data_lib
+from jaxnmt import inference
+from jaxnmt import inputs
 from jaxnmt import metrics as metrics_lib
-from jaxnmt import train
+from jaxnmt import steps
 from jaxnmt import translate
-
-RESULTS_FILE = checkpoint_lib.RESULTS_FILE
-WORKER_FILE = checkpoint_lib.WORKER_FILE
-FINISHED_FILE = train.FINISHED_FILE
-
-
-def finished_step(workdir: str) -> int | None:
-  """The trainer's last step once it has finished (not when preempted)."""
-  try:
-    with open(os.path.join(workdir, FINISHED_FILE), encoding='utf-8') as handle:
-      return json.load(handle)['step']
-  except (OSError, ValueError, KeyError):
-    return None
+from jaxnmt import workdir as workdir_lib
+from jaxnmt.errors import CheckpointError, WorkdirError
 
 
 class _Heartbeat:
@@ -45,28 +34,15 @@ class _Heartbeat:
 
   def __init__(self, workdir: str, every: float = 30.0):
     self._stop = threading.Event()
-    _heartbeat(workdir)
+    workdir_lib.write_heartbeat(workdir)
     def beat():
       while not self._stop.wait(every):
-        _heartbeat(workdir)
+        workdir_lib.write_heartbeat(workdir)
     self._thread = threading.Thread(target=beat, daemon=True)
     self._thread.start()
 
   def stop(self) -> None:
     self._stop.set()
-
-
-def _heartbeat(workdir: str) -> None:
-  path = os.path.join(workdir, WORKER_FILE)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.partial', 'w', encoding='utf-8') as handle:
-    json.dump({'pid': os.getpid(), 'heartbeat': time.time()}, handle)
-  os.replace(path + '.partial', path)
-
-
-def _read_lines(path: str) -> list[str]:
-  with open(path, encoding='utf-8') as handle:
-    return handle.read().splitlines()
 
 
 class Evaluator:
@@ -77,14 +53,13 @@ class Evaluator:
     self.workdir = workdir
     self.batch_size = batch_size
     self.num_samples = num_samples
-    splits = os.path.join(workdir, 'splits')
-    self.sources = _read_lines(os.path.join(splits, 'test.src'))
-    self.references = _read_lines(os.path.join(splits, 'test.ref'))
+    self.sources = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'test.src'))
+    self.references = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'test.ref'))
     if max_test_sentences:
       self.sources = self.sources[:max_test_sentences]
       self.references = self.references[:max_test_sentences]
-    valid = list(zip(_read_lines(os.path.join(splits, 'valid.src')),
-                     _read_lines(os.path.join(splits, 'valid.ref'))))
+    valid = list(zip(workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.src')),
+                     workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.ref'))))
     self.translator = None
     self.options = options
     self._valid_pairs = valid
@@ -94,23 +69,25 @@ class Evaluator:
   def score(self, step: int) -> dict:
     """Evaluates checkpoint `step`; CheckpointError if it is gone or unreadable."""
     if self.translator is None:
-      self.translator = translate.Translator(self.workdir, step, self.options,
-                                             devices=jax.local_devices())
+      self.translator = translate.Translator(
+          inference.load(self.workdir, step, devices=jax.local_devices()), self.options)
       config = self.translator.config
       self._valid_batches = list(data_lib.make_eval_batches(
           self._valid_pairs, self.translator.tokenizer,
           batch_size=config.data.eval_batch_size,
           max_source_length=config.data.max_source_length,
           max_target_length=config.data.max_target_length))
-      self._eval_fn = jax.jit(functools.partial(train.eval_step, self.translator.graphdef))
+      self._eval_fn = jax.jit(functools.partial(steps.eval_step,
+                                                self.translator.loaded.graphdef))
     else:
-      self.translator.load(self.workdir, step)
-    params, rest = self.translator.params, self.translator.rest
-    validation = train.evaluate_loss(self._eval_fn, params, rest, self._valid_batches)
+      self.translator.loaded.reload(self.workdir, step)
+    loaded = self.translator.loaded
+    validation = steps.evaluate_loss(self._eval_fn, loaded.params, loaded.rest,
+                                     self._valid_batches)
     started = time.time()
     hypotheses = self.translator.translate(self.sources, self.batch_size)
     seconds = time.time() - started
-    hypotheses_path = os.path.join(self.workdir, 'eval', f'test_hypotheses_{step}.txt')
+    hypotheses_path = workdir_lib.eval_file(self.workdir, f'test_hypotheses_{step}.txt')
     with open(hypotheses_path, 'w', encoding='utf-8') as handle:
       handle.writelines(line + '\n' for line in hypotheses)
     scores = bleu.scores(bleu.statistics(hypotheses, self.references))
@@ -131,28 +108,27 @@ class Evaluator:
 class LMEvaluator:
   """Scores language-model checkpoints: validation loss, perplexity, bits per char."""
 
-  def __init__(self, workdir: str, num_samples: int = 1):
+  def __init__(self, workdir: str):
     self.workdir = workdir
-    self.config = train.load_config(workdir)
-    self.tokenizer = train.load_tokenizer(self.config, workdir)
-    self.model_config = train.model_config(self.config, self.tokenizer.vocab_size)
-    self.graphdef, _, self.rest = train.create_model(self.model_config, 0)
-    text = open(os.path.join(workdir, 'splits', 'valid.txt'), encoding='utf-8').read()
-    ids = np.asarray(self.tokenizer.encode(text), np.int32)
-    blocks = data_lib.lm_blocks(ids, self.config.data.max_target_length)
-    rows = self.config.data.eval_batch_size
-    self.batches = [data_lib.lm_batch(blocks[start:start + rows])
-                    for start in range(0, len(blocks), rows)]
-    # Characters per token of the scored stream, for bits per character.
-    self.chars_per_token = len(text) / max(len(ids), 1)
-    self._eval_fn = jax.jit(functools.partial(train.eval_step, self.graphdef))
-    self.device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    self.loaded = None
+    with open(workdir_lib.split_file(workdir, 'valid.txt'), encoding='utf-8') as handle:
+      self.text = handle.read()
 
   def score(self, step: int) -> dict:
-    step, params = translate.restore_params(self.workdir, self.config, self.model_config,
-                                            self.device, step)
-    validation = train.evaluate_loss(self._eval_fn, params, self.rest, self.batches)
-    return {'step': step, 'time': time.time(), 'valid_loss': validation['loss'],
+    if self.loaded is None:
+      self.loaded = inference.load(self.workdir, step)
+      config, tokenizer = self.loaded.config, self.loaded.tokenizer
+      self.batches = inputs.lm_valid_batches(tokenizer, self.text,
+                                             config.data.max_target_length,
+                                             config.data.eval_batch_size)
+      # Characters per token of the scored stream, for bits per character.
+      self.chars_per_token = len(self.text) / max(len(tokenizer.encode(self.text)), 1)
+      self._eval_fn = jax.jit(functools.partial(steps.eval_step, self.loaded.graphdef))
+    else:
+      self.loaded.reload(self.workdir, step)
+    validation = steps.evaluate_loss(self._eval_fn, self.loaded.params, self.loaded.rest,
+                                     self.batches)
+    return {'step': self.loaded.step, 'time': time.time(), 'valid_loss': validation['loss'],
             'valid_perplexity': validation['perplexity'],
             'bits_per_char': validation['loss'] / self.chars_per_token / np.log(2),
             'samples': []}
@@ -166,24 +142,22 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
   once the trainer's final checkpoint is scored (never, with `follow`), or after
   `checkpoint_step` alone. Returns the results it wrote."""
   def ready():
-    splits = os.path.join(workdir, 'splits')
-    return os.path.exists(os.path.join(workdir, train.CONFIG_FILE)) and (
-        os.path.exists(os.path.join(splits, 'test.ref')) or
-        os.path.exists(os.path.join(splits, 'valid.txt')))
+    return workdir_lib.has_run(workdir) and (
+        workdir_lib.exists(workdir_lib.split_file(workdir, 'test.ref')) or
+        workdir_lib.exists(workdir_lib.split_file(workdir, 'valid.txt')))
   while not ready():
-    if not follow and checkpoint_step is None and finished_step(workdir) is None and \
-        not os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
-      raise FileNotFoundError(f'{workdir} holds no training run (no config.json)')
-    logging.info('Waiting for the trainer to write %s/splits', workdir)
+    if not follow and not workdir_lib.has_run(workdir):
+      raise WorkdirError(f'{workdir} holds no training run (no {workdir_lib.CONFIG}); '
+                         f'start the trainer first or pass --follow to wait for it')
+    logging.info('Waiting for the trainer to write %s', workdir_lib.splits_dir(workdir))
     time.sleep(poll_seconds)
-  if train.load_config(workdir).get('task') == 'lm':
+  if workdir_lib.load_config(workdir).get('task') == 'lm':
     evaluator = LMEvaluator(workdir)
   else:
     evaluator = Evaluator(workdir, options, batch_size, max_test_sentences)
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   writer = metrics_lib.Writer(workdir, 'eval')
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  scored, written = checkpoint_lib.scored_steps(workdir), []
+  scored, written = workdir_lib.scored_steps(workdir), []
   heartbeat = _Heartbeat(workdir)
   try:
     while True:
@@ -194,12 +168,12 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
       for step in todo:
         try:
           result = evaluator.score(step)
-        except checkpoint_lib.CheckpointError as error:
+        except CheckpointError as error:
           if checkpoint_step is not None:
             raise
           logging.warning('Skipping checkpoint %d (deleted or unreadable): %s', step, error)
           continue
-        _write_result(writer, results_path, result)
+        _write_result(writer, workdir, result)
         scored.add(step)
         written.append(result)
         logging.info('step %d: %s', step, ', '.join(
@@ -208,7 +182,7 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
             if key not in ('samples', 'time', 'step', 'hypotheses', 'bleu_text')))
       if checkpoint_step is not None:
         break
-      final = finished_step(workdir)
+      final = workdir_lib.finished_step(workdir)
       if not follow and final is not None and (
           final in scored or final not in checkpointer.all_steps()):
         break
@@ -220,7 +194,7 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
   return written
 
 
-def _write_result(writer, results_path: str, result: dict) -> None:
+def _write_result(writer, workdir: str, result: dict) -> None:
   step = result['step']
   names = {'bleu': 'bleu', 'chrf': 'chrf', 'valid_loss': 'loss',
            'valid_perplexity': 'perplexity', 'bits_per_char': 'bits_per_char'}
@@ -231,5 +205,4 @@ def _write_result(writer, results_path: str, result: dict) -> None:
         for s in result['samples'])
     writer.text(step, 'samples', table)
   writer.flush()
-  with open(results_path, 'a', encoding='utf-8') as handle:
-    handle.write(json.dumps(result, ensure_ascii=False) + '\n')
+  workdir_lib.append_result(workdir, result)

@@ -9,26 +9,24 @@ import numpy as np
 from flax import nnx
 
 from jaxnmt import decode
+from jaxnmt import inference
 from jaxnmt import tokenizer as tokenizer_lib
-from jaxnmt import train
-from jaxnmt import translate
+from jaxnmt import workdir as workdir_lib
+from jaxnmt.errors import UserError
 
 
 class Generator:
 
   def __init__(self, workdir: str, step: int | None = None):
-    self.config = train.load_config(workdir)
-    if self.config.get('task') != 'lm':
-      raise GenerateError(f'{workdir} holds a {self.config.get("task", "translation")} model; '
-                       f'--mode=generate needs a language model (task lm)')
-    self.tokenizer = train.load_tokenizer(self.config, workdir)
-    self.model_config = train.model_config(self.config, self.tokenizer.vocab_size)
-    self.graphdef, _, self.rest = train.create_model(self.model_config, 0)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    self.step, self.params = translate.restore_params(workdir, self.config,
-                                                      self.model_config, device, step)
+    task = workdir_lib.load_config(workdir).get('task', 'translation')
+    if task != 'lm':
+      raise GenerateError(f'{workdir} holds a {task} model; --mode=generate needs a '
+                          f'language model (task lm)')
+    loaded = inference.load(workdir, step)
+    self.config, self.tokenizer = loaded.config, loaded.tokenizer
+    self.model_config, self.step, self.params = loaded.model_config, loaded.step, loaded.params
     self._sample = jax.jit(
-        functools.partial(_sample, self.graphdef, self.rest, self.tokenizer.vocab_size),
+        functools.partial(_sample, loaded.graphdef, loaded.rest, self.tokenizer.vocab_size),
         static_argnames=('total_length', 'temperature', 'top_k', 'top_p'))
 
   def generate(self, prompt: str, num_tokens: int, *, temperature: float = 1.0,
@@ -58,7 +56,7 @@ class Generator:
     return [self.tokenizer.decode(row) for row in rows]
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
   """The request does not fit the model (e.g. a prompt longer than its context)."""
 
 

@@ -13,12 +13,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxnmt.errors import MeshError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH = 'batch'  # the logical axis of the batch dimension of inputs
-
-
-class MeshError(ValueError):
-  """The mesh does not fit the devices or the model; the message says why."""
 
 
 def mesh_sizes(mesh_config, num_devices: int) -> dict[str, int]:
@@ -79,6 +77,14 @@ def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def plan_mesh(config, devices=None) -> tuple[jax.sharding.Mesh, list]:
+  """(mesh, logical-axis rules) of `config` over `devices` (default: all of the job's).
+  `config_lib.check_mesh` has checked that they fit."""
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_sizes(config.mesh, len(devices))
+  return make_mesh(sizes, devices), rules_from_config(config.sharding_rules)
 
 
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules):

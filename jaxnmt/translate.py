@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import sys
 from typing import Sequence, TextIO
 
@@ -18,11 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import decode
-from jaxnmt import optim
+from jaxnmt import inference
 from jaxnmt import tokenizer as tokenizer_lib
-from jaxnmt import train
+from jaxnmt.errors import UserError
 
 LENGTH_BUCKET = 16  # sources are padded to a multiple of this: few compiled shapes
 
@@ -46,42 +46,25 @@ class DecodeOptions:
 
 
 class Translator:
-  """A checkpoint's model, its tokenizer and a jitted batched decoder on this process's
-  devices (parameters replicated, sentences split over the devices)."""
+  """A loaded model (`inference.load`) and a jitted batched decoder on its devices
+  (parameters replicated, sentences split over the devices)."""
 
-  def __init__(self, workdir: str, step: int | None = None,
-               options: DecodeOptions = DecodeOptions(), devices=None):
-    config = train.load_config(workdir)
-    tokenizer = train.load_tokenizer(config, workdir)
-    self._setup(config, tokenizer, train.model_config(config, tokenizer.vocab_size),
-                options, devices)
-    self.load(workdir, step)
-
-  @classmethod
-  def from_params(cls, config, tokenizer, model_config, params,
-                  options: DecodeOptions = DecodeOptions(), devices=None) -> 'Translator':
-    """A translator of parameters in memory (e.g. of a model being benchmarked)."""
-    translator = cls.__new__(cls)
-    translator._setup(config, tokenizer, model_config, options, devices)
-    translator.params = jax.device_put(params, NamedSharding(translator.mesh,
-                                                             PartitionSpec()))
-    return translator
-
-  def _setup(self, config, tokenizer, model_config, options, devices) -> None:
-    self.config, self.tokenizer, self.options = config, tokenizer, options
-    self.model_config = model_config
-    devices = jax.local_devices()[:1] if devices is None else devices
-    self.mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
-    self.graphdef, _, self.rest = train.create_model(self.model_config, 0)
-    self.step, self.params = None, None
-    self._decode = jax.jit(functools.partial(_decode_batch, self.graphdef, self.rest,
+  def __init__(self, loaded: inference.LoadedModel, options: DecodeOptions = DecodeOptions()):
+    self.loaded, self.options = loaded, options
+    self.config, self.tokenizer = loaded.config, loaded.tokenizer
+    self.mesh = loaded.mesh
+    self._decode = jax.jit(functools.partial(_decode_batch, loaded.graphdef, loaded.rest,
                                              options),
                            static_argnames=('max_length',))
 
-  def load(self, workdir: str, step: int | None = None) -> None:
-    """Restores the parameters of checkpoint `step` (default: the latest)."""
-    self.step, self.params = restore_params(workdir, self.config, self.model_config,
-                                            NamedSharding(self.mesh, PartitionSpec()), step)
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None,
+                   options: DecodeOptions = DecodeOptions(), devices=None) -> 'Translator':
+    return cls(inference.load(workdir, step, devices), options)
+
+  @property
+  def step(self) -> int | None:
+    return self.loaded.step
 
   def translate(self, lines: Sequence[str], batch_size: int = 64,
                 progress: bool = False) -> list[str]:
@@ -120,32 +103,13 @@ class Translator:
             self.config.decode.max_length_ratio * len(encoded[index])
             + self.config.decode.max_length_offset))
       key = jax.random.fold_in(jax.random.key(self.options.seed), batch_number)
-      tokens = self._decode(self.params, jax.device_put(inputs, rows_sharding),
+      tokens = self._decode(self.loaded.params, jax.device_put(inputs, rows_sharding),
                             jax.device_put(max_lengths, rows_sharding), key,
                             max_length=data.max_target_length)
       tokens = np.asarray(tokens)
       for row, index in enumerate(rows):
         outputs[index] = self.tokenizer.decode(tokens[row])
     return outputs
-
-
-def restore_params(workdir: str, config, model_config, sharding, step: int | None = None):
-  """(step, parameters) of checkpoint `step` (default: the latest), placed per
-  `sharding` whatever mesh wrote them."""
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise checkpoint_lib.CheckpointError(f'no checkpoint in {checkpointer.directory}')
-    tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-    abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        train.abstract_train_state(model_config, tx))
-    state, _, _ = checkpointer.restore(step, abstract)
-  finally:
-    checkpointer.close()
-  logging.info('Loaded checkpoint %d from %s', step, workdir)
-  return step, state['params']
 
 
 def _decode_batch(graphdef, rest, options: DecodeOptions, params, inputs, max_lengths, key,
@@ -175,8 +139,10 @@ def _decode_batch(graphdef, rest, options: DecodeOptions, params, inputs, max_le
 def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
         batch_size: int = 64, options: DecodeOptions = DecodeOptions()) -> None:
   """Reads lines from `input_path` (or stdin), writes translations to `output`."""
-  translator = Translator(workdir, options=options)
+  translator = Translator.from_workdir(workdir, options=options)
   if input_path:
+    if not os.path.isfile(input_path):
+      raise UserError(f'--input={input_path}: no such file')
     with open(input_path, encoding='utf-8', errors='replace') as handle:
       lines = handle.read().splitlines()
   else:

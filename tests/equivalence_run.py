@@ -14,10 +14,12 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 from configs import tiny
+from jaxnmt import config_lib
 from jaxnmt import distributed
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import train
+from jaxnmt import steps
+from jaxnmt import train_state
 
 flags.DEFINE_string('mesh', '1,1,1', 'data,fsdp,tensor sizes.')
 flags.DEFINE_integer('steps', 12, 'Train steps.')
@@ -71,12 +73,12 @@ def main(_):
                          timeout_s=60)
   config = small_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = map(int, FLAGS.mesh.split(','))
-  mesh, rules = train.plan_mesh(config)
+  mesh, rules = sharding.plan_mesh(config)
   tx, _ = optim.make_optimizer(config.optim, FLAGS.steps)
-  model_cfg = train.model_config(config, VOCAB)
-  graphdef, state, rest, shardings = train.create_train_state(model_cfg, tx, config.seed,
+  model_cfg = config_lib.model_config(config, VOCAB)
+  graphdef, state, rest, shardings = train_state.create_train_state(model_cfg, tx, config.seed,
                                                               mesh, rules)
-  step_fn, _ = train.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+  step_fn, _ = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   rows = ROWS // jax.process_count()
   begin = jax.process_index() * rows

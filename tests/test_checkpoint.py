@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from jaxnmt import checkpoint as checkpoint_lib
+from jaxnmt import config_lib
 from jaxnmt import metrics
 from jaxnmt import optim
 from jaxnmt import train
+from jaxnmt import train_state
 from jaxnmt import translate
 from tests.tiny_config import tiny_config
 
@@ -71,11 +73,11 @@ def start_and_wait_for_checkpoint(workdir, corpus, *overrides, processes=1, devi
 
 def final_params(workdir, config):
   tx, _ = optim.make_optimizer(config.optim, STEPS)
-  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                             sharding=device),
-                          train.abstract_train_state(model_cfg, tx))
+                          train_state.abstract_train_state(model_cfg, tx))
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   state, _, _ = checkpointer.restore(STEPS, abstract)
   checkpointer.close()
@@ -193,7 +195,7 @@ def test_sharded_checkpoint_restores_on_one_device_and_translates(tmp_path, smal
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   workdir = str(tmp_path / 'sharded')
   train.train_and_evaluate(config, workdir)
-  translator = translate.Translator(workdir)
+  translator = translate.Translator.from_workdir(workdir)
   assert translator.step == config.num_train_steps
   leaf = jax.tree.leaves(translator.params)[0]
   assert len(leaf.sharding.device_set) == 1

@@ -8,6 +8,7 @@ import pytest
 
 from configs import base, big, tiny
 from jaxnmt import config_lib
+from jaxnmt import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ def test_bad_value_names_the_field(field, value, message):
   for section in sections:
     target = target[section]
   target[name] = value
-  with pytest.raises(config_lib.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     config_lib.validate(config)
   assert str(error.value).startswith(message)
   assert '\n' not in str(error.value)
@@ -61,7 +62,7 @@ def test_bad_value_names_the_field(field, value, message):
 def test_dot_product_attention_needs_no_attention_dropout_and_cudnn_bfloat16():
   config = base.get_config()
   config.model.attention = 'dot_product'
-  with pytest.raises(config_lib.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     config_lib.validate(config)  # base keeps attention_dropout_rate = 0.1
   assert str(error.value) == (
       "config.model.attention_dropout_rate: must be 0 with model.attention='dot_product' "
@@ -69,7 +70,7 @@ def test_dot_product_attention_needs_no_attention_dropout_and_cudnn_bfloat16():
   config.model.attention_dropout_rate = 0.0
   config_lib.validate(config)
   config.model.attention_implementation = 'cudnn'
-  with pytest.raises(config_lib.ConfigError, match="'cudnn' needs model.dtype='bfloat16'"):
+  with pytest.raises(errors.ConfigError, match="'cudnn' needs model.dtype='bfloat16'"):
     config_lib.validate(config)
   config.model.dtype = 'bfloat16'
   config_lib.validate(config)

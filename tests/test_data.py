@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxnmt import data
+from jaxnmt import errors
 from jaxnmt import tokenizer as tokenizer_lib
 
 
@@ -32,7 +33,7 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path):
 
 def test_file_without_valid_pairs_is_a_clear_error(tmp_path):
   path = write_lines(tmp_path / 'bad.tsv', [b'just text', b'\t'])
-  with pytest.raises(data.DataError, match=r'bad.tsv: no valid `source<TAB>target` line'):
+  with pytest.raises(errors.DataError, match=r'bad.tsv: no valid `source<TAB>target` line'):
     data.read_pairs(path)
 
 
@@ -45,10 +46,10 @@ def test_reads_the_published_zip_and_plain_text(tmp_path):
 
 
 def test_resolve_path(tmp_path, monkeypatch):
-  with pytest.raises(data.DataError, match='config.data.path: no such file'):
+  with pytest.raises(errors.DataError, match='config.data.path: no such file'):
     data.resolve_path(str(tmp_path / 'missing.tsv'), 'http://unused')
   monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-  with pytest.raises(data.DataError, match='holds no spa-eng.zip'):
+  with pytest.raises(errors.DataError, match='holds no spa-eng.zip'):
     data.resolve_path('', 'http://unused')
   (tmp_path / 'spa-eng.zip').write_bytes(b'x')
   assert data.resolve_path('', 'http://unused') == str(tmp_path / 'spa-eng.zip')

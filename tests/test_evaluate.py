@@ -12,9 +12,11 @@ import sacrebleu
 from jaxnmt import bleu
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import curves
+from jaxnmt import errors
 from jaxnmt import evaluate
 from jaxnmt import train
 from jaxnmt import translate
+from jaxnmt import workdir as workdir_lib
 from tests.tiny_config import tiny_config
 
 OPTIONS = translate.DecodeOptions(beam_size=2)
@@ -71,7 +73,7 @@ def test_single_checkpoint_mode(workdir_copy):
   results = evaluate.run_eval_worker(workdir_copy, checkpoint_step=10, options=OPTIONS,
                                      max_test_sentences=8)
   assert [r['step'] for r in results] == [10]
-  with pytest.raises(checkpoint_lib.CheckpointError):
+  with pytest.raises(errors.CheckpointError):
     evaluate.run_eval_worker(workdir_copy, checkpoint_step=15, options=OPTIONS)
 
 
@@ -85,9 +87,9 @@ def test_retention_keeps_what_a_live_worker_has_not_scored(small_corpus, tmp_pat
 
   watched = str(tmp_path / 'watched')
   os.makedirs(os.path.join(watched, 'eval'))
-  with open(os.path.join(watched, checkpoint_lib.WORKER_FILE), 'w') as handle:
+  with open(os.path.join(watched, workdir_lib.WORKER), 'w') as handle:
     json.dump({'pid': 0, 'heartbeat': time.time()}, handle)
-  with open(os.path.join(watched, checkpoint_lib.RESULTS_FILE), 'w') as handle:
+  with open(os.path.join(watched, workdir_lib.RESULTS), 'w') as handle:
     handle.write(json.dumps({'step': 5}) + '\n')
   train.train_and_evaluate(config, watched)
   assert sorted(os.listdir(os.path.join(watched, 'checkpoints')), key=int) == ['10', '15', '20']

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from jaxnmt import config_lib
+from jaxnmt import errors
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import train
+from jaxnmt import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,23 +42,23 @@ def test_invalid_mesh_is_one_line_error(sizes, overrides, message):
   for field, value in overrides.items():
     section, name = field.split('.')
     config[section][name] = value
-  with pytest.raises(sharding.MeshError) as error:
-    train.plan_mesh(config)
+  with pytest.raises(errors.MeshError) as error:
+    config_lib.check_mesh(config, 8, 1)
   assert str(error.value).startswith(message), str(error.value)
   assert '\n' not in str(error.value)
 
 
 def test_fill_axis_takes_the_remaining_devices():
-  mesh, _ = train.plan_mesh(mesh_config(-1, 2, 2))
+  mesh, _ = sharding.plan_mesh(mesh_config(-1, 2, 2))
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
 
 
 def test_fsdp_splits_parameters_and_optimizer_state_eightfold():
   config = mesh_config(1, 8, 1)
-  mesh, rules = train.plan_mesh(config)
+  mesh, rules = sharding.plan_mesh(config)
   tx, _ = optim.make_optimizer(config.optim, 10)
-  model_cfg = train.model_config(config, 6000)
-  _, state, _, _ = train.create_train_state(model_cfg, tx, 0, mesh, rules)
+  model_cfg = config_lib.model_config(config, 6000)
+  _, state, _, _ = train_state.create_train_state(model_cfg, tx, 0, mesh, rules)
   embedding = state['params']['source_embed']['embedding'][...]
   assert embedding.shape == (6000, 256)
   assert {shard.data.shape for shard in embedding.addressable_shards} == {(6000, 32)}

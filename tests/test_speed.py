@@ -13,17 +13,22 @@ import numpy as np
 import pytest
 
 from jaxnmt import bench
+from jaxnmt import config_lib
 from jaxnmt import data
+from jaxnmt import errors
+from jaxnmt import feeding
+from jaxnmt import memory_fit
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import train
+from jaxnmt import steps
+from jaxnmt import inputs
+from jaxnmt import train_state
 from tests.conftest import real_pairs
 from tests.tiny_config import tiny_config
 
 
 def _first_batches(config, workdir, count):
-  _, dataset, _ = train.prepare_translation_data(config, workdir)
-  iterator = iter(dataset)
+  iterator = iter(inputs.training_inputs(config, workdir).train_data)
   batches = [next(iterator) for _ in range(count)]
   iterator.close()
   return batches
@@ -42,12 +47,12 @@ def test_gradient_accumulation_gives_the_one_batch_update(small_corpus, tmp_path
   tokens = (batch['targets_segment_ids'] > 0).sum(axis=1)
   assert tokens[0::2].sum() > 1.5 * tokens[1::2].sum()
   tx, _ = optim.make_optimizer(config.optim, 100)
-  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
-  graphdef, params, rest = train.create_model(model_cfg, seed=0)
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
+  graphdef, params, rest = train_state.create_model(model_cfg, seed=0)
   results = {}
   for accumulate in (1, 2, 4):
     state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
-    step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.1, 0, accumulate))
+    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, 0.1, 0, accumulate))
     results[accumulate] = jax.device_get(step(state, rest, batch))
   for accumulate in (2, 4):
     (state, sums), (reference, reference_sums) = results[accumulate], results[1]
@@ -63,13 +68,13 @@ def test_fused_loss_gives_the_plain_update(small_corpus, tmp_path, kind, shared)
   config = tiny_config(small_corpus)
   batch = _first_batches(config, str(tmp_path), 1)[0]
   tx, _ = optim.make_optimizer(config.optim, 100)
-  model_cfg = dataclasses.replace(train.model_config(config, config.tokenizer.vocab_size),
+  model_cfg = dataclasses.replace(config_lib.model_config(config, config.tokenizer.vocab_size),
                                   kind=kind, share_embeddings=shared)
-  graphdef, params, rest = train.create_model(model_cfg, seed=0)
+  graphdef, params, rest = train_state.create_model(model_cfg, seed=0)
   results = {}
   for chunks in (0, 5):  # 5 slices of the 24-token rows: the last one padded
     state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
-    step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.1, 0, 1,
+    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, 0.1, 0, 1,
                                      loss_chunks=chunks))
     results[chunks] = jax.device_get(step(state, rest, batch))
   (state, sums), (reference, reference_sums) = results[5], results[0]
@@ -81,14 +86,14 @@ def test_fused_loss_gives_the_plain_update(small_corpus, tmp_path, kind, shared)
 
 def test_fused_loss_never_holds_the_logits(small_corpus):
   config = tiny_config(small_corpus)
-  mesh, rules = train.plan_mesh(config)
+  mesh, rules = sharding.plan_mesh(config)
   # A vocabulary large enough for the logits to dominate the step's temporaries.
-  model_cfg = dataclasses.replace(train.model_config(config, 400), vocab_size=8000)
+  model_cfg = dataclasses.replace(config_lib.model_config(config, 400), vocab_size=8000)
   rows_per_device = 8
   temporaries = {}
   for chunks in (0, 8):
     config.optim.loss_chunks = chunks
-    compiled = train.compile_train_step(config, model_cfg, mesh, rules,
+    compiled = memory_fit.compile_train_step(config, model_cfg, mesh, rules,
                                         rows_per_device * mesh.size)
     temporaries[chunks] = compiled.memory_analysis().temp_size_in_bytes
   logits_bytes = rows_per_device * config.data.max_target_length * 8000 * 4  # per device
@@ -100,7 +105,7 @@ def test_loss_chunks_must_fit_the_target_length(small_corpus):
   config = tiny_config(small_corpus)
   for bad in (-1, 25):
     config.optim.loss_chunks = bad
-    with pytest.raises(config_lib.ConfigError, match='loss_chunks'):
+    with pytest.raises(errors.ConfigError, match='loss_chunks'):
       config_lib.validate(config)
 
 
@@ -108,11 +113,11 @@ def test_accumulation_steps_must_divide_the_batch(small_corpus):
   from jaxnmt import config_lib  # pylint: disable=g-import-not-at-top
   config = tiny_config(small_corpus)
   config.optim.grad_accum_steps = 3
-  with pytest.raises(config_lib.ConfigError, match='grad_accum_steps'):
+  with pytest.raises(errors.ConfigError, match='grad_accum_steps'):
     config_lib.validate(config)
   config.optim.grad_accum_steps = 2  # 8 rows / 2 = 4 per micro-batch, 8 devices
-  with pytest.raises(sharding.MeshError, match='batch=4'):
-    train.plan_mesh(config)
+  with pytest.raises(errors.MeshError, match='batch=4'):
+    config_lib.check_mesh(config, 8, 1)
 
 
 def _pairs(count):
@@ -139,7 +144,7 @@ def test_device_feeder_checkpoints_the_consumed_batch(tokenizer, depth):
   mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
   where = sharding.batch_sharding(mesh, [('batch', ('data',))])
   iterator = iter(_dataset(tokenizer))
-  feeder = train.DeviceFeeder(iterator, where, depth)
+  feeder = feeding.DeviceFeeder(iterator, where, depth)
   consumed = [next(feeder) for _ in range(2)]
   time.sleep(0.5)  # let the thread read ahead
   state = feeder.iterator_state()
@@ -162,7 +167,7 @@ def test_device_feeder_reraises_pipeline_errors():
       raise ValueError('bad line 7')
 
   mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
-  feeder = train.DeviceFeeder(Broken(), sharding.batch_sharding(mesh, []), 2)
+  feeder = feeding.DeviceFeeder(Broken(), sharding.batch_sharding(mesh, []), 2)
   with pytest.raises(ValueError, match='bad line 7'):
     next(feeder)
   feeder.close()
@@ -181,17 +186,17 @@ def test_packing_fills_most_slots_and_padding_does_not(tokenizer):
 
 def test_memory_fit_takes_the_largest_batch_that_fits(small_corpus):
   config = tiny_config(small_corpus)
-  mesh, rules = train.plan_mesh(config)
-  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
-  sizes = {rows: train.step_bytes(train.compile_train_step(config, model_cfg, mesh, rules, rows))
+  mesh, rules = sharding.plan_mesh(config)
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
+  sizes = {rows: memory_fit.step_bytes(memory_fit.compile_train_step(config, model_cfg, mesh, rules, rows))
            for rows in (16, 32)}
   assert sizes[32] > sizes[16]
   config.data.device_memory_gb = (sizes[16] + sizes[32]) / 2 / 2**30
-  rows, tried = train.fit_batch_size(config, model_cfg, mesh, rules)
+  rows, tried = memory_fit.fit_batch_size(config, model_cfg, mesh, rules)
   assert rows == 16 and tried[16] <= config.data.device_memory_gb * 2**30 < tried[32]
   config.data.device_memory_gb = 1e-4  # 100 KiB: nothing fits
-  with pytest.raises(train.TrainingError, match='no batch size fits'):
-    train.fit_batch_size(config, model_cfg, mesh, rules)
+  with pytest.raises(errors.TrainingError, match='no batch size fits'):
+    memory_fit.fit_batch_size(config, model_cfg, mesh, rules)
 
 
 def test_flops_formula_agrees_with_xla_on_a_full_batch(small_corpus):
@@ -200,9 +205,9 @@ def test_flops_formula_agrees_with_xla_on_a_full_batch(small_corpus):
   config.model.num_encoder_layers = config.model.num_decoder_layers = 2
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   rules = sharding.rules_from_config(config.sharding_rules)
-  model_cfg = train.model_config(config, config.tokenizer.vocab_size)
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
   rows, length = 16, config.data.max_source_length
-  compiled = train.compile_train_step(config, model_cfg, mesh, rules, rows)
+  compiled = memory_fit.compile_train_step(config, model_cfg, mesh, rules, rows)
   cost = compiled.cost_analysis()
   xla_flops = (cost[0] if isinstance(cost, list) else cost)['flops']
   formula = bench.model_flops(model_cfg, rows * length, rows * length, length, length)
@@ -228,11 +233,11 @@ def test_bench_mode_reports_and_writes_json(small_corpus, tmp_path):
 
 
 def test_dropout_rng_auto_picks_philox_on_one_device_only():
-  assert train.dropout_rng('auto', 1) == 'philox4x32'
-  assert train.dropout_rng('auto', 8) == 'threefry2x32'
-  assert train.dropout_rng('rbg', 8) == 'rbg'
-  with pytest.raises(sharding.MeshError, match='one device only'):
-    train.dropout_rng('philox4x32', 2)
+  assert config_lib.dropout_rng('auto', 1) == 'philox4x32'
+  assert config_lib.dropout_rng('auto', 8) == 'threefry2x32'
+  assert config_lib.dropout_rng('rbg', 8) == 'rbg'
+  with pytest.raises(errors.MeshError, match='one device only'):
+    config_lib.dropout_rng('philox4x32', 2)
 
 
 def test_bfloat16_training_step_keeps_float32_master_weights(small_corpus, tmp_path):
@@ -242,10 +247,10 @@ def test_bfloat16_training_step_keeps_float32_master_weights(small_corpus, tmp_p
   losses = {}
   for dtype in ('float32', 'bfloat16'):
     config.model.dtype = dtype
-    graphdef, params, rest = train.create_model(
-        train.model_config(config, config.tokenizer.vocab_size), seed=0)
+    graphdef, params, rest = train_state.create_model(
+        config_lib.model_config(config, config.tokenizer.vocab_size), seed=0)
     state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
-    step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.1, 0, 1))
+    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, 0.1, 0, 1))
     state, sums = jax.device_get(step(state, rest, batch))
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state['params']))
     assert np.isfinite(sums['grad_norm']) and sums['grad_norm'] > 0

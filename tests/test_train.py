@@ -9,8 +9,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxnmt import config_lib
+from jaxnmt import errors
+from jaxnmt import inputs
 from jaxnmt import optim
+from jaxnmt import steps
 from jaxnmt import train
+from jaxnmt import train_state
 from jaxnmt import translate
 from tests.tiny_config import tiny_config
 
@@ -23,15 +28,15 @@ def test_loss_falls_when_overfitting_a_few_batches(small_corpus, tmp_path):
   config.model.d_model = 64
   config.model.d_ff = 128
   config.optim.learning_rate = 3e-3
-  tokenizer, dataset, _ = train.prepare_translation_data(config, str(tmp_path))
-  iterator = iter(dataset)
+  run_inputs = inputs.training_inputs(config, str(tmp_path))
+  tokenizer, iterator = run_inputs.tokenizer, iter(run_inputs.train_data)
   batches = [next(iterator) for _ in range(2)]
   iterator.close()
   tx, _ = optim.make_optimizer(config.optim, 100)
-  graphdef, params, rest = train.create_model(
-      train.model_config(config, tokenizer.vocab_size), seed=0)
+  graphdef, params, rest = train_state.create_model(
+      config_lib.model_config(config, tokenizer.vocab_size), seed=0)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
-  step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.0, 0, 1))
+  step = jax.jit(functools.partial(steps.train_step, graphdef, tx, 0.0, 0, 1))
   losses = []
   for i in range(120):
     state, sums = step(state, rest, batches[i % 2])
@@ -48,7 +53,7 @@ def test_training_writes_a_translatable_model(trained_workdir):
   sources = open(os.path.join(splits, 'test.src'), encoding='utf-8').read().splitlines()
   references = open(os.path.join(splits, 'test.ref'), encoding='utf-8').read().splitlines()
   assert len(sources) == len(references) > 0
-  translator = translate.Translator(trained_workdir)
+  translator = translate.Translator.from_workdir(trained_workdir)
   assert translator.step == 20
   outputs = translator.translate(['Hello.', '', 'Where is the station?'], batch_size=2)
   assert len(outputs) == 3 and outputs[1] == ''
@@ -66,12 +71,12 @@ def test_translate_command_reads_stdin_and_keeps_lines(trained_workdir):
   assert outputs[-1] == '' and len(outputs) == len(lines) + 1  # one line each, in order
   assert outputs[1] == ''
   assert 'truncated' in result.stderr  # the over-long line is reported
-  assert 'Loaded checkpoint 20' in result.stderr  # logs on stderr, not stdout
+  assert 'Loaded the parameters of checkpoint 20' in result.stderr  # logs on stderr, not stdout
   assert 'Loaded checkpoint' not in result.stdout
 
 
 def test_translate_from_file_matches_stdin(trained_workdir, tmp_path):
-  translator = translate.Translator(trained_workdir)
+  translator = translate.Translator.from_workdir(trained_workdir)
   lines = ['Good morning.', 'How are you?', 'Tom is here.']
   source = tmp_path / 'in.txt'
   source.write_text('\n'.join(lines) + '\n', encoding='utf-8')
@@ -96,5 +101,5 @@ def test_non_finite_loss_stops_with_a_clear_message(small_corpus, tmp_path):
   config.optim.learning_rate = 1e30
   config.optim.grad_clip_norm = 0.0
   config.optim.warmup_steps = 0
-  with pytest.raises(train.TrainingError, match='non-finite loss or gradient at step'):
+  with pytest.raises(errors.TrainingError, match='non-finite loss or gradient at step'):
     train.train_and_evaluate(config, str(tmp_path))

@@ -1,0 +1,56 @@
+"""When to stop training early, decided by all processes together.
+
+A stop request — SIGTERM (preemption) or SIGINT (Ctrl-C) delivered to any one process,
+or the training time limit read from process 0's clock — is acted on by every process
+at the same step: they save the same checkpoint and exit the same way. With one process
+requests are checked every step; with several, every `check_every` steps (an all-gather
+of two flags). A second Ctrl-C stops at once, without saving.
+"""
+
+import logging
+import signal
+import time
+
+import jax
+
+from jaxnmt import distributed
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequests:
+
+  def __init__(self, time_limit_minutes: float, check_every: int):
+    self._time_limit_s = time_limit_minutes * 60
+    self._check_every = check_every
+    self._started = time.monotonic()
+    self._signal = None
+    self._previous = {}
+    for signum in _SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: signals keep their handlers
+        pass
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self._signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    self._signal = signal.Signals(signum).name
+    logging.warning('%s received: stopping at the next agreed step with a checkpoint '
+                    '(Ctrl-C again to stop at once without one)', self._signal)
+
+  def check(self, step: int) -> str | None:
+    """Why to stop after `step` ('signal' or 'time limit'), or None. Collective with
+    several processes: every process calls it after every step."""
+    if jax.process_count() > 1 and step % self._check_every:
+      return None
+    out_of_time = (jax.process_index() == 0 and self._time_limit_s > 0 and
+                   time.monotonic() - self._started > self._time_limit_s)
+    signalled, out_of_time = distributed.agree([self._signal is not None, out_of_time])
+    if signalled:
+      return 'signal'
+    return 'time limit' if out_of_time else None
+
+  def close(self) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)

@@ -97,7 +97,7 @@ def _variant(config, workdir: str, batches_cache: dict):
 
 
 def main(_):
-  host_runtime.apply_cpu_xla_flags()  # as `python -m jaxnmt.main` does
+  host_runtime.prepare('auto', 'auto', multi_process=False)  # as jaxnmt.main does
   base = FLAGS.config
   variants = [_parse(spec, base) for spec in FLAGS.variant]
   cache, runners = {}, {}
@@ -137,5 +137,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  host_runtime.choose_allocator()
   app.run(main)

@@ -1,57 +1,88 @@
-"""Host-side runtime settings that must be in place before JAX starts.
+"""Host-side settings for the CPU backend, made before JAX starts: `python -m
+jaxnmt.main` calls `prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process)`
+first thing and logs `describe()`. Two settings decide much of a CPU step's time
+(measured in BUILD_NOTES.md, "Speed"):
 
-Two settings decide much of a CPU step's time (measured in BUILD_NOTES.md, "Speed"):
+* **XLA:CPU library fusions** (`--cpu_library_fusions`): XLA hands only matrix
+  multiplies to YNNPACK by default; `--xla_cpu_experimental_ynn_fusion_type=
+  individual_dot,eltwise,reduce` hands it the elementwise loops and reductions too.
+  `auto` adds it for the jaxlib versions it was checked with (`TESTED_JAXLIB`;
+  `tests/test_host_runtime.py` compares losses with and without it on each install),
+  `on` for any jaxlib, `off` never; never over a value the user put in XLA_FLAGS.
+* **The allocator** (`--allocator`): glibc serves XLA's large per-step temporaries
+  with fresh `mmap`s and unmaps them on `free`, so each step page-faults its working
+  set in again, 4 KiB at a time. `auto` restarts the process once with tcmalloc
+  preloaded when the system has it (`apt install libtcmalloc-minimal4`), which reuses
+  that memory; else with glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35 and
+  kernel THP `always` or `madvise`), which faults it in 2 MiB at a time; else leaves
+  glibc as it is. `tcmalloc`, `hugepages` or a library's path ask for one (an error
+  where impossible); `system` keeps glibc as it is; `glibc` tunes glibc in place with
+  `mallopt` (no restart; as fast as tcmalloc, but a much larger resident set).
 
-* **XLA:CPU library fusions.** By default XLA hands only matrix multiplies to YNNPACK
-  and emits the elementwise and reduction loops itself; in a profile of a tiny-model
-  step those loops (transposed copies into which XLA had fused long recomputed
-  chains) took a third of the threads' time. `cpu_xla_flags` adds
-  `--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce`, which hands
-  them to YNNPACK as well (tiny steps 1.4x faster on a 2-core CPU). It is
-  applied for the jaxlib minor versions it was measured with (losses agree to 1e-5
-  over 30 steps; `tests/test_host_runtime.py` checks each install), and never over a
-  value the user put in XLA_FLAGS.
-* **The allocator.** XLA allocates each step's temporaries anew; glibc's defaults serve
-  large blocks with fresh `mmap`s and give them back on `free`, so every step
-  page-faults its working set in again, 4 KiB at a time (190,000 faults per
-  tiny-model step). `choose_allocator` (called first thing by `python -m jaxnmt.main`)
-  restarts the process once with tcmalloc preloaded when the system has it
-  (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), which keeps and reuses that
-  memory; without tcmalloc, with glibc's `glibc.malloc.hugetlb=1` tunable, which backs
-  those blocks with transparent huge pages: still faulted in every step, but 2 MiB at
-  a time (~1,000 faults per tiny step; steps 1.2x faster, no more memory).
-  `JAXNMT_ALLOCATOR` chooses: `auto` (the default: tcmalloc if found, else huge pages
-  where glibc >= 2.35 and the kernel's THP mode allow them, else glibc as it is),
-  `hugepages`, `system` (glibc as it is), the path of a malloc library to preload, or
-  `glibc`: glibc tuned in place with `mallopt` (`tune_glibc_malloc`: one arena, no
-  `mmap` for large blocks, no trimming). Tuned glibc runs tiny-model steps as fast as
-  tcmalloc but fragments: its resident set grew to 1.9x glibc's on the tiny model and
-  2.5x (14 GiB) on the base model, so it is a choice, not the default.
+`auto` (either flag) applies nothing unless JAX will compute on the CPU
+(`backend_platform`) in a single-process run, where the settings were measured.
+Explicit choices are honoured on any backend and process count.
 
-Nothing here imports JAX, so the launcher and tests can call it first.
+A restart sets LD_PRELOAD or GLIBC_TUNABLES for the loader only: the restarted process
+puts both back as the user had them (a private marker variable, removed too, carries
+them across `execve`), so the processes it starts inherit the user's environment.
+Nothing here imports JAX.
 """
 
 import ctypes
 import importlib.metadata
+import importlib.util
+import json
 import os
+import pkgutil
 import sys
+
+from jaxnmt.errors import UserError
 
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 CPU_LIBRARY_FUSIONS = 'individual_dot,eltwise,reduce'
 # jaxlib minor versions whose XLA:CPU was measured and checked with CPU_LIBRARY_FUSIONS.
 TESTED_JAXLIB = ('0.10.',)
+ALLOCATORS = ('auto', 'system', 'tcmalloc', 'hugepages', 'glibc')  # or a library's path
+LIBRARY_FUSIONS = ('auto', 'on', 'off')
 
-ALLOCATOR_ENV = 'JAXNMT_ALLOCATOR'
 HUGETLB_TUNABLE = 'glibc.malloc.hugetlb'
-_DONE_ENV = '_JAXNMT_ALLOCATOR_DONE'
+_MARKER = '_JAXNMT_HOST_RESTART'  # the user's LD_PRELOAD and GLIBC_TUNABLES, as JSON
+_RESTORED = ('LD_PRELOAD', 'GLIBC_TUNABLES')
 _ALLOCATOR_NAMES = ('tcmalloc', 'jemalloc', 'mimalloc')
 _TCMALLOC_NAMES = ('libtcmalloc_minimal.so.4', 'libtcmalloc.so.4')
 _LIBRARY_DIRS = ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64',
                  '/usr/lib', '/usr/local/lib', '/lib/x86_64-linux-gnu', '/lib64')
+_ACCELERATOR_MODULES = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin',
+                        'jax_rocm60_plugin', 'jax_rocm7_plugin')
+_CHOICES = 'use auto, system, tcmalloc, hugepages, glibc or the path of a malloc library'
 
 
-class AllocatorError(ValueError):
-  """A JAXNMT_ALLOCATOR choice this host cannot honour."""
+class AllocatorError(UserError, ValueError):
+  """An --allocator or --cpu_library_fusions choice this host cannot honour."""
+
+
+def accelerator_plugins(environ=os.environ) -> list[str]:
+  """The JAX accelerator plugins installed, found as JAX finds them but without
+  importing anything: known modules, `jax_plugins.*`, `jax_plugins` entry points."""
+  found = [name for name in _ACCELERATOR_MODULES if importlib.util.find_spec(name)]
+  spec = importlib.util.find_spec('jax_plugins')
+  if spec and spec.submodule_search_locations:
+    found += [f'jax_plugins.{module.name}'
+              for module in pkgutil.iter_modules(spec.submodule_search_locations)]
+  found += [point.value for point in importlib.metadata.entry_points(group='jax_plugins')]
+  if environ.get('PJRT_NAMES_AND_LIBRARY_PATHS'):
+    found.append('PJRT_NAMES_AND_LIBRARY_PATHS')
+  return list(dict.fromkeys(found))
+
+
+def backend_platform(environ, plugins) -> str:
+  """The platform JAX will compute on: JAX_PLATFORM_NAME if set (it picks the default
+  backend), else the first entry of JAX_PLATFORMS, else the first accelerator plugin
+  installed (`accelerator_plugins`), else 'cpu'."""
+  chosen = (environ.get('JAX_PLATFORM_NAME', '').strip()
+            or environ.get('JAX_PLATFORMS', '').split(',')[0].strip())
+  return chosen.lower() if chosen else (plugins[0] if plugins else 'cpu')
 
 
 def _jaxlib_version() -> str:
@@ -61,41 +92,27 @@ def _jaxlib_version() -> str:
     return ''
 
 
-def cpu_xla_flags(current: str, jaxlib_version: str | None = None) -> str:
+def cpu_xla_flags(current: str, jaxlib_version: str | None = None,
+                  force: bool = False) -> str:
   """XLA_FLAGS with the CPU library fusions added, unless `current` already chooses
-  them or this jaxlib was not measured with them."""
+  them or (without `force`) this jaxlib was not tested with them."""
   jaxlib_version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
-  if YNN_FLAG in current or not jaxlib_version.startswith(TESTED_JAXLIB):
+  if YNN_FLAG in current or not (force or jaxlib_version.startswith(TESTED_JAXLIB)):
     return current
   return f'{current} {YNN_FLAG}={CPU_LIBRARY_FUSIONS}'.strip()
 
 
-def apply_cpu_xla_flags() -> None:
-  """Sets XLA_FLAGS for this process; call before JAX creates its CPU backend."""
-  os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''))
-
-
 def find_tcmalloc(directories=_LIBRARY_DIRS) -> str | None:
-  for directory in directories:
-    for name in _TCMALLOC_NAMES:
-      path = os.path.join(directory, name)
-      if os.path.exists(path):
-        return path
-  return None
-
-
-def _allocator_preloaded(environ) -> bool:
-  return any(name in environ.get('LD_PRELOAD', '') for name in _ALLOCATOR_NAMES)
+  paths = (os.path.join(folder, name) for folder in directories for name in _TCMALLOC_NAMES)
+  return next((path for path in paths if os.path.exists(path)), None)
 
 
 def glibc_version() -> tuple[int, ...]:
   """(2, 36) for glibc 2.36; () on other C libraries."""
   name = (os.confstr('CS_GNU_LIBC_VERSION') or '') if sys.platform == 'linux' else ''
-  if not name.startswith('glibc '):
-    return ()
   try:
     return tuple(int(part) for part in name.split()[1].split('.')[:2])
-  except ValueError:
+  except (ValueError, IndexError):
     return ()
 
 
@@ -110,57 +127,61 @@ def transparent_hugepages(path: str = '/sys/kernel/mm/transparent_hugepage/enabl
 
 
 def hugepages_available() -> bool:
-  """Whether glibc can back large blocks with transparent huge pages: its
-  `glibc.malloc.hugetlb` tunable (glibc >= 2.35) and a kernel whose THP mode is not
-  'never'."""
+  """Whether glibc's `glibc.malloc.hugetlb` tunable works here (glibc >= 2.35 and a
+  kernel THP mode other than 'never')."""
   return glibc_version() >= (2, 35) and transparent_hugepages() in ('always', 'madvise')
 
 
-def allocator_environment(environ: dict, tcmalloc: str | None,
-                          hugepages: bool = False) -> dict | None:
-  """The environment to restart with for a faster allocator, or None to go on as is.
-  `tcmalloc`: the library found, if any; `hugepages`: whether glibc's huge page
-  tunable works here (`hugepages_available`)."""
-  choice = environ.get(ALLOCATOR_ENV, 'auto')
-  if environ.get(_DONE_ENV) or choice in ('system', 'glibc') or sys.platform != 'linux':
+def restart_environment(allocator: str, environ, tcmalloc: str | None,
+                        hugepages: bool) -> dict | None:
+  """The environment to restart with for `allocator`, or None to go on as is ('auto':
+  tcmalloc, else huge pages, unless the user preloaded an allocator or set the hugetlb
+  tunable). `tcmalloc`: the library found; `hugepages`: `hugepages_available()`."""
+  preload, tunables = environ.get('LD_PRELOAD', ''), environ.get('GLIBC_TUNABLES', '')
+  if allocator == 'auto':
+    users = HUGETLB_TUNABLE in tunables or any(name in preload for name in _ALLOCATOR_NAMES)
+    allocator = ('system' if users or sys.platform != 'linux' else
+                 'tcmalloc' if tcmalloc else 'hugepages' if hugepages else 'system')
+  if allocator in ('system', 'glibc'):
     return None
-  preload = environ.get('LD_PRELOAD', '')
-  if _allocator_preloaded(environ) or HUGETLB_TUNABLE in environ.get('GLIBC_TUNABLES', ''):
-    return None  # the user chose an allocator already
-  if choice == 'hugepages' and not hugepages:
-    raise AllocatorError(f'{ALLOCATOR_ENV}=hugepages: needs glibc >= 2.35 and the '
-                            'kernel\'s transparent huge pages (/sys/kernel/mm/'
-                            'transparent_hugepage/enabled: always or madvise)')
-  if choice == 'hugepages' or (choice == 'auto' and not tcmalloc and hugepages):
-    tunables = environ.get('GLIBC_TUNABLES', '')
-    return {**environ, 'GLIBC_TUNABLES': f'{tunables}:{HUGETLB_TUNABLE}=1'.lstrip(':'),
-            _DONE_ENV: '1'}
-  if choice != 'auto':
-    if not os.path.exists(choice):
-      raise FileNotFoundError(f'{ALLOCATOR_ENV}={choice}: no such library (use auto, '
-                              'hugepages, glibc, system or the path of a malloc library '
-                              'such as libtcmalloc.so.4)')
-    library = choice
-  elif tcmalloc:
-    library = tcmalloc
+  if sys.platform != 'linux':
+    raise AllocatorError(f'--allocator={allocator}: needs Linux ({_CHOICES})')
+  if allocator == 'hugepages':
+    if not hugepages:
+      raise AllocatorError('--allocator=hugepages: needs glibc >= 2.35 and the kernel\'s '
+                           'transparent huge pages (/sys/kernel/mm/transparent_hugepage/'
+                           'enabled: always or madvise)')
+    if f'{HUGETLB_TUNABLE}=1' in tunables.split(':'):
+      return None  # set already
+    changed = {'GLIBC_TUNABLES': f'{tunables}:{HUGETLB_TUNABLE}=1'.lstrip(':')}
+  elif allocator == 'tcmalloc' and not tcmalloc:
+    raise AllocatorError(f'--allocator=tcmalloc: not found in {", ".join(_LIBRARY_DIRS)} '
+                         '(Debian/Ubuntu: apt install libtcmalloc-minimal4; or pass its path)')
+  elif allocator != 'tcmalloc' and not os.path.isfile(allocator):
+    raise AllocatorError(f'--allocator={allocator}: no such library ({_CHOICES} such as '
+                         '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4)')
   else:
+    library = tcmalloc if allocator == 'tcmalloc' else os.path.abspath(allocator)
+    if library in preload.replace(':', ' ').split():
+      return None  # preloaded already
+    changed = {'LD_PRELOAD': f'{library} {preload}'.strip()}
+  saved = {name: environ.get(name) for name in _RESTORED}
+  return {**environ, **changed, _MARKER: json.dumps({**saved, 'set': changed})}
+
+
+def restore_environment(environ) -> dict | None:
+  """After a restart: removes the marker and puts LD_PRELOAD and GLIBC_TUNABLES back as
+  the user had them (the loader has applied them already). Returns the variables the
+  restart set, or None if this process does not come from one."""
+  if (marker := environ.pop(_MARKER, None)) is None:
     return None
-  return {**environ, 'LD_PRELOAD': f'{library} {preload}'.strip(), _DONE_ENV: '1'}
-
-
-def reexec_with_allocator() -> None:
-  """Restarts this command once with a faster allocator (see the module docstring).
-  Call first thing in a `__main__`; returns only when nothing needs to change."""
-  environment = allocator_environment(dict(os.environ), find_tcmalloc(),
-                                      hugepages_available())
-  if environment is None:
-    return
-  sys.stdout.flush()
-  sys.stderr.flush()
-  try:
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
-  except OSError:
-    os.environ[_DONE_ENV] = '1'  # could not restart: go on with the system allocator
+  saved = json.loads(marker)
+  for name in _RESTORED:
+    if saved[name] is None:
+      environ.pop(name, None)
+    else:
+      environ[name] = saved[name]
+  return saved['set']
 
 
 # mallopt parameters (glibc's malloc.h).
@@ -168,20 +189,13 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _glibc_tuned = False
 
 
-def is_glibc() -> bool:
-  """Whether this process runs on GNU libc (the C library `tune_glibc_malloc` tunes)."""
-  return bool(glibc_version())
-
-
 def tune_glibc_malloc() -> bool:
-  """Makes glibc keep and reuse freed memory: one arena (other threads' arenas would
-  `mmap` large blocks whatever the settings), no `mmap` for large blocks, no trimming
-  of the heap (-1: never; any positive threshold is at most 2 GiB, and a base-model
-  step frees more than that at once), and the heap grown 64 MiB at a time. Call
-  before other threads start. Returns whether glibc took the settings (False on other
-  C libraries)."""
+  """Makes glibc keep and reuse freed memory: one arena (other arenas `mmap` large
+  blocks whatever the settings), no `mmap` for large blocks, no trimming (a positive
+  threshold is at most 2 GiB, less than a large step frees), the heap grown 64 MiB at
+  a time. Call before other threads start. Returns whether glibc took the settings."""
   global _glibc_tuned
-  if not is_glibc():
+  if not glibc_version():
     return False
   mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -191,32 +205,88 @@ def tune_glibc_malloc() -> bool:
   return _glibc_tuned
 
 
-def choose_allocator() -> None:
-  """The allocator choice of `JAXNMT_ALLOCATOR` (see the module docstring): restarts
-  once with tcmalloc or the given library, or tunes glibc in place. Call first thing in
-  a `__main__`, before other threads start."""
-  reexec_with_allocator()  # returns only when this process goes on as it is
-  if os.environ.get(ALLOCATOR_ENV) == 'glibc' and not _allocator_preloaded(os.environ):
-    tune_glibc_malloc()
+_state: dict | None = None  # what `prepare` did, for `describe`
+
+
+def prepare(allocator: str = 'auto', library_fusions: str = 'auto',
+            multi_process: bool = False) -> None:
+  """Applies --allocator and --cpu_library_fusions (see the module docstring). Call once,
+  first thing, before JAX is imported and other threads start: it may restart this
+  command once (`execve` of the same argv); later calls do nothing."""
+  global _state
+  if _state is not None:
+    return
+  if library_fusions not in LIBRARY_FUSIONS:
+    raise AllocatorError(f'--cpu_library_fusions={library_fusions}: use auto, on or off')
+  restarted = restore_environment(os.environ)  # before anything reads LD_PRELOAD
+  platform = backend_platform(os.environ, accelerator_plugins())
+  skipped = (f'the backend is {platform}, not the CPU' if platform != 'cpu' else
+             'a multi-process run' if multi_process else '')
+  state = {'allocator': allocator, 'skipped': skipped, 'restarted': restarted,
+           'added': '', 'notes': []}
+  if restarted is None and allocator != 'glibc' and not (allocator == 'auto' and skipped):
+    environment = restart_environment(allocator, os.environ, find_tcmalloc(),
+                                      hugepages_available())
+    if environment is not None:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+      except OSError as error:
+        state['notes'].append(f'could not restart with --allocator={allocator}: {error}')
+  if allocator == 'glibc' and not any(name in os.environ.get('LD_PRELOAD', '')
+                                      for name in _ALLOCATOR_NAMES):
+    if not tune_glibc_malloc():
+      raise AllocatorError('--allocator=glibc: needs GNU libc (use auto, system, tcmalloc '
+                           'or the path of a malloc library)')
+  if library_fusions == 'on' or (library_fusions == 'auto' and not skipped):
+    before, version = os.environ.get('XLA_FLAGS', ''), _jaxlib_version()
+    os.environ['XLA_FLAGS'] = cpu_xla_flags(before, version, force=library_fusions == 'on')
+    state['added'] = os.environ['XLA_FLAGS'][len(before):].strip()
+    if YNN_FLAG in before:
+      state['notes'].append(f'XLA_FLAGS already sets {YNN_FLAG}: kept')
+    elif not version.startswith(TESTED_JAXLIB):
+      state['notes'].append(f'jaxlib {version or "(none)"} is not tested with the CPU '
+                            'library fusions' + (': added as asked' if state['added'] else
+                                                 ' (--cpu_library_fusions=on adds them)'))
+  _state = state
 
 
 def describe_allocator() -> str:
   """How this process allocates host memory, for logs and bench.json."""
-  loaded = ''
   try:
     with open('/proc/self/maps', encoding='utf-8') as maps:
-      loaded = maps.read()
+      loaded = {line.split()[-1] for line in maps if '/' in line}
   except OSError:
-    pass
+    loaded = set()
   for name in _ALLOCATOR_NAMES:
-    if name in loaded:
-      paths = sorted({line.split()[-1] for line in loaded.splitlines() if name in line})
+    if paths := sorted(path for path in loaded if name in os.path.basename(path)):
       return f'{name} ({paths[0]})'
-  preload = os.environ.get('LD_PRELOAD')
+  ours = (_state or {}).get('restarted') or {}
+  if ours.get('LD_PRELOAD'):
+    library = ours['LD_PRELOAD'].split()[0]
+    found = os.path.realpath(library) in loaded or not loaded
+    return f'{library} (preloaded{"" if found else " but not loaded"})'
   if _glibc_tuned:
     name = 'glibc malloc (tuned: one arena, no mmap, no trim)'
-  elif f'{HUGETLB_TUNABLE}=1' in os.environ.get('GLIBC_TUNABLES', ''):
+  elif f'{HUGETLB_TUNABLE}=1' in ours.get('GLIBC_TUNABLES',
+                                          os.environ.get('GLIBC_TUNABLES', '')):
     name = 'glibc malloc (transparent huge pages)'
   else:
     name = 'glibc malloc'
+  preload = os.environ.get('LD_PRELOAD')
   return f'{name} (LD_PRELOAD={preload})' if preload else name
+
+
+def describe() -> str:
+  """One line for the log: the allocator running, the XLA flags added, and why
+  nothing was applied where that is so."""
+  if _state is None:
+    return f'allocator: {describe_allocator()}; host_runtime.prepare was not called'
+  allocator, skipped = describe_allocator(), _state['skipped']
+  if _state['allocator'] == 'auto' and not skipped and allocator == 'glibc malloc':
+    allocator += ' (tcmalloc makes CPU steps faster: apt install libtcmalloc-minimal4)'
+  line = f'allocator: {allocator}; XLA_FLAGS added: {_state["added"] or "none"}'
+  if skipped:
+    line += f'; --allocator=auto and --cpu_library_fusions=auto apply nothing: {skipped}'
+  return '; '.join([line, *_state['notes']])

@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from jaxnmt.errors import ConfigError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
@@ -61,23 +63,35 @@ def train(sentences: Sequence[str], model_path: str, vocab_size: int,
   os.makedirs(directory, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=directory) as scratch:
     prefix = os.path.join(scratch, 'spm')
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=0.9999,
-        byte_fallback=True,
-        normalization_rule_name='identity',
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    try:
+      _train_sentencepiece(sentences, prefix, vocab_size, model_type)
+    except RuntimeError as error:  # SentencePiece reports a bad request this way
+      message = str(error).splitlines()[0]
+      if 'Vocabulary size too high' in message:
+        raise ConfigError(f'config.tokenizer.vocab_size={vocab_size} is too large for '
+                          f'{len(sentences)} training sentences: {message.split("] ")[-1]}'
+                          ) from None
+      raise
     # Atomic publish: a crash never leaves a half-written model at `model_path`.
     os.replace(prefix + '.model', model_path)
   return Tokenizer(model_path)
+
+
+def _train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: str) -> None:
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences),
+      model_prefix=prefix,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=0.9999,
+      byte_fallback=True,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+  )
 
 
 def load_or_train(model_path: str, sentences_fn, **train_kwargs) -> Tokenizer:

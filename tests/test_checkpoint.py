@@ -14,11 +14,13 @@ import pytest
 
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import config_lib
+from jaxnmt import errors
 from jaxnmt import metrics
 from jaxnmt import optim
 from jaxnmt import train
 from jaxnmt import train_state
 from jaxnmt import translate
+from jaxnmt import workdir as workdir_lib
 from tests.tiny_config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,24 +131,27 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, small_corpus
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, stderr[-3000:]
   saved = committed_steps(workdir)[-1]
-  assert f'Preempted: saved step {saved}' in stderr  # the newest checkpoint is the stop step
+  # The newest checkpoint is the stop step.
+  assert f'Stopped at step {saved} on a signal; checkpoint saved' in stderr
   result = run(workdir, small_corpus, f'--config.num_train_steps={saved + 2}')
   assert f'Resumed from checkpoint at step {saved}' in result.stderr
 
 
 def test_second_trainer_on_a_live_workdir_refuses(tmp_path, small_corpus):
   workdir = tmp_path / 'busy'
-  process = start_and_wait_for_checkpoint(workdir, small_corpus,
-                                          f'--config.num_train_steps={STEPS * 50}')
+  held = workdir_lib.TrainerLock(str(workdir), owner=True)  # a live trainer's lock
   try:
+    with pytest.raises(errors.WorkdirError, match=f'pid {os.getpid()}'):
+      workdir_lib.TrainerLock(str(workdir), owner=True)
     second = subprocess.run(command(workdir), cwd=ROOT, env=environment(small_corpus),
                             capture_output=True, text=True, timeout=300)
-    assert second.returncode != 0
+    assert second.returncode == 2, second.stderr[-2000:]
     assert 'is in use by another trainer' in second.stderr.strip().splitlines()[-1]
-    assert process.poll() is None  # the live trainer was not disturbed
+    assert 'Traceback' not in second.stderr
+    assert not os.path.exists(workdir / 'checkpoints')  # refused before any work
   finally:
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    held.release()
+  workdir_lib.TrainerLock(str(workdir), owner=True).release()  # free once released
 
 
 def test_truncated_latest_checkpoint_falls_back(trained_workdir, tmp_path, small_corpus):
@@ -197,6 +202,6 @@ def test_sharded_checkpoint_restores_on_one_device_and_translates(tmp_path, smal
   train.train_and_evaluate(config, workdir)
   translator = translate.Translator.from_workdir(workdir)
   assert translator.step == config.num_train_steps
-  leaf = jax.tree.leaves(translator.params)[0]
+  leaf = jax.tree.leaves(translator.loaded.params)[0]
   assert len(leaf.sharding.device_set) == 1
   assert len(translator.translate(['Hello.', 'Thank you.'])) == 2

@@ -1,6 +1,6 @@
-"""Host runtime settings: the XLA:CPU library fusions and the allocator restart."""
+"""Host runtime settings: backend detection, the XLA:CPU library fusions, the allocator
+restart (and that nothing of it leaks into child processes)."""
 
-import ctypes.util
 import json
 import os
 import subprocess
@@ -8,56 +8,117 @@ import sys
 
 import pytest
 
-from jaxnmt import host_runtime
+from jaxnmt import errors, host_runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSIONS = f'{host_runtime.YNN_FLAG}={host_runtime.CPU_LIBRARY_FUSIONS}'
+MARKER = host_runtime._MARKER  # pylint: disable=protected-access
+LIB_DIRS = ('/lib/x86_64-linux-gnu', '/lib/aarch64-linux-gnu', '/usr/lib64', '/lib64', '/lib')
 
 
 def test_cpu_xla_flags_added_kept_or_left_alone():
   assert host_runtime.cpu_xla_flags('', '0.10.2') == FUSIONS
   assert (host_runtime.cpu_xla_flags('--xla_force_host_platform_device_count=8', '0.10.2')
           == f'--xla_force_host_platform_device_count=8 {FUSIONS}')
-  # The user's own choice wins, and an unmeasured jaxlib gets nothing added.
+  # The user's own choice wins, even when forced; an untested jaxlib gets nothing
+  # unless forced (--cpu_library_fusions=on).
   mine = f'{host_runtime.YNN_FLAG}=individual_dot'
   assert host_runtime.cpu_xla_flags(mine, '0.10.2') == mine
+  assert host_runtime.cpu_xla_flags(mine, '0.11.0', force=True) == mine
   assert host_runtime.cpu_xla_flags('--foo', '0.11.0') == '--foo'
+  assert host_runtime.cpu_xla_flags('--foo', '0.11.0', force=True) == f'--foo {FUSIONS}'
 
 
-def test_allocator_environment_choices(tmp_path):
-  allocator = host_runtime.allocator_environment
+def test_backend_platform_without_importing_jax():
+  platform = host_runtime.backend_platform
+  assert platform({}, []) == 'cpu'
+  assert platform({'JAX_PLATFORMS': ''}, []) == 'cpu'
+  assert platform({}, ['jax_cuda12_plugin']) == 'jax_cuda12_plugin'
+  # JAX_PLATFORMS' first entry decides, over the plugins installed ...
+  assert platform({'JAX_PLATFORMS': 'cpu'}, ['jax_cuda12_plugin']) == 'cpu'
+  assert platform({'JAX_PLATFORMS': 'CUDA,cpu'}, []) == 'cuda'
+  assert platform({'JAX_PLATFORMS': 'cpu,tpu'}, ['libtpu']) == 'cpu'
+  # ... and JAX_PLATFORM_NAME, which picks JAX's default backend, over both.
+  assert platform({'JAX_PLATFORMS': 'cuda,cpu', 'JAX_PLATFORM_NAME': 'cpu'}, ['x']) == 'cpu'
+  assert platform({'JAX_PLATFORM_NAME': 'tpu'}, []) == 'tpu'
+
+
+def test_accelerator_plugins_found_as_jax_finds_them(tmp_path, monkeypatch):
+  (tmp_path / 'jax_cuda12_plugin').mkdir()
+  (tmp_path / 'jax_cuda12_plugin' / '__init__.py').write_text('raise ImportError\n')
+  (tmp_path / 'jax_plugins' / 'xla_fake').mkdir(parents=True)  # a namespace package
+  (tmp_path / 'jax_plugins' / 'xla_fake' / '__init__.py').write_text('raise ImportError\n')
+  info = tmp_path / 'jax_rocm7_plugin-0.1.dist-info'
+  info.mkdir()
+  (info / 'METADATA').write_text('Metadata-Version: 2.1\nName: jax-rocm7-plugin\nVersion: 0.1\n')
+  (info / 'entry_points.txt').write_text('[jax_plugins]\nxla_rocm7 = jax_rocm7_plugin\n')
+  assert 'jax_cuda12_plugin' not in host_runtime.accelerator_plugins({})
+  monkeypatch.syspath_prepend(str(tmp_path))
+  found = host_runtime.accelerator_plugins({})
+  assert found == ['jax_cuda12_plugin', 'jax_plugins.xla_fake', 'jax_rocm7_plugin'], found
+  assert 'jax_cuda12_plugin' not in sys.modules  # found, not imported
+  assert host_runtime.accelerator_plugins({'PJRT_NAMES_AND_LIBRARY_PATHS': 'x:/x.so'})[-1] \
+      == 'PJRT_NAMES_AND_LIBRARY_PATHS'
+
+
+def _marker(env):
+  return json.loads(env[MARKER])
+
+
+def test_restart_environment_choices(tmp_path, monkeypatch):
+  restart = host_runtime.restart_environment
   base = {'PATH': '/usr/bin'}
-  # tcmalloc found: preloaded, ahead of what the user preloads, and marked done.
-  env = allocator({**base, 'LD_PRELOAD': 'libmine.so'}, '/lib/libtcmalloc.so.4')
-  assert env['LD_PRELOAD'] == '/lib/libtcmalloc.so.4 libmine.so'
-  assert env['PATH'] == '/usr/bin' and env['_JAXNMT_ALLOCATOR_DONE'] == '1'
-  # Nothing to change: no tcmalloc, the opt-out, an allocator the user preloaded, or a
-  # process that already restarted.
-  assert allocator(base, None) is None
-  assert allocator({**base, 'JAXNMT_ALLOCATOR': 'system'}, '/lib/libtcmalloc.so.4') is None
-  assert allocator({**base, 'JAXNMT_ALLOCATOR': 'glibc'}, '/lib/libtcmalloc.so.4') is None
-  assert allocator({**base, 'LD_PRELOAD': '/x/libjemalloc.so.2'}, '/lib/t.so') is None
-  assert allocator({**base, '_JAXNMT_ALLOCATOR_DONE': '1'}, '/lib/t.so') is None
-  # An explicit library: preloaded if it exists, a clear error if it does not.
+  tcmalloc = '/lib/libtcmalloc.so.4'
+  # auto, tcmalloc found: preloaded ahead of what the user preloads; the marker keeps
+  # the user's own values (None: unset) for the restarted process to put back.
+  env = restart('auto', {**base, 'LD_PRELOAD': 'libmine.so'}, tcmalloc, True)
+  assert env['LD_PRELOAD'] == f'{tcmalloc} libmine.so' and env['PATH'] == '/usr/bin'
+  assert _marker(env) == {'LD_PRELOAD': 'libmine.so', 'GLIBC_TUNABLES': None,
+                          'set': {'LD_PRELOAD': f'{tcmalloc} libmine.so'}}
+  assert 'GLIBC_TUNABLES' not in env
+  # auto, no tcmalloc: huge pages after the user's own tunables, else nothing.
+  env = restart('auto', {**base, 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, None, True)
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  assert 'LD_PRELOAD' not in env and _marker(env)['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
+  assert restart('auto', base, None, False) is None
+  # auto keeps an allocator the user chose; system and glibc never restart.
+  assert restart('auto', {**base, 'LD_PRELOAD': '/x/libjemalloc.so.2'}, tcmalloc, True) is None
+  assert restart('auto', {**base, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, None, True) is None
+  assert restart('system', base, tcmalloc, True) is None
+  assert restart('glibc', base, tcmalloc, True) is None
+  # Explicit choices: honoured, or a one-line UserError naming the flag.
+  env = restart('hugepages', base, tcmalloc, True)
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1' and 'LD_PRELOAD' not in env
+  assert restart('hugepages', {**base, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, None,
+                 True) is None
+  with pytest.raises(host_runtime.AllocatorError, match='^--allocator=hugepages: needs glibc'):
+    restart('hugepages', base, tcmalloc, False)
+  assert restart('tcmalloc', base, tcmalloc, False)['LD_PRELOAD'] == tcmalloc
+  with pytest.raises(host_runtime.AllocatorError, match='^--allocator=tcmalloc: not found'):
+    restart('tcmalloc', base, None, True)
   library = tmp_path / 'libfast.so'
   library.write_bytes(b'')
-  env = allocator({**base, 'JAXNMT_ALLOCATOR': str(library)}, None)
-  assert env['LD_PRELOAD'] == str(library)
-  with pytest.raises(FileNotFoundError, match='JAXNMT_ALLOCATOR=/no/such.so'):
-    allocator({**base, 'JAXNMT_ALLOCATOR': '/no/such.so'}, None)
-  # No tcmalloc, but glibc's huge page tunable works: restart with it, after the user's
-  # own tunables; tcmalloc still comes first, and a user's hugetlb setting is kept.
-  env = allocator({**base, 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, None, True)
-  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
-  assert env['_JAXNMT_ALLOCATOR_DONE'] == '1' and 'LD_PRELOAD' not in env
-  assert allocator(base, None, True)['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
-  assert 'GLIBC_TUNABLES' not in allocator(base, '/lib/libtcmalloc.so.4', True)
-  assert allocator({**base, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, None, True) is None
-  assert allocator({**base, 'JAXNMT_ALLOCATOR': 'system'}, None, True) is None
-  env = allocator({**base, 'JAXNMT_ALLOCATOR': 'hugepages'}, '/lib/libtcmalloc.so.4', True)
-  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1' and 'LD_PRELOAD' not in env
-  with pytest.raises(host_runtime.AllocatorError, match='JAXNMT_ALLOCATOR=hugepages: needs'):
-    allocator({**base, 'JAXNMT_ALLOCATOR': 'hugepages'}, None, False)
+  assert restart(str(library), base, tcmalloc, True)['LD_PRELOAD'] == str(library)
+  assert restart(str(library), {**base, 'LD_PRELOAD': str(library)}, None, True) is None
+  monkeypatch.chdir(tmp_path)  # a relative path is made absolute for the loader
+  assert restart('libfast.so', base, None, True)['LD_PRELOAD'] == str(library)
+  with pytest.raises(errors.UserError, match='^--allocator=/no/lib.so: no such library'):
+    restart('/no/lib.so', base, tcmalloc, True)
+  with pytest.raises(host_runtime.AllocatorError, match='^--allocator=jemalloc: no such'):
+    restart('jemalloc', base, tcmalloc, True)
+
+
+def test_restore_environment_puts_the_users_values_back():
+  env = host_runtime.restart_environment('hugepages', {'LD_PRELOAD': 'libmine.so'}, None, True)
+  assert host_runtime.restore_environment(env) == {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  assert env == {'LD_PRELOAD': 'libmine.so'}  # the marker and our tunable are gone
+  env = {'LD_PRELOAD': '/lib/t.so mine.so', 'GLIBC_TUNABLES': 'x=1', 'A': 'b',
+         MARKER: json.dumps({'LD_PRELOAD': 'mine.so', 'GLIBC_TUNABLES': None,
+                             'set': {'LD_PRELOAD': '/lib/t.so mine.so'}})}
+  assert host_runtime.restore_environment(env) == {'LD_PRELOAD': '/lib/t.so mine.so'}
+  assert env == {'LD_PRELOAD': 'mine.so', 'A': 'b'}
+  assert host_runtime.restore_environment(env) is None and env == {'LD_PRELOAD': 'mine.so',
+                                                                   'A': 'b'}
 
 
 def test_transparent_hugepage_mode(tmp_path):
@@ -69,44 +130,172 @@ def test_transparent_hugepage_mode(tmp_path):
   assert host_runtime.transparent_hugepages(str(tmp_path / 'missing')) == ''
 
 
-def _main(args, **env):
+class _Exec(Exception):
+  pass
+
+
+@pytest.fixture(name='prepare')
+def _prepare(monkeypatch):
+  """Runs `prepare` in this process with execve caught: returns (the environment it
+  would restart with or None, describe(), XLA_FLAGS)."""
+  def fake_execve(path, argv, env):
+    raise _Exec(env)
+
+  def run(allocator, fusions, multi_process=False, tcmalloc=None, hugepages=True,
+          jaxlib='0.10.2', **env):
+    monkeypatch.setattr(host_runtime, '_state', None)
+    monkeypatch.setattr(host_runtime.os, 'execve', fake_execve)
+    monkeypatch.setattr(host_runtime, 'find_tcmalloc', lambda: tcmalloc)
+    monkeypatch.setattr(host_runtime, 'hugepages_available', lambda: hugepages)
+    monkeypatch.setattr(host_runtime, '_jaxlib_version', lambda: jaxlib)
+    monkeypatch.setattr(host_runtime, 'accelerator_plugins', lambda: [])
+    for name in ('LD_PRELOAD', 'GLIBC_TUNABLES', MARKER, 'JAX_PLATFORM_NAME'):
+      monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('XLA_FLAGS', '--xla_dump_to=/tmp/x')
+    monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+    for name, value in env.items():
+      monkeypatch.setenv(name, value)
+    try:
+      host_runtime.prepare(allocator, fusions, multi_process)
+    except _Exec as restart:
+      return restart.args[0], None, None
+    return None, host_runtime.describe(), os.environ['XLA_FLAGS']
+
+  return run
+
+
+def test_auto_applies_only_on_a_single_cpu_process(prepare):
+  env, _, _ = prepare('auto', 'auto', tcmalloc='/lib/libtcmalloc.so.4')
+  assert env['LD_PRELOAD'] == '/lib/libtcmalloc.so.4'
+  env, line, flags = prepare('auto', 'auto', hugepages=False)
+  assert env is None and flags == f'--xla_dump_to=/tmp/x {FUSIONS}'
+  assert line.startswith('allocator: glibc malloc (tcmalloc makes CPU steps faster')
+  assert f'XLA_FLAGS added: {FUSIONS}' in line
+  # Several processes, or an accelerator: auto restarts nothing and adds no flags.
+  for kwargs, why in (({'multi_process': True}, 'a multi-process run'),
+                      ({'JAX_PLATFORMS': 'cuda,cpu'}, 'the backend is cuda, not the CPU')):
+    env, line, flags = prepare('auto', 'auto', tcmalloc='/lib/libtcmalloc.so.4', **kwargs)
+    assert env is None and flags == '--xla_dump_to=/tmp/x'
+    assert line == ('allocator: glibc malloc; XLA_FLAGS added: none; --allocator=auto and '
+                    f'--cpu_library_fusions=auto apply nothing: {why}')
+
+
+def test_explicit_choices_are_honoured_everywhere(prepare):
+  for kwargs in ({'multi_process': True}, {'JAX_PLATFORMS': 'tpu'}):
+    env, _, _ = prepare('hugepages', 'off', **kwargs)
+    assert env['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
+    _, line, flags = prepare('system', 'on', **kwargs)
+    assert flags == f'--xla_dump_to=/tmp/x {FUSIONS}' and f'added: {FUSIONS}' in line
+  _, line, flags = prepare('system', 'off')
+  assert flags == '--xla_dump_to=/tmp/x' and 'added: none' in line
+  # 'on' adds the fusions to an untested jaxlib and says so; 'auto' does not.
+  _, line, flags = prepare('system', 'on', jaxlib='0.11.0')
+  assert FUSIONS in flags and 'jaxlib 0.11.0 is not tested with the CPU library fusions: ' \
+      'added as asked' in line
+  _, line, flags = prepare('system', 'auto', jaxlib='0.11.0')
+  assert FUSIONS not in flags and '(--cpu_library_fusions=on adds them)' in line
+  # Never over the user's own value.
+  _, line, flags = prepare('system', 'on', XLA_FLAGS=f'{host_runtime.YNN_FLAG}=individual_dot')
+  assert flags == f'{host_runtime.YNN_FLAG}=individual_dot' and ': kept' in line
+  with pytest.raises(host_runtime.AllocatorError, match='^--allocator=/no/lib.so: no such'):
+    prepare('/no/lib.so', 'auto', JAX_PLATFORMS='cuda')
+  with pytest.raises(host_runtime.AllocatorError, match='^--cpu_library_fusions=yes: use'):
+    prepare('auto', 'yes')
+
+
+def test_prepare_after_a_restart_does_not_restart_again(prepare):
+  marker = json.dumps({'LD_PRELOAD': None, 'GLIBC_TUNABLES': 'a=1',
+                       'set': {'GLIBC_TUNABLES': 'a=1:glibc.malloc.hugetlb=1'}})
+  env, line, _ = prepare('hugepages', 'auto', GLIBC_TUNABLES='a=1:glibc.malloc.hugetlb=1',
+                         **{MARKER: marker})
+  assert env is None and line.startswith('allocator: glibc malloc (transparent huge pages);')
+  assert os.environ['GLIBC_TUNABLES'] == 'a=1' and MARKER not in os.environ
+  host_runtime.prepare('hugepages', 'auto')  # a second call does nothing
+  assert host_runtime.describe() == line
+
+
+# Calls prepare() as main does, then reports what the process and a child it starts see.
+_DRIVER = r'''
+import json, os, subprocess, sys
+from jaxnmt import host_runtime
+print('START', flush=True)
+try:
+  host_runtime.prepare(sys.argv[1], sys.argv[2], sys.argv[3] == 'multi')
+except host_runtime.AllocatorError as error:
+  sys.exit(f'error: {error}')
+names = ('LD_PRELOAD', 'GLIBC_TUNABLES', host_runtime._MARKER)
+child = subprocess.run([sys.executable, '-c', 'import json, os, sys; print(json.dumps('
+                        '{name: os.environ.get(name) for name in sys.argv[1:]}))', *names],
+                       capture_output=True, text=True, check=True)
+with open('/proc/self/maps') as maps:
+  loaded = sorted({line.split()[-1] for line in maps if '/' in line})
+print(json.dumps({'describe': host_runtime.describe(), 'loaded': loaded,
+                  'env': {name: os.environ.get(name) for name in names},
+                  'xla_flags': os.environ.get('XLA_FLAGS', ''),
+                  'child': json.loads(child.stdout)}))
+'''
+
+
+def _drive(allocator, fusions='auto', processes='single', **env):
   environment = {k: v for k, v in os.environ.items()
-                 if k not in ('_JAXNMT_ALLOCATOR_DONE', 'JAXNMT_ALLOCATOR', 'LD_PRELOAD',
-                              'GLIBC_TUNABLES')}
-  environment.update(env)
-  return subprocess.run([sys.executable, '-m', 'jaxnmt.main', *args], cwd=ROOT,
-                        env=environment, capture_output=True, text=True, timeout=120)
+                 if k not in ('LD_PRELOAD', 'GLIBC_TUNABLES', MARKER, 'XLA_FLAGS')}
+  environment.update(JAX_PLATFORMS='cpu', **env)
+  result = subprocess.run([sys.executable, '-c', _DRIVER, allocator, fusions, processes],
+                          cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=60)
+  starts = result.stdout.splitlines().count('START')
+  report = json.loads(result.stdout.splitlines()[-1]) if result.returncode == 0 else None
+  return result, starts, report
+
+
+def _stand_in_library():
+  """A library Python does not load by itself, to preload in tcmalloc's place."""
+  for directory in LIB_DIRS:
+    for name in ('libz.so.1', 'libbz2.so.1.0', 'liblzma.so.5', 'libexpat.so.1'):
+      if os.path.exists(path := os.path.join(directory, name)):
+        return path
+  pytest.skip('no library found to preload')
 
 
 @pytest.mark.skipif(sys.platform != 'linux', reason='LD_PRELOAD is Linux')
-def test_main_restarts_itself_once_with_the_allocator(tmp_path):
-  # A library every Linux has stands in for tcmalloc: the restart is what is tested.
-  libc = ctypes.util.find_library('c')
-  library = next((path for directory in ('/lib/x86_64-linux-gnu', '/lib/aarch64-linux-gnu',
-                                         '/lib64', '/usr/lib64', '/lib')
-                  if os.path.exists(path := os.path.join(directory, libc or 'libc.so.6'))),
-                 None)
-  if library is None:
-    pytest.skip('no libc.so.6 found to preload')
-  workdir = tmp_path / 'empty'
-  workdir.mkdir()
-  result = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR=library)
-  # The restarted process kept its arguments (the error names the workdir) ...
-  assert result.returncode == 1 and f'error: {workdir} holds no metrics' in result.stderr
-  # ... and runs with the library preloaded, said once, with the library fusions on.
-  lines = [line for line in result.stderr.splitlines() if 'Host allocator:' in line]
-  assert len(lines) == 1 and f'LD_PRELOAD={library}' in lines[0], lines
-  assert host_runtime.CPU_LIBRARY_FUSIONS in lines[0]
-  plain = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR='system')
-  assert 'Host allocator: glibc malloc;' in plain.stderr
-  if host_runtime.hugepages_available():
-    huge = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR='hugepages')
-    assert 'Host allocator: glibc malloc (transparent huge pages);' in huge.stderr
-  tuned = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR='glibc')
-  assert 'Host allocator: glibc malloc (tuned: one arena, no mmap, no trim);' in tuned.stderr
-  missing = _main(['--mode=curves', f'--workdir={workdir}'], JAXNMT_ALLOCATOR='/no/lib.so')
-  assert missing.returncode == 1 and 'Traceback' not in missing.stderr
-  assert 'error: JAXNMT_ALLOCATOR=/no/lib.so: no such library' in missing.stderr
+def test_restart_preloads_once_and_leaks_nothing():
+  library = _stand_in_library()
+  user = {'LD_PRELOAD': None, 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4', MARKER: None}
+  if os.path.exists(mine := '/lib/x86_64-linux-gnu/libc.so.6'):
+    user['LD_PRELOAD'] = mine  # the user's own preload, kept
+  result, starts, report = _drive(library, **{k: v for k, v in user.items() if v})
+  assert result.returncode == 0, result.stderr[-2000:]
+  # Restarted exactly once, with the library really loaded ...
+  assert starts == 2 and os.path.realpath(library) in report['loaded']
+  assert report['describe'].startswith(f'allocator: {library} (preloaded); XLA_FLAGS added: ')
+  assert host_runtime.CPU_LIBRARY_FUSIONS in report['xla_flags']
+  # ... and the process and its children see the user's environment, not ours.
+  assert report['env'] == user and report['child'] == user
+
+
+@pytest.mark.skipif(not host_runtime.hugepages_available(), reason='no glibc THP tunable')
+def test_hugepages_restart_leaks_no_tunables():
+  result, starts, report = _drive('hugepages', 'off')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert starts == 2
+  assert report['describe'] == ('allocator: glibc malloc (transparent huge pages); '
+                                'XLA_FLAGS added: none')
+  clean = {'LD_PRELOAD': None, 'GLIBC_TUNABLES': None, MARKER: None}
+  assert report['env'] == clean and report['child'] == clean and report['xla_flags'] == ''
+
+
+def test_no_restart_where_nothing_is_asked():
+  for args, describe in ((('system', 'on'), 'allocator: glibc malloc; XLA_FLAGS added: '),
+                         (('glibc', 'off'), 'allocator: glibc malloc (tuned: one arena, '
+                                            'no mmap, no trim); XLA_FLAGS added: none'),
+                         (('auto', 'auto', 'multi'), 'allocator: glibc malloc; XLA_FLAGS '
+                                                     'added: none; --allocator=auto')):
+    result, starts, report = _drive(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert starts == 1 and report['describe'].startswith(describe), report['describe']
+  result, starts, _ = _drive('/no/lib.so')
+  assert result.returncode == 1 and starts == 1 and 'Traceback' not in result.stderr
+  assert 'error: --allocator=/no/lib.so: no such library' in result.stderr
 
 
 _REUSE = r'''
@@ -131,21 +320,22 @@ print(sum(faults[1:]))
 '''
 
 
-@pytest.mark.skipif(not host_runtime.is_glibc(), reason='glibc only')
-def test_tuned_glibc_reuses_freed_memory():
-  """glibc's defaults map a large block anew on each allocation (a page fault per 4 KiB
-  touched); tuned, the second and later allocations reuse memory already faulted in."""
-  pages = 2 * ((2 << 30) + (256 << 20)) // 4096
-  assert _reuse_faults('system') > 0.9 * pages
-  assert _reuse_faults('tuned') < 0.05 * pages
-
-
 def _reuse_faults(mode, **env):
   result = subprocess.run([sys.executable, '-c', _REUSE, mode], cwd=ROOT, capture_output=True,
                           text=True, timeout=60,
                           env={**os.environ, 'LD_PRELOAD': '', 'GLIBC_TUNABLES': '', **env})
   assert result.returncode == 0, result.stderr[-2000:]
   return int(result.stdout.split()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not host_runtime.glibc_version(), reason='glibc only')
+def test_tuned_glibc_reuses_freed_memory():
+  """glibc's defaults map a large block anew on each allocation (a page fault per 4 KiB
+  touched); tuned, the second and later allocations reuse memory already faulted in."""
+  pages = 2 * ((2 << 30) + (256 << 20)) // 4096
+  assert _reuse_faults('system') > 0.9 * pages
+  assert _reuse_faults('tuned') < 0.05 * pages
 
 
 @pytest.mark.skipif(not host_runtime.hugepages_available(), reason='no glibc THP tunable')
@@ -159,17 +349,18 @@ def test_hugepage_glibc_faults_large_blocks_in_2mib_pages():
 _LOSSES = r'''
 import json, os, sys
 import jax, jax.numpy as jnp, numpy as np
-from jaxnmt import optim, train
+from jaxnmt import config_lib, optim, sharding, steps, train_state
 from tests.tiny_config import tiny_config
 config = tiny_config('')
 config.model.d_model, config.model.d_ff, config.model.num_heads = 64, 128, 4
 config.model.num_encoder_layers = config.model.num_decoder_layers = 2
 config.data.batch_size = 8
-mesh, rules = train.plan_mesh(config)
-model_cfg = train.model_config(config, 400)
+mesh, rules = sharding.plan_mesh(config)
+model_cfg = config_lib.model_config(config, 400)
 tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-graphdef, state, rest, shardings = train.create_train_state(model_cfg, tx, 0, mesh, rules)
-step_fn, _ = train.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+graphdef, state, rest, shardings = train_state.create_train_state(model_cfg, tx, 0, mesh,
+                                                                  rules)
+step_fn, _ = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
 rng = np.random.default_rng(0)
 shape = (8, 24)
 segments = np.repeat(np.arange(1, 4), 8)[None].repeat(8, 0).astype(np.int32)
@@ -198,6 +389,7 @@ def _losses(xla_flags: str) -> list[float]:
   return json.loads(line[len('LOSSES '):])
 
 
+@pytest.mark.slow
 def test_library_fusions_train_like_xla_default():
   """Guards the fusions against a jaxlib that miscompiles them: five steps of losses and
   gradient norms with XLA's default CPU fusions and with ours agree."""

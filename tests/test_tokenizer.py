@@ -5,6 +5,7 @@ import os
 import pytest
 
 from jaxnmt import data
+from jaxnmt import errors
 from jaxnmt import tokenizer as tokenizer_lib
 from tests.conftest import real_pairs
 
@@ -56,3 +57,10 @@ def test_load_or_train_reuses_the_stored_model(tmp_path, tokenizer):
 def test_missing_model_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='tokenizer model not found'):
     tokenizer_lib.Tokenizer(str(tmp_path / 'nope.model'))
+
+
+def test_vocabulary_too_large_for_the_corpus_is_a_config_error(tmp_path):
+  with pytest.raises(errors.ConfigError, match='config.tokenizer.vocab_size=5000 is too large'):
+    tokenizer_lib.train(['a small corpus', 'of two sentences'], str(tmp_path / 'spm.model'),
+                        vocab_size=5000)
+  assert not os.path.exists(tmp_path / 'spm.model')

@@ -1,0 +1,142 @@
+"""Tests that would catch a silently broken model: it must learn tasks with known
+answers, through the project's own data pipeline, train step, loader and decoders."""
+
+import functools
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sacrebleu
+
+from configs import base, big, lm_char, lm_subword, tiny
+from jaxnmt import config_lib
+from jaxnmt import data as data_lib
+from jaxnmt import inference
+from jaxnmt import optim
+from jaxnmt import steps
+from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt import train
+from jaxnmt import train_state
+from jaxnmt import translate
+from tests.conftest import SHARED_DATA
+
+# 120 symbols, one character each, none of them a space: a sentence of n symbols is n
+# tokens of the character tokenizer.
+SYMBOLS = [chr(0x100 + index) for index in range(120)]
+
+
+def _random_sentences(count: int, seed: int) -> list[str]:
+  rng = random.Random(seed)
+  return [''.join(rng.choice(SYMBOLS) for _ in range(rng.randint(5, 20)))
+          for _ in range(count)]
+
+
+def _copy_task_config():
+  config = tiny.get_config()
+  config.data.max_source_length = config.data.max_target_length = 24
+  config.data.batch_size = 16
+  config.data.num_packing_bins = 16
+  config.tokenizer.model_type = 'char'
+  config.model.num_encoder_layers = config.model.num_decoder_layers = 2
+  config.model.d_model, config.model.num_heads, config.model.d_ff = 64, 4, 128
+  config.model.dropout_rate = 0.0
+  config.optim.learning_rate = 3e-3
+  config.optim.warmup_steps = 50
+  config.optim.label_smoothing = 0.0
+  config.optim.loss_chunks = 4
+  return config
+
+
+def _train(config, model_cfg, batches, num_steps: int):
+  """`num_steps` updates of the project's train step on host `batches` -> params."""
+  tx, _ = optim.make_optimizer(config.optim, num_steps)
+  graphdef, params, rest = train_state.create_model(model_cfg, seed=0)
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
+  step = jax.jit(functools.partial(steps.train_step, graphdef, tx,
+                                   config.optim.label_smoothing, 0, 1,
+                                   loss_chunks=config.optim.loss_chunks))
+  for _ in range(num_steps):
+    state, _ = step(state, rest, next(batches))
+  return graphdef, state['params'], rest
+
+
+def test_tiny_transformer_learns_to_copy(tmp_path):
+  config = _copy_task_config()
+  train_sentences = _random_sentences(20_000, seed=0)
+  tokenizer = tokenizer_lib.train_chars(''.join(SYMBOLS), str(tmp_path / 'chars.json'))
+  model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+  assert model_cfg.vocab_size >= 100
+  dataset = data_lib.make_train_dataset(
+      [(sentence, sentence) for sentence in train_sentences], tokenizer,
+      batch_size=config.data.batch_size, max_source_length=24, max_target_length=24,
+      num_packing_bins=16, seed=0)
+  batches = iter(dataset)
+  _, params, _ = _train(config, model_cfg, batches, num_steps=600)
+  batches.close()
+
+  test_sentences = _random_sentences(200, seed=1)
+  references = [' '.join(sentence) for sentence in test_sentences]  # BLEU over symbols
+  loaded = inference.from_params(config, tokenizer, model_cfg, params)
+  for beam_size in (1, 4):
+    translator = translate.Translator(loaded, translate.DecodeOptions(beam_size=beam_size))
+    hypotheses = [' '.join(line) for line in translator.translate(test_sentences)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
+    assert bleu >= 95, (beam_size, bleu, hypotheses[:3], references[:3])
+
+
+def test_language_model_learns_a_repeated_pattern(tmp_path):
+  config = lm_char.get_config()
+  config.data.max_target_length = 128
+  config.model.num_decoder_layers = 2
+  config.model.d_model, config.model.num_heads, config.model.d_ff = 64, 4, 128
+  config.optim.learning_rate = 3e-3
+  config.optim.warmup_steps = 30
+  pattern = 'To be, or not to be: that is the question. '
+  text = pattern * 400
+  tokenizer = tokenizer_lib.train_chars(text, str(tmp_path / 'chars.json'))
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+  dataset = data_lib.make_lm_dataset(ids, batch_size=16, block_length=128, seed=0)
+  batches = iter(dataset)
+  graphdef, params, rest = _train(config, model_cfg, batches, num_steps=200)
+  batches.close()
+  held_out = data_lib.lm_batch(data_lib.lm_blocks(ids, 128, offset=5)[:16])
+  sums = jax.jit(functools.partial(steps.eval_step, graphdef))(params, rest, held_out)
+  loss = float(sums['nll'] / sums['tokens'])
+  assert loss <= 0.05, loss
+
+
+def _shrunk(get_config, corpus):
+  """A shipped config cut to two quick steps: its model as shipped, smaller batches,
+  rows and (for the translation configs, trained on a small corpus) vocabulary."""
+  config = get_config()
+  config.num_train_steps = 2
+  config.train_time_limit_minutes = 0.0
+  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.data.batch_size = config.data.eval_batch_size = 8
+  config.optim.warmup_steps = 1
+  if config.task == 'lm':
+    config.data.path = os.path.join(SHARED_DATA, 'tinyshakespeare.txt')
+    config.data.max_target_length = min(config.data.max_target_length, 32)
+  else:
+    config.data.path = corpus
+    config.data.max_source_length = config.data.max_target_length = 24
+    config.tokenizer.vocab_size = 1000
+    config.optim.loss_chunks = min(config.optim.loss_chunks, 4)
+  return config
+
+
+@pytest.mark.parametrize('get_config', [
+    tiny.get_config, lm_char.get_config, lm_subword.get_config,
+    pytest.param(base.get_config, marks=pytest.mark.slow),
+    pytest.param(big.get_config, marks=pytest.mark.slow)])
+def test_every_shipped_config_trains_two_steps(get_config, small_corpus, tmp_path):
+  config = _shrunk(get_config, small_corpus)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 2 and np.isfinite(result['valid_loss'])
+  loaded = inference.load(str(tmp_path))
+  assert loaded.step == 2
+  assert loaded.model_config.d_model == get_config().model.d_model

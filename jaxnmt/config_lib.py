@@ -105,9 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            or config.model.dtype == 'bfloat16', 'model.attention_implementation',
            f"'cudnn' needs model.dtype='bfloat16' (no float32 kernel), got "
            f'{config.model.dtype!r}')
-  positions = {'sinusoidal', 'learned', 'rope'} if config.task == 'lm' else {
-      'sinusoidal', 'learned'}
-  _choice(config, 'model.position_embedding', positions)
+  _choice(config, 'model.position_embedding', {'sinusoidal', 'learned', 'rope'})
   _choice(config, 'optim.schedule', {'rsqrt', 'cosine'})
   _choice(config, 'tokenizer.model_type', {'unigram', 'bpe', 'char'})
   _require(config.model.d_model % config.model.num_heads == 0, 'model.num_heads',

@@ -216,7 +216,9 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """Position-wise MLP: relu or gelu, or 'swiglu' (silu(x W_gate) * x W_in, no biases)."""
+  """Position-wise MLP. 'relu' or 'gelu': act(x W_in + b_in) W_out + b_out; 'swiglu':
+  (silu(x W_gate) * (x W_in + b_in)) W_out + b_out. Every activation has the biases
+  b_in (`bi`) and b_out (`bo`); the gate W_gate (`wg`) has none."""
 
   def __init__(self, d_model: int, d_ff: int, activation: str, dropout_rate: float, *,
                rngs: nnx.Rngs, dtype=jnp.float32):

@@ -189,5 +189,16 @@ def main(argv) -> None:
     sys.exit(130)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag a one-line user error (exit 2)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    print(f'error: {error}', file=sys.stderr)
+  except (AttributeError, KeyError) as error:  # ml_collections: an unknown config field
+    print(f'error: --config override names no config field: {error}', file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

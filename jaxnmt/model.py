@@ -1,5 +1,5 @@
 """The encoder-decoder Transformer (Vaswani et al. 2017) and a decoder-only language
-model (`DecoderLM`) in Flax NNX, built from the same layers.
+model (`DecoderLM`) in Flax NNX, both stacks of the same `Block`.
 
 Shapes: B batch, S source length, T target length, D model width, N heads,
 H head width, V vocabulary. Segment ids (0 = padding, 1, 2, ... = packed pairs)
@@ -58,18 +58,7 @@ def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
   return mask[:, None, :, :]
 
 
-# ----------------------------------------------------------------------------- layers
-
-
-def _attention(config: ModelConfig, *, rngs: nnx.Rngs) -> layers.Attention:
-  return layers.Attention(config.d_model, config.num_heads, config.attention_dropout_rate,
-                          rngs=rngs, dtype=config.dtype, kind=config.attention,
-                          implementation=config.attention_implementation)
-
-
-def _feed_forward(config: ModelConfig, *, rngs: nnx.Rngs) -> layers.FeedForward:
-  return layers.FeedForward(config.d_model, config.d_ff, config.activation,
-                            config.dropout_rate, rngs=rngs, dtype=config.dtype)
+# ----------------------------------------------------------------------------- blocks
 
 
 def _remat(function, mode: str):
@@ -83,73 +72,136 @@ def _remat(function, mode: str):
   return nnx.remat(function, policy=policies[mode])
 
 
-class EncoderLayer(nnx.Module):
+class Block(nnx.Module):
+  """One Transformer layer: self-attention, cross-attention over an encoder's keys and
+  values (with `cross_attention`: the translation decoder), then the MLP. Each sublayer
+  sits in a residual connection with dropout on its output: pre-LN `x + f(norm(x))` or
+  post-LN `norm(x + f(x))`, per `config.pre_layer_norm`. With `rope` the self-attention
+  rotates its queries and keys by their positions (RoPE)."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, cross_attention: bool, rope: bool,
+               rngs: nnx.Rngs):
     self.pre_layer_norm = config.pre_layer_norm
-    self.attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.attention = _attention(config, rngs=rngs)
-    self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.mlp = _feed_forward(config, rngs=rngs)
+    self.rope = rope
+    make_norm = lambda: layers.make_norm(config.norm, config.d_model, rngs=rngs)
+    make_attention = lambda: layers.Attention(
+        config.d_model, config.num_heads, config.attention_dropout_rate, rngs=rngs,
+        dtype=config.dtype, kind=config.attention,
+        implementation=config.attention_implementation)
+    self.self_attention_norm = make_norm()
+    self.self_attention = make_attention()
+    self.cross_attention_norm = make_norm() if cross_attention else None
+    self.cross_attention = make_attention() if cross_attention else None
+    self.mlp_norm = make_norm()
+    self.mlp = layers.FeedForward(config.d_model, config.d_ff, config.activation,
+                                  config.dropout_rate, rngs=rngs, dtype=config.dtype)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
-  def __call__(self, hidden: jax.Array, mask: jax.Array, *, deterministic: bool):
-    """hidden: [B, S, D]; mask: [B, 1, S, S]."""
-    def attend(normed):
-      keys, values = self.attention.project_kv(normed)
-      return self.attention(normed, keys, values, mask, deterministic=deterministic)
-    hidden = _residual(hidden, attend, self.attention_norm, self.dropout,
-                       self.pre_layer_norm, deterministic)
-    return _residual(hidden, lambda x: self.mlp(x, deterministic=deterministic),
-                     self.mlp_norm, self.dropout, self.pre_layer_norm, deterministic)
+  def __call__(self, hidden, positions, self_mask, cross=None, *, deterministic: bool,
+               cache: dict | None = None, index=None):
+    """hidden: [B, T, D]; positions: int32 [B, T]; self_mask: bool [B, 1, T, T or T_max];
+    cross (layers with cross-attention): (keys, values [B, S, N, H], mask [B, 1, T, S]).
+    With `cache` ({'keys', 'values'}: [B, T_max, N, H]) the step's keys and values are
+    written at position `index`. Returns (hidden [B, T, D], updated cache or None)."""
+    attended, new_cache = self._self_attend(
+        self._sublayer_input(hidden, self.self_attention_norm), positions, self_mask, cache,
+        index, deterministic)
+    hidden = self._residual(hidden, attended, self.self_attention_norm, deterministic)
+    if self.cross_attention is not None:
+      keys, values, mask = cross
+      attended = self.cross_attention(self._sublayer_input(hidden, self.cross_attention_norm),
+                                      keys, values, mask, deterministic=deterministic)
+      hidden = self._residual(hidden, attended, self.cross_attention_norm, deterministic)
+    transformed = self.mlp(self._sublayer_input(hidden, self.mlp_norm),
+                           deterministic=deterministic)
+    return self._residual(hidden, transformed, self.mlp_norm, deterministic), new_cache
 
-
-class DecoderLayer(nnx.Module):
-
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    self.pre_layer_norm = config.pre_layer_norm
-    self.self_attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.self_attention = _attention(config, rngs=rngs)
-    self.cross_attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.cross_attention = _attention(config, rngs=rngs)
-    self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.mlp = _feed_forward(config, rngs=rngs)
-    self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-
-  def __call__(self, hidden, self_mask, cross_keys, cross_values, cross_mask, *,
-               deterministic: bool, cache: dict | None = None, index=None):
-    """hidden: [B, T, D]; cross_keys/values: [B, S, N, H]; masks [B, 1, T, T|S].
-
-    With `cache` ({'keys', 'values'}: [B, T_max, N, H]) hidden is one step [B, 1, D]
-    written at position `index`; returns (hidden, cache)."""
+  def _self_attend(self, inputs, positions, mask, cache, index, deterministic):
+    """inputs: [B, T, D] -> (attended [B, T, D], cache with this step's keys and values,
+    or None)."""
+    keys, values = self.self_attention.project_kv(inputs)  # [B, T, N, H]
+    if self.rope:
+      keys = layers.apply_rope(keys, positions)
     new_cache = None
+    if cache is not None:
+      keys = jax.lax.dynamic_update_slice_in_dim(cache['keys'], keys, index, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(cache['values'], values, index, axis=1)
+      new_cache = {'keys': keys, 'values': values}  # [B, T_max, N, H]
+    attended = self.self_attention(inputs, keys, values, mask, deterministic=deterministic,
+                                   query_positions=positions if self.rope else None)
+    return attended, new_cache
 
-    def self_attend(normed):
-      nonlocal new_cache
-      keys, values = self.self_attention.project_kv(normed)
-      if cache is not None:
-        keys = jax.lax.dynamic_update_slice_in_dim(cache['keys'], keys, index, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache['values'], values, index, axis=1)
-        new_cache = {'keys': keys, 'values': values}
-      return self.self_attention(normed, keys, values, self_mask,
-                                 deterministic=deterministic)
+  def _sublayer_input(self, hidden, norm):
+    """What a sublayer reads: the normalised residual stream under pre-LN."""
+    return norm(hidden) if self.pre_layer_norm else hidden
 
-    def cross_attend(normed):
-      return self.cross_attention(normed, cross_keys, cross_values, cross_mask,
-                                  deterministic=deterministic)
-
-    for norm, sublayer in ((self.self_attention_norm, self_attend),
-                           (self.cross_attention_norm, cross_attend),
-                           (self.mlp_norm, lambda x: self.mlp(x, deterministic=deterministic))):
-      hidden = _residual(hidden, sublayer, norm, self.dropout, self.pre_layer_norm,
-                         deterministic)
-    return hidden, new_cache
+  def _residual(self, hidden, output, norm, deterministic: bool):
+    """Adds a sublayer's output to the residual stream (and normalises under post-LN)."""
+    hidden = hidden + self.dropout(output, deterministic=deterministic)
+    return hidden if self.pre_layer_norm else norm(hidden)
 
 
-def _residual(hidden, sublayer, norm, dropout, pre_layer_norm: bool, deterministic: bool):
-  if pre_layer_norm:
-    return hidden + dropout(sublayer(norm(hidden)), deterministic=deterministic)
-  return norm(hidden + dropout(sublayer(hidden), deterministic=deterministic))
+def _final_norm(config: ModelConfig, *, rngs: nnx.Rngs):
+  """The norm after the last layer: pre-LN only (a post-LN layer ends normalised)."""
+  return layers.make_norm(config.norm, config.d_model, rngs=rngs) if (
+      config.pre_layer_norm) else None
+
+
+def _run_blocks(blocks, remat: str, hidden, positions, self_mask, encoded=None,
+                cross_mask=None, *, deterministic: bool):
+  """All positions at once (training, full recomputation). hidden: [B, T, D];
+  positions: int32 [B, T]; encoded: [B, S, D] for cross-attention, else None."""
+
+  def run(block, hidden, positions, self_mask, encoded, cross_mask):
+    # Cross keys/values inside, so that remat recomputes rather than saves them.
+    cross = None if encoded is None else (*block.cross_attention.project_kv(encoded),
+                                          cross_mask)
+    return block(hidden, positions, self_mask, cross, deterministic=deterministic)[0]
+
+  run = _remat(run, remat)
+  for block in blocks:
+    hidden = run(block, hidden, positions, self_mask, encoded, cross_mask)
+  return hidden
+
+
+def _empty_self_cache(config: ModelConfig, batch: int, max_length: int, dtype) -> dict:
+  head_dim = config.d_model // config.num_heads
+  empty = jnp.zeros((batch, max_length, config.num_heads, head_dim), dtype)
+  return {'keys': empty, 'values': empty}  # [B, T_max, N, H]
+
+
+def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
+                   cross_mask=None):
+  """One step of `model.decoder_layers`: tokens int32 [B] at position `index`; caches:
+  one dict per layer, {'keys', 'values'} [B, T_max, N, H] (plus 'cross_keys',
+  'cross_values' [B, S, N, H] with cross_mask [B, 1, 1, S] for cross-attention)
+  -> (logits [B, V], updated caches)."""
+  batch, max_length = caches[0]['keys'].shape[:2]
+  positions = jnp.full((batch, 1), index, jnp.int32)
+  hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],
+                  positions, True)  # [B, 1, D]
+  self_mask = jnp.broadcast_to(jnp.arange(max_length) <= index, (batch, 1, 1, max_length))
+  new_caches = []
+  for block, cache in zip(model.decoder_layers, caches):
+    cross = None if cross_mask is None else (cache['cross_keys'], cache['cross_values'],
+                                             cross_mask)
+    hidden, self_cache = block(hidden, positions, self_mask, cross, deterministic=True,
+                               cache=cache, index=index)
+    new_caches.append({**cache, **self_cache})
+  return model.logits(hidden)[:, 0, :], new_caches
+
+
+def _embed(config: ModelConfig, embed: layers.Embed, position_table, dropout, ids,
+           positions, deterministic: bool):
+  """ids, positions: int32 [B, L] -> [B, L, D] in the compute dtype: token embeddings
+  plus learned or sinusoidal positions (RoPE adds none: attention rotates instead)."""
+  hidden = embed(ids)
+  if config.position_embedding == 'learned':
+    hidden = hidden + position_table(positions).astype(hidden.dtype)
+  elif config.position_embedding == 'sinusoidal':
+    encoding = layers.sinusoidal_positions(positions, config.d_model)
+    hidden = hidden + encoding.astype(hidden.dtype)
+  return dropout(hidden, deterministic=deterministic)
 
 
 # ----------------------------------------------------------------------------- output layer
@@ -157,8 +209,13 @@ def _residual(hidden, sublayer, norm, dropout, pre_layer_norm: bool, determinist
 
 class OutputLayer:
   """The output layer both models share: the target-side embedding (tied) or an
-  untied `output_kernel` [D, V]. A model provides `final_states` (the normalised
-  input of the output layer) and `_output_embed`."""
+  untied `output_kernel` [D, V]. A model provides `features` (a batch -> the output
+  layer's input), `final_states` (the last layer's output -> that input) and
+  `_output_embed`."""
+
+  def __call__(self, batch: dict, *, deterministic: bool = True):
+    """A (packed) training batch -> logits [B, T, V] for its `targets`."""
+    return self.project(self.features(batch, deterministic=deterministic))
 
   def output_weight(self) -> jax.Array:
     """The output projection as [V, D] (the target-side embedding when tied)."""
@@ -170,7 +227,8 @@ class OutputLayer:
     """Normalised final states [B, T, D] -> float32 logits [B, T, V]."""
     if self.output_kernel is None:
       return self._output_embed().attend(states)
-    return _project_out(states, self.output_kernel)
+    kernel = self.output_kernel[...].astype(states.dtype)  # [D, V]
+    return layers.einsum_f32('BTD,DV->BTV', states, kernel)
 
   def logits(self, hidden):
     """hidden: [B, T, D] (the last layer's output) -> float32 logits [B, T, V]."""
@@ -192,38 +250,25 @@ class Transformer(OutputLayer, nnx.Module):
       self.output_kernel = None
     else:
       self.target_embed = layers.Embed(vocab, d_model, rngs=rngs, dtype=config.dtype)
-      self.output_kernel = layers.param(rngs, nnx.initializers.lecun_normal(),
-                                        (d_model, vocab), (layers.EMBED, layers.VOCAB))
-    if config.position_embedding == 'learned':
-      self.source_positions = layers.LearnedPositions(config.max_length, d_model, rngs=rngs)
-      self.target_positions = layers.LearnedPositions(config.max_length, d_model, rngs=rngs)
-    self.encoder_layers = nnx.List(
-        [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)])
-    self.decoder_layers = nnx.List(
-        [DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)])
-    self.encoder_norm = layers.make_norm(config.norm, d_model, rngs=rngs)
-    self.decoder_norm = layers.make_norm(config.norm, d_model, rngs=rngs)
+      self.output_kernel = _output_kernel(config, rngs=rngs)
+    self.source_positions = _position_table(config, rngs=rngs)
+    self.target_positions = _position_table(config, rngs=rngs)
+    rope = config.position_embedding == 'rope'
+    self.encoder_layers = nnx.List([Block(config, cross_attention=False, rope=rope, rngs=rngs)
+                                    for _ in range(config.num_encoder_layers)])
+    self.decoder_layers = nnx.List([Block(config, cross_attention=True, rope=rope, rngs=rngs)
+                                    for _ in range(config.num_decoder_layers)])
+    self.encoder_norm = _final_norm(config, rngs=rngs)
+    self.decoder_norm = _final_norm(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-
-  def _embed(self, embed, position_table, ids, positions, deterministic):
-    """-> [B, L, D] in the compute dtype."""
-    hidden = embed(ids)
-    if self.config.position_embedding == 'learned':
-      encoding = position_table(positions)
-    else:
-      encoding = layers.sinusoidal_positions(positions, self.config.d_model)
-    hidden = hidden + encoding.astype(hidden.dtype)
-    return self.dropout(hidden, deterministic=deterministic)
 
   def encode(self, inputs, segment_ids, positions, *, deterministic: bool = True):
     """inputs, segment_ids, positions: int32 [B, S] -> encoded [B, S, D]."""
-    hidden = self._embed(self.source_embed, getattr(self, 'source_positions', None),
-                         inputs, positions, deterministic)
-    mask = attention_mask(segment_ids, segment_ids)
-    run = _remat(lambda layer, hidden, mask: layer(hidden, mask, deterministic=deterministic),
-                 self.config.remat)
-    for layer in self.encoder_layers:
-      hidden = run(layer, hidden, mask)
+    hidden = _embed(self.config, self.source_embed, self.source_positions, self.dropout,
+                    inputs, positions, deterministic)
+    hidden = _run_blocks(self.encoder_layers, self.config.remat, hidden, positions,
+                         attention_mask(segment_ids, segment_ids),
+                         deterministic=deterministic)
     return self.encoder_norm(hidden) if self.config.pre_layer_norm else hidden
 
   def final_states(self, hidden):
@@ -242,21 +287,13 @@ class Transformer(OutputLayer, nnx.Module):
 
   def _decoder_stack(self, encoded, source_segment_ids, decoder_inputs, target_segment_ids,
                      target_positions, deterministic):
-    hidden = self._embed(self.target_embed, getattr(self, 'target_positions', None),
-                         decoder_inputs, target_positions, deterministic)
+    """-> the last decoder layer's output [B, T, D]."""
+    hidden = _embed(self.config, self.target_embed, self.target_positions, self.dropout,
+                    decoder_inputs, target_positions, deterministic)
     self_mask = attention_mask(target_segment_ids, target_segment_ids, causal=True)
     cross_mask = attention_mask(target_segment_ids, source_segment_ids)
-
-    def run(layer, hidden, encoded, self_mask, cross_mask):
-      # Cross keys/values inside, so that remat recomputes rather than saves them.
-      keys, values = layer.cross_attention.project_kv(encoded)
-      return layer(hidden, self_mask, keys, values, cross_mask,
-                   deterministic=deterministic)[0]
-
-    run = _remat(run, self.config.remat)
-    for layer in self.decoder_layers:
-      hidden = run(layer, hidden, encoded, self_mask, cross_mask)
-    return hidden
+    return _run_blocks(self.decoder_layers, self.config.remat, hidden, target_positions,
+                       self_mask, encoded, cross_mask, deterministic=deterministic)
 
   def features(self, batch: dict, *, deterministic: bool = True):
     """A (packed) training batch -> the output layer's input [B, T, D]."""
@@ -266,44 +303,24 @@ class Transformer(OutputLayer, nnx.Module):
         encoded, batch['inputs_segment_ids'], batch['decoder_inputs'],
         batch['targets_segment_ids'], batch['targets_positions'], deterministic))
 
-  def __call__(self, batch: dict, *, deterministic: bool = True):
-    """A (packed) training batch -> logits [B, T, V]."""
-    return self.project(self.features(batch, deterministic=deterministic))
-
   # --------------------------------------------------------------- cached decoding
 
   def init_cache(self, encoded, source_segment_ids, max_length: int) -> dict:
     """Cache for step-by-step decoding of up to `max_length` tokens: cross-attention
     keys/values computed once from `encoded` [B, S, D]; empty self-attention slots."""
-    batch = encoded.shape[0]
-    num_heads = self.config.num_heads
-    head_dim = self.config.d_model // num_heads
+    empty = _empty_self_cache(self.config, encoded.shape[0], max_length, encoded.dtype)
     layers_cache = []
     for layer in self.decoder_layers:
-      cross_keys, cross_values = layer.cross_attention.project_kv(encoded)
-      empty = jnp.zeros((batch, max_length, num_heads, head_dim), encoded.dtype)
-      layers_cache.append({'cross_keys': cross_keys, 'cross_values': cross_values,
-                           'keys': empty, 'values': empty})
+      cross_keys, cross_values = layer.cross_attention.project_kv(encoded)  # [B, S, N, H]
+      layers_cache.append({'cross_keys': cross_keys, 'cross_values': cross_values, **empty})
     return {'layers': layers_cache, 'source_segment_ids': source_segment_ids}
 
   def decode_step(self, cache: dict, tokens, index):
     """tokens: int32 [B] at position `index` -> (logits [B, V], updated cache)."""
-    batch = tokens.shape[0]
-    max_length = cache['layers'][0]['keys'].shape[1]
-    positions = jnp.full((batch, 1), index, jnp.int32)
-    hidden = self._embed(self.target_embed, getattr(self, 'target_positions', None),
-                         tokens[:, None], positions, True)
-    valid_keys = jnp.arange(max_length) <= index  # [T_max]
-    self_mask = jnp.broadcast_to(valid_keys, (batch, 1, 1, max_length))
     source_segment_ids = cache['source_segment_ids']
     cross_mask = (source_segment_ids != 0)[:, None, None, :]  # [B, 1, 1, S]
-    new_layers = []
-    for layer, layer_cache in zip(self.decoder_layers, cache['layers']):
-      hidden, self_cache = layer(hidden, self_mask, layer_cache['cross_keys'],
-                                 layer_cache['cross_values'], cross_mask,
-                                 deterministic=True, cache=layer_cache, index=index)
-      new_layers.append({**layer_cache, **self_cache})
-    logits = self.logits(hidden)[:, 0, :]
+    logits, new_layers = _decode_tokens(self, self.target_embed, self.target_positions,
+                                        cache['layers'], tokens, index, cross_mask)
     return logits, {'layers': new_layers, 'source_segment_ids': source_segment_ids}
 
   # --------------------------------------------------------------- uncached decoding
@@ -330,41 +347,10 @@ class Transformer(OutputLayer, nnx.Module):
 # ----------------------------------------------------------------------------- language model
 
 
-class LMBlock(nnx.Module):
-  """Pre-norm decoder block: causal self-attention (RoPE optional) and an MLP."""
-
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    self.rope = config.position_embedding == 'rope'
-    self.attention_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.attention = _attention(config, rngs=rngs)
-    self.mlp_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.mlp = _feed_forward(config, rngs=rngs)
-    self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-
-  def __call__(self, hidden, positions, mask, *, deterministic: bool,
-               cache: dict | None = None, index=None):
-    """hidden: [B, T, D]; positions: int32 [B, T]; mask: [B, 1, T, T or T_max].
-    With `cache` ({'keys', 'values'}: [B, T_max, N, H]) T is 1 and the step's keys and
-    values are written at `index`. Returns (hidden, cache or None)."""
-    normed = self.attention_norm(hidden)
-    keys, values = self.attention.project_kv(normed)
-    if self.rope:
-      keys = layers.apply_rope(keys, positions)
-    new_cache = None
-    if cache is not None:
-      keys = jax.lax.dynamic_update_slice_in_dim(cache['keys'], keys, index, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(cache['values'], values, index, axis=1)
-      new_cache = {'keys': keys, 'values': values}
-    attended = self.attention(normed, keys, values, mask, deterministic=deterministic,
-                              query_positions=positions if self.rope else None)
-    hidden = hidden + self.dropout(attended, deterministic=deterministic)
-    mlp_out = self.mlp(self.mlp_norm(hidden), deterministic=deterministic)
-    return hidden + self.dropout(mlp_out, deterministic=deterministic), new_cache
-
-
 class DecoderLM(OutputLayer, nnx.Module):
   """GPT-style language model: token embedding (tied to the output by default), RoPE or
-  learned/sinusoidal positions, `num_decoder_layers` LMBlocks, a final norm.
+  learned/sinusoidal positions, `num_decoder_layers` Blocks without cross-attention and,
+  when pre-LN, a final norm.
 
   Its batches use the target-side keys of translation batches (`decoder_inputs`,
   `targets`, `targets_segment_ids`, `targets_positions`), so the trainer, losses and
@@ -374,75 +360,56 @@ class DecoderLM(OutputLayer, nnx.Module):
     self.config = config
     self.embed = layers.Embed(config.vocab_size, config.d_model, rngs=rngs,
                               dtype=config.dtype)
-    if config.position_embedding == 'learned':
-      self.positions = layers.LearnedPositions(config.max_length, config.d_model, rngs=rngs)
-    self.blocks = nnx.List([LMBlock(config, rngs=rngs)
-                            for _ in range(config.num_decoder_layers)])
-    self.final_norm = layers.make_norm(config.norm, config.d_model, rngs=rngs)
-    self.output_kernel = None if config.share_embeddings else layers.param(
-        rngs, nnx.initializers.lecun_normal(), (config.d_model, config.vocab_size),
-        (layers.EMBED, layers.VOCAB))
+    self.positions = _position_table(config, rngs=rngs)
+    rope = config.position_embedding == 'rope'
+    self.decoder_layers = nnx.List([Block(config, cross_attention=False, rope=rope, rngs=rngs)
+                                    for _ in range(config.num_decoder_layers)])
+    self.final_norm = _final_norm(config, rngs=rngs)
+    self.output_kernel = None if config.share_embeddings else _output_kernel(config,
+                                                                             rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
-  def _embed(self, tokens, positions, deterministic):
-    """-> [B, T, D] in the compute dtype."""
-    hidden = self.embed(tokens)
-    if self.config.position_embedding == 'learned':
-      hidden = hidden + self.positions(positions).astype(hidden.dtype)
-    elif self.config.position_embedding == 'sinusoidal':
-      hidden = hidden + layers.sinusoidal_positions(positions, self.config.d_model).astype(
-          hidden.dtype)
-    return self.dropout(hidden, deterministic=deterministic)
-
   def final_states(self, hidden):
-    """The last block's output, normalised: what the output layer reads."""
-    return self.final_norm(hidden)
+    """The last layer's output, normalised: what the output layer reads."""
+    return self.final_norm(hidden) if self.config.pre_layer_norm else hidden
 
   def _output_embed(self) -> layers.Embed:
     return self.embed
 
-  def __call__(self, batch: dict, *, deterministic: bool = True):
-    """A batch -> logits [B, T, V] for its `targets`."""
-    return self.project(self.features(batch, deterministic=deterministic))
-
   def features(self, batch: dict, *, deterministic: bool = True):
     """A batch -> the output layer's input [B, T, D] for its `targets`."""
-    positions = batch['targets_positions']
-    hidden = self._embed(batch['decoder_inputs'], positions, deterministic)
-    segments = batch['targets_segment_ids']
-    mask = attention_mask(segments, segments, causal=True)
-    run = _remat(lambda block, hidden, positions, mask: block(
-        hidden, positions, mask, deterministic=deterministic)[0], self.config.remat)
-    for block in self.blocks:
-      hidden = run(block, hidden, positions, mask)
+    positions, segments = batch['targets_positions'], batch['targets_segment_ids']
+    hidden = _embed(self.config, self.embed, self.positions, self.dropout,
+                    batch['decoder_inputs'], positions, deterministic)
+    hidden = _run_blocks(self.decoder_layers, self.config.remat, hidden, positions,
+                         attention_mask(segments, segments, causal=True),
+                         deterministic=deterministic)
     return self.final_states(hidden)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
     """Empty key/value slots, in the compute dtype unless `dtype` says otherwise."""
-    dtype = dtype or self.config.dtype
-    num_heads = self.config.num_heads
-    empty = jnp.zeros((batch_size, max_length, num_heads, self.config.d_model // num_heads),
-                      dtype)
-    return {'layers': [{'keys': empty, 'values': empty} for _ in self.blocks]}
+    empty = _empty_self_cache(self.config, batch_size, max_length,
+                              dtype or self.config.dtype)
+    return {'layers': [dict(empty) for _ in self.decoder_layers]}
 
   def decode_step(self, cache: dict, tokens, index):
     """tokens: int32 [B] at position `index` -> (logits [B, V], updated cache)."""
-    batch = tokens.shape[0]
-    max_length = cache['layers'][0]['keys'].shape[1]
-    positions = jnp.full((batch, 1), index, jnp.int32)
-    hidden = self._embed(tokens[:, None], positions, True)
-    mask = jnp.broadcast_to(jnp.arange(max_length) <= index, (batch, 1, 1, max_length))
-    new_layers = []
-    for block, block_cache in zip(self.blocks, cache['layers']):
-      hidden, block_cache = block(hidden, positions, mask, deterministic=True,
-                                  cache=block_cache, index=index)
-      new_layers.append(block_cache)
-    return self.logits(hidden)[:, 0, :], {'layers': new_layers}
+    logits, new_layers = _decode_tokens(self, self.embed, self.positions, cache['layers'],
+                                        tokens, index)
+    return logits, {'layers': new_layers}
 
 
-def _project_out(hidden, kernel) -> jax.Array:
-  """hidden: [B, T, D] @ an untied output kernel [D, V] -> float32 logits [B, T, V]."""
-  return layers.einsum_f32('BTD,DV->BTV', hidden, kernel[...].astype(hidden.dtype))
+def _position_table(config: ModelConfig, *, rngs: nnx.Rngs):
+  """A learned position table, or None for sinusoidal positions and RoPE."""
+  if config.position_embedding != 'learned':
+    return None
+  return layers.LearnedPositions(config.max_length, config.d_model, rngs=rngs)
+
+
+def _output_kernel(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Param:
+  """An untied output projection [D, V]."""
+  return layers.param(rngs, nnx.initializers.lecun_normal(),
+                      (config.d_model, config.vocab_size), (layers.EMBED, layers.VOCAB))
 
 
 def build(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -15,8 +15,9 @@ from configs import lm_char
 from jaxnmt import data
 from jaxnmt import layers
 from jaxnmt import model as model_lib
+from jaxnmt import steps
 from jaxnmt import tokenizer as tokenizer_lib
-from jaxnmt import train
+from jaxnmt import train_state
 from tests.conftest import SHARED_DATA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,14 +77,22 @@ def lm_model(**overrides):
   return model_lib.build(config, rngs=nnx.Rngs(params=0, dropout=1))
 
 
-@pytest.mark.parametrize('overrides', [{}, {'position_embedding': 'learned',
-                                            'norm': 'layernorm', 'activation': 'gelu',
-                                            'share_embeddings': False}])
+# Every switch of the LM, each value at least once: the defaults of `lm_model` are
+# pre-LN, rmsnorm, swiglu, RoPE and shared embeddings.
+@pytest.mark.parametrize('overrides', [
+    {},
+    {'position_embedding': 'learned', 'norm': 'layernorm', 'activation': 'gelu',
+     'share_embeddings': False},
+    {'pre_layer_norm': False, 'position_embedding': 'sinusoidal', 'norm': 'layernorm',
+     'activation': 'relu'},
+    {'pre_layer_norm': False, 'share_embeddings': False},
+])
 def test_cached_generation_equals_full_recomputation(overrides):
   model = lm_model(**overrides)
   tokens = jnp.asarray(np.random.default_rng(0).integers(4, 40, (2, 10)), jnp.int32)
   batch = data.lm_batch(np.concatenate([np.asarray(tokens), np.zeros((2, 1), np.int32)], 1))
   full = model({k: jnp.asarray(v) for k, v in batch.items()})
+  assert np.isfinite(full).all()
   cache = model.init_cache(2, 10)
   for index in range(10):
     logits, cache = model.decode_step(cache, tokens[:, index], index)
@@ -101,9 +110,9 @@ def test_tiny_lm_overfits_one_batch():
                                     attention_dropout_rate=0.0, kind='decoder_lm',
                                     position_embedding='rope', max_length=32)
   tx, _ = optim.make_optimizer(config.optim, 200)
-  graphdef, params, rest = train.create_model(model_cfg, 0)
+  graphdef, params, rest = train_state.create_model(model_cfg, 0)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
-  step = jax.jit(functools.partial(train.train_step, graphdef, tx, 0.0, 0, 1))
+  step = jax.jit(functools.partial(steps.train_step, graphdef, tx, 0.0, 0, 1))
   blocks = np.random.default_rng(0).integers(4, 64, (4, 33)).astype(np.int32)
   batch = data.lm_batch(blocks)
   losses = []

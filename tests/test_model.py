@@ -83,29 +83,49 @@ def test_decoder_is_causal():
   assert not np.allclose(changed_logits[1, 3], logits[1, 3])
 
 
-def test_cached_decoding_matches_full_recomputation():
-  model = make_model()
+# Every switch of the block and the embeddings, each value at least once (the LM's
+# counterpart is tests/test_lm.py::test_cached_generation_equals_full_recomputation).
+TRANSFORMER_OPTIONS = [
+    {},  # pre-LN, layernorm, relu, sinusoidal positions, shared embeddings
+    dict(pre_layer_norm=False, norm='rmsnorm', activation='gelu',
+         position_embedding='learned', share_embeddings=False),
+    dict(pre_layer_norm=False, activation='swiglu', position_embedding='rope'),
+    dict(norm='rmsnorm', activation='swiglu', share_embeddings=False),
+]
+
+
+@pytest.mark.parametrize('options', TRANSFORMER_OPTIONS)
+def test_cached_decoding_matches_full_recomputation(options):
+  model = make_model(**options)
   batch = packed_batch()
+  assert np.isfinite(model(batch)).all()
   source_segments = (batch['inputs_segment_ids'] > 0).astype(jnp.int32)  # one pair per row
   source_positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
   encoded = model.encode(batch['inputs'], source_segments, source_positions)
   tokens = jnp.asarray(np.random.default_rng(1).integers(4, 40, (2, 6)), jnp.int32)
   full = model.decode(encoded, source_segments, tokens, jnp.ones_like(tokens),
                       jnp.broadcast_to(jnp.arange(6), (2, 6)))
+  assert np.isfinite(full).all()
   cache = model.init_cache(encoded, source_segments, max_length=6)
   for index in range(6):
     step_logits, cache = model.decode_step(cache, tokens[:, index], index)
     np.testing.assert_allclose(step_logits, full[:, index], atol=1e-4, rtol=1e-4)
 
 
-def test_parameters_carry_logical_axes():
-  state = nnx.state(make_model(), nnx.Param)
+@pytest.mark.parametrize('kind', ['transformer', 'decoder_lm'])
+def test_parameters_carry_logical_axes(kind):
+  model = make_model(kind=kind, activation='swiglu', position_embedding='learned',
+                     share_embeddings=False)
+  state = nnx.state(model, nnx.Param)
   specs = nnx.get_partition_spec(state)
-  names = {tuple(leaf) for leaf in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(
-      x, jax.sharding.PartitionSpec))}
-  assert ('vocab', 'embed') in names
-  assert ('embed', 'heads', 'head_dim') in names
-  assert ('embed', 'mlp') in names
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  for (path, spec), value in zip(jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec),
+                                 jax.tree.leaves(state)):
+    assert len(spec) == value.ndim and None not in spec, (path, spec)  # every dimension
+  names = {tuple(leaf) for leaf in jax.tree.leaves(specs, is_leaf=is_spec)}
+  assert {('vocab', 'embed'), ('embed', 'vocab'), ('length', 'embed'),
+          ('embed', 'heads', 'head_dim'), ('heads', 'head_dim', 'embed'), ('embed', 'mlp'),
+          ('mlp', 'embed'), ('mlp',), ('embed',)} <= names
 
 
 def test_loss_ignores_padding_and_smooths():
@@ -319,6 +339,36 @@ def test_bfloat16_language_model_decodes_with_a_bfloat16_cache():
     assert logits.dtype == jnp.float32 and logits.shape == (2, 40)
     assert np.isfinite(logits).all()
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@pytest.mark.parametrize('pre_layer_norm', [True, False])
+def test_language_model_follows_pre_layer_norm(pre_layer_norm):
+  """The LM's logits are those of a hand-written stack over its own parameters: pre-LN
+  `x + f(norm(x))` and a final norm, or post-LN `norm(x + f(x))` and no final norm."""
+  model = lm_model(pre_layer_norm=pre_layer_norm)  # RoPE: no position embedding
+  batch = packed_batch()
+  segments, positions = batch['targets_segment_ids'], batch['targets_positions']
+  mask = model_lib.attention_mask(segments, segments, causal=True)
+
+  def self_attention(block, normed):
+    keys, values = block.self_attention.project_kv(normed)
+    return block.self_attention(normed, model_lib.layers.apply_rope(keys, positions), values,
+                                mask, deterministic=True, query_positions=positions)
+
+  mlp = lambda block, normed: block.mlp(normed, deterministic=True)
+  hidden = model.embed(batch['decoder_inputs'])
+  for block in model.decoder_layers:
+    for norm, sublayer in ((block.self_attention_norm, self_attention),
+                           (block.mlp_norm, mlp)):
+      if pre_layer_norm:
+        hidden = hidden + sublayer(block, norm(hidden))
+      else:
+        hidden = norm(hidden + sublayer(block, hidden))
+  if pre_layer_norm:
+    hidden = model.final_norm(hidden)
+  else:
+    assert model.final_norm is None
+  np.testing.assert_allclose(model(batch), model.embed.attend(hidden), rtol=1e-5, atol=1e-5)
 
 
 def test_dot_product_attention_refuses_attention_dropout():

@@ -10,11 +10,9 @@ import jax.numpy as jnp
 import pytest
 
 from jaxnmt import config_lib
-from jaxnmt import errors
 from jaxnmt import inputs
 from jaxnmt import optim
 from jaxnmt import steps
-from jaxnmt import train
 from jaxnmt import train_state
 from jaxnmt import translate
 from tests.tiny_config import tiny_config
@@ -96,10 +94,15 @@ def test_translate_without_a_trained_model_is_a_clear_error(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
-def test_non_finite_loss_stops_with_a_clear_message(small_corpus, tmp_path):
-  config = tiny_config(small_corpus)
-  config.optim.learning_rate = 1e30
-  config.optim.grad_clip_norm = 0.0
-  config.optim.warmup_steps = 0
-  with pytest.raises(errors.TrainingError, match='non-finite loss or gradient at step'):
-    train.train_and_evaluate(config, str(tmp_path))
+def test_non_finite_loss_is_a_runtime_failure_exit_1(small_corpus, tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', '--config=tests/tiny_config.py',
+       f'--workdir={tmp_path}', '--config.optim.learning_rate=1e30',
+       '--config.optim.grad_clip_norm=0.0', '--config.optim.warmup_steps=0'],
+      cwd=ROOT, env={**os.environ, 'JAXNMT_TEST_CORPUS': small_corpus},
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: non-finite loss or gradient at step')
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints' / '10')  # nothing non-finite saved

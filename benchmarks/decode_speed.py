@@ -20,14 +20,15 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-  from jaxnmt import translate  # pylint: disable=g-import-not-at-top
+  from jaxnmt import inference, translate  # pylint: disable=g-import-not-at-top
+  loaded = inference.load(FLAGS.workdir)
   with open(os.path.join(FLAGS.workdir, 'splits', 'test.src'), encoding='utf-8') as handle:
     sources = handle.read().splitlines()[:FLAGS.sentences]
   rows = []
   for beam in map(int, FLAGS.beams):
     for use_cache in (True, False):
       options = translate.DecodeOptions(beam_size=beam, use_cache=use_cache)
-      translator = translate.Translator(FLAGS.workdir, options=options)
+      translator = translate.Translator(loaded, options)
       translator.translate(sources, FLAGS.batch_size)  # compile every bucket shape
       started = time.perf_counter()
       outputs = translator.translate(sources, FLAGS.batch_size)

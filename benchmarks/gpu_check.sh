@@ -5,13 +5,13 @@
 #
 #   bash benchmarks/gpu_check.sh fetch   # here, with pip: .gpu/wheels (what the GPU
 #                                        # image lacks, for its Python 3.12) + .gpu/data
-#   bash benchmarks/gpu_check.sh run     # there, one call carrying .gpu: figures in $OUT
+#   bash benchmarks/gpu_check.sh run     # on the GPU machine, with .gpu/ in the checkout:
+#                                        # figures in $OUT (about 10 minutes)
 #
 # $OUT gets env.txt (GPU, versions), big_bench.json/.log, base_train.log,
 # base_eval.log, base_results.jsonl (BLEU per checkpoint), base_train_metrics.jsonl and
 # summary.txt (time to BLEU 35). Budgets (seconds) are env knobs: BIG_S, BASE_S, WAIT_S
-# (for the eval worker to score the last checkpoint). On the device tool: run with
-# carry ['.gpu'] and timeout_s=600.
+# (for the eval worker to score the last checkpoint).
 # GPU_CHECK_QUICK=1 runs the same plumbing on a CPU with the tiny config (3.5 minutes
 # on a 2-core VM).
 set -uo pipefail
@@ -33,7 +33,8 @@ fi
 
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 JAXNMT_COMPILATION_CACHE=/tmp/jaxnmt_xla
+export PYTHONUNBUFFERED=1
+CACHE=--compilation_cache_dir=/tmp/jaxnmt_xla
 export JAXNMT_DATA_DIR=${JAXNMT_DATA_DIR:-$PWD/.gpu/data}
 if ! python3 -c 'import grain, ml_collections, tensorboardX' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -66,7 +67,7 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version
 cat "$OUT/env.txt"
 
 big() {  # big() SECONDS OVERRIDES LOGNAME
-  timeout "$1" python3 -m jaxnmt.main --mode=bench --config=$BIG $2 \
+  timeout "$1" python3 -m jaxnmt.main --mode=bench $CACHE --config=$BIG $2 \
     --config.data.batch_size=$ROWS --workdir=/tmp/gc_big --bench_steps=$STEPS \
     --bench_decode_sentences=$DECODE > "$OUT/$3" 2>&1
   status=$?; echo "exit $status"; tail -n 30 "$OUT/$3"; return $status
@@ -83,14 +84,14 @@ cp /tmp/gc_big/bench.json "$OUT/big_bench.json" 2>/dev/null
 echo "== base: train and eval worker side by side ($BASE_S s)"
 started=$(date +%s.%N)
 minutes=$(python3 -c "print(($BASE_S - 60) / 60)")
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout "$BASE_S" python3 -m jaxnmt.main --config=$BASE \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout "$BASE_S" python3 -m jaxnmt.main $CACHE --config=$BASE \
   $FAST $TRAIN_ARGS --config.keep_checkpoints=1000 \
   --config.train_time_limit_minutes=$minutes --workdir=/tmp/gc_base \
   > "$OUT/base_train.log" 2>&1 &
 trainer=$!
 # The worker starts once the trainer has written its run (config, splits).
 for _ in $(seq 120); do [ -f /tmp/gc_base/config.json ] && break; sleep 1; done
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 -m jaxnmt.main --mode=eval \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 -m jaxnmt.main --mode=eval $CACHE \
   --workdir=/tmp/gc_base --poll_seconds=2 $EVAL_ARGS > "$OUT/base_eval.log" 2>&1 &
 worker=$!
 wait $trainer; echo "trainer exit $?"

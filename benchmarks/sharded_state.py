@@ -13,7 +13,6 @@ from ml_collections import config_flags
 from jaxnmt import config_lib
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import steps
 from jaxnmt import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/big.py', 'Run config.')

@@ -19,7 +19,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags

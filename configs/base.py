@@ -1,10 +1,15 @@
 """Transformer-base (Vaswani et al. 2017) for English→Spanish: the reference config.
 
 Every field jaxnmt reads is declared here, with a comment; the other configs start from
-this one and change only what differs. Any field can be overridden on the command line:
+this one and change only what differs. Any field can be overridden on the command line.
 
-  python -m jaxnmt.main --config=configs/base.py --workdir=runs/base \
-      --config.model.num_layers=4 --config.optim.learning_rate=7e-4
+  python -m jaxnmt.main --config=configs/base.py                      # workdir runs/base
+  python -m jaxnmt.main --config=configs/base.py --workdir=runs/base4 \
+      --config.model.num_encoder_layers=4 --config.optim.learning_rate=5e-4
+  NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh --config=configs/base.py \
+      --workdir=runs/base-mp
+
+Measured figures (speed, MFU, memory): BUILD_NOTES.md, "Configs".
 """
 
 import ml_collections
@@ -121,7 +126,7 @@ def get_config():
   config.model.num_heads = 8
   # Hidden width of the feed-forward block.
   config.model.d_ff = 2048
-  # 'relu', 'gelu' or 'swiglu' (gated; decoder-only models).
+  # 'relu', 'gelu' or 'swiglu' (gated), for every model kind.
   config.model.activation = 'relu'
   # 'layernorm' or 'rmsnorm'.
   config.model.norm = 'layernorm'
@@ -130,7 +135,7 @@ def get_config():
   config.model.attention_dropout_rate = 0.1
   # True: LayerNorm before each sub-layer (pre-LN); False: after the residual (post-LN).
   config.model.pre_layer_norm = True
-  # 'sinusoidal' or 'learned' position embeddings ('rope' too for task 'lm').
+  # 'sinusoidal' or 'learned' position embeddings, or 'rope' (rotary, in self-attention).
   config.model.position_embedding = 'sinusoidal'
   # Share one embedding matrix between source, target and the output projection.
   config.model.share_embeddings = True
@@ -164,7 +169,7 @@ def get_config():
   config.optim.grad_accum_steps = 1
   # Output layer and loss fused, in this many slices of the target length: the
   # [batch, length, vocab] logits are never held whole (0 = the plain output layer).
-  # Same loss and gradients; base: 23% less step memory (BUILD_NOTES.md, "Speed").
+  # Same loss and gradients, less step memory (measured: BUILD_NOTES.md, "Speed").
   config.optim.loss_chunks = 8
 
   # ---------------------------------------------------------------- decoding

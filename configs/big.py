@@ -1,6 +1,11 @@
 """Transformer-big (Vaswani et al. 2017) for English→Spanish; meant for accelerators.
 
-  python -m jaxnmt.main --config=configs/big.py --workdir=runs/big
+  python -m jaxnmt.main --config=configs/big.py                       # workdir runs/big
+  CONFIG=configs/big.py WORKDIR=/shared/runs/big sbatch --nodes=2 launch/slurm.sbatch
+  TPU_NAME=pod ZONE=us-central2-b CONFIG=configs/big.py WORKDIR=/mnt/shared/big \
+      launch/tpu_pod.sh
+
+Measured figures (sharded state bytes): BUILD_NOTES.md, "Configs".
 """
 
 from configs import base

@@ -1,7 +1,10 @@
 """Subword (SentencePiece, 1k pieces) GPT on Tiny Shakespeare: lm_char.py with a
 SentencePiece tokenizer trained on the training 90% of the text.
 
-  python -m jaxnmt.main --config=configs/lm_subword.py --workdir=runs/lm_subword
+  python -m jaxnmt.main --config=configs/lm_subword.py                # workdir runs/lm_subword
+  python -m jaxnmt.main --mode=generate --workdir=runs/lm_subword --prompt="ROMEO:"
+
+Measured figures: BUILD_NOTES.md, "Configs".
 """
 
 from configs import lm_char

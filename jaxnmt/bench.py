@@ -24,7 +24,6 @@ multiply timed on this machine.
 """
 
 import json
-import logging
 import os
 import resource
 import time
@@ -44,12 +43,10 @@ from jaxnmt import memory_fit
 from jaxnmt import model as model_lib
 from jaxnmt import optim
 from jaxnmt import sharding
-from jaxnmt import steps
+from jaxnmt import steps as steps_lib
 from jaxnmt import train_state
 from jaxnmt import translate
 from jaxnmt import workdir as workdir_lib
-
-RESULT_FILE = 'bench.json'
 
 # Dense bf16 peak FLOP/s per JAX device (datasheets; TPU v2/v3 devices are single
 # cores, half a chip). Matched in order against `device.device_kind`.
@@ -150,7 +147,7 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
   graphdef, state, rest, shardings = train_state.create_train_state(model_cfg, tx,
                                                                     config.seed, mesh, rules)
   result['parameters'] = train_state.count_params(state['params'])
-  step_fn, _ = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+  step_fn, _ = steps_lib.compile_steps(graphdef, tx, config, mesh, rules, shardings)
   iterator = iter(run_inputs.train_data)
   feeder = feeding.DeviceFeeder(iterator, sharding.batch_sharding(mesh, rules),
                                 config.data.prefetch_to_device)
@@ -226,7 +223,7 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
                                           state['params'], decode_sentences,
                                           decode_batch_size)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, RESULT_FILE), 'w', encoding='utf-8') as handle:
+    with open(os.path.join(workdir, workdir_lib.BENCH), 'w', encoding='utf-8') as handle:
       json.dump(result, handle, indent=2)
     print(format_table(result), flush=True)
   return result
@@ -245,13 +242,12 @@ def _decode_throughput(config, workdir: str, tokenizer, model_cfg, params, sente
   if not trained and jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
   results = {'sentences': len(sources)}
+  if trained:
+    loaded = inference.load(workdir)
+  else:
+    loaded = inference.from_params(config, tokenizer, model_cfg, params)
   for name, beam in (('greedy', 1), ('beam4', 4)):
-    options = translate.DecodeOptions(beam_size=beam)
-    if trained:
-      loaded = inference.load(workdir)
-    else:
-      loaded = inference.from_params(config, tokenizer, model_cfg, params)
-    translator = translate.Translator(loaded, options)
+    translator = translate.Translator(loaded, translate.DecodeOptions(beam_size=beam))
     results['parameters'] = (f'checkpoint {translator.step}' if trained else
                              'the benchmarked (untrained) model')
     translator.translate(sources, batch_size)

@@ -19,10 +19,22 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxnmt import workdir as workdir_lib
-from jaxnmt.errors import CheckpointError
+from jaxnmt.errors import CheckpointError, WorkdirError
 
 # A data-iterator state must fit in this many bytes of JSON to be gathered across hosts.
 MAX_ITERATOR_STATE_BYTES = 1 << 16
+# The layout of the saved state (the parameter tree); stored in each checkpoint's
+# metadata. 2: one Transformer block for encoder, decoder and LM.
+FORMAT = 2
+
+
+def check_format(metadata: dict, where: str) -> None:
+  """Refuses checkpoints of another state layout (before anything is read or moved)."""
+  found = metadata.get('format', 1)
+  if found != FORMAT:
+    raise WorkdirError(f'the checkpoints in {where} have layout {found}, this jaxnmt reads '
+                       f'layout {FORMAT} (an earlier model definition); train in a new '
+                       f'--workdir, or use the jaxnmt version that wrote them')
 
 
 class Checkpointer:

@@ -111,6 +111,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.model.d_model % config.model.num_heads == 0, 'model.num_heads',
            f'd_model={config.model.d_model} must divide by num_heads='
            f'{config.model.num_heads}')
+  head_dim = config.model.d_model // config.model.num_heads
+  _require(config.model.position_embedding != 'rope' or head_dim % 2 == 0,
+           'model.position_embedding', f"'rope' rotates pairs of dimensions: the head "
+           f'width d_model / num_heads = {head_dim} must be even')
   _require(config.data.valid_fraction + config.data.test_fraction < 0.9,
            'data.test_fraction', 'valid_fraction + test_fraction must leave training data')
   # SentencePiece needs room for the 4 special ids and 256 byte-fallback pieces.

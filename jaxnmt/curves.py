@@ -5,15 +5,16 @@ worker write next to their TensorBoard events."""
 import os
 
 from jaxnmt import metrics as metrics_lib
+from jaxnmt import workdir as workdir_lib
 from jaxnmt.errors import WorkdirError
 
 # (file under the workdir, metric key, panel title)
 PANELS = (
-    ('train/metrics.jsonl', 'loss', 'training loss (label-smoothed)'),
-    ('valid/metrics.jsonl', 'loss', 'validation loss (trainer)'),
-    ('eval/metrics.jsonl', 'bleu', 'test BLEU (eval worker)'),
-    ('eval/metrics.jsonl', 'chrf', 'test chrF (eval worker)'),
-    ('eval/metrics.jsonl', 'bits_per_char', 'validation bits/char (eval worker)'),
+    (workdir_lib.TRAIN_LOGS, 'loss', 'training loss (label-smoothed)'),
+    (workdir_lib.VALID_LOGS, 'loss', 'validation loss (trainer)'),
+    (workdir_lib.EVAL, 'bleu', 'test BLEU (eval worker)'),
+    (workdir_lib.EVAL, 'chrf', 'test chrF (eval worker)'),
+    (workdir_lib.EVAL, 'bits_per_char', 'validation bits/char (eval worker)'),
 )
 
 
@@ -24,13 +25,16 @@ def render(workdir: str, output: str | None = None) -> str:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   series = []
-  for filename, key, title in PANELS:
-    records = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, filename)) if key in r]
+  for logs, key, title in PANELS:
+    records = [r for r in metrics_lib.read_jsonl(workdir_lib.path(workdir, logs,
+                                                                  workdir_lib.METRICS))
+               if key in r]
     if records:
       series.append((title, records, key))
   if not series:
     raise WorkdirError(f'{workdir} holds no metrics.jsonl under train/, valid/ or eval/')
-  train_records = metrics_lib.read_jsonl(os.path.join(workdir, 'train/metrics.jsonl'))
+  train_records = metrics_lib.read_jsonl(workdir_lib.path(workdir, workdir_lib.TRAIN_LOGS,
+                                                           workdir_lib.METRICS))
   start = min((r['time'] for r in train_records), default=min(
       r['time'] for _, records, _ in series for r in records))
   figure, axes = plt.subplots(2, len(series), figsize=(4.2 * len(series), 6.4), squeeze=False)
@@ -45,7 +49,7 @@ def render(workdir: str, output: str | None = None) -> str:
       axes[row][column].grid(alpha=0.3)
   figure.suptitle(os.path.abspath(workdir), fontsize=9)
   figure.tight_layout()
-  output = output or os.path.join(workdir, 'curves.png')
+  output = output or workdir_lib.path(workdir, workdir_lib.CURVES)
   figure.savefig(output, dpi=100)
   plt.close(figure)
   return output

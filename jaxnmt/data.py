@@ -194,8 +194,8 @@ def encode_pair(pair: Pair, tokenizer: tokenizer_lib.Tokenizer, max_source_lengt
 
 # The map steps run inline in the one prefetch thread at the end of each pipeline.
 # Grain's default (16 reader threads, 500 futures in flight) polled every pending future
-# on each element: 75% of the pipeline's time on a 2-core CPU, in bursts that stalled
-# one training step in four (BUILD_NOTES.md, "Speed").
+# on each element, most of the pipeline's time, in bursts that stalled training steps
+# (measured in BUILD_NOTES.md, "Speed").
 _INLINE = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 

@@ -1,24 +1,12 @@
 """Multi-process start-up with JAX's own runtime (`jax.distributed`): NCCL on GPUs,
 ICI/DCN on TPU pods, gloo on CPUs."""
 
-import os
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxnmt.errors import DistributedError, RuntimeFailure
-
-
-def detected_cluster() -> str | None:
-  """Name of a multi-process cluster environment JAX can configure itself from."""
-  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    return 'SLURM'
-  if int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
-    return 'Open MPI'
-  if ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
-    return 'TPU pod'
-  return None
+from jaxnmt.host_runtime import detected_cluster
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None,

@@ -156,7 +156,7 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
   else:
     evaluator = Evaluator(workdir, options, batch_size, max_test_sentences)
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  writer = metrics_lib.Writer(workdir, 'eval')
+  writer = metrics_lib.Writer(workdir, workdir_lib.EVAL)
   scored, written = workdir_lib.scored_steps(workdir), []
   heartbeat = _Heartbeat(workdir)
   try:

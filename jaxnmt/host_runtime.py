@@ -43,7 +43,6 @@ YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 CPU_LIBRARY_FUSIONS = 'individual_dot,eltwise,reduce'
 # jaxlib minor versions whose XLA:CPU was measured and checked with CPU_LIBRARY_FUSIONS.
 TESTED_JAXLIB = ('0.10.',)
-ALLOCATORS = ('auto', 'system', 'tcmalloc', 'hugepages', 'glibc')  # or a library's path
 LIBRARY_FUSIONS = ('auto', 'on', 'off')
 
 HUGETLB_TUNABLE = 'glibc.malloc.hugetlb'
@@ -61,6 +60,18 @@ _CHOICES = 'use auto, system, tcmalloc, hugepages, glibc or the path of a malloc
 class AllocatorError(UserError, ValueError):
   """An --allocator or --cpu_library_fusions choice this host cannot honour."""
 
+
+
+def detected_cluster() -> str | None:
+  """Name of a multi-process cluster environment JAX can configure itself from
+  (read from the environment, so it can be asked before JAX is imported)."""
+  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    return 'SLURM'
+  if int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'Open MPI'
+  if ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+    return 'TPU pod'
+  return None
 
 def accelerator_plugins(environ=os.environ) -> list[str]:
   """The JAX accelerator plugins installed, found as JAX finds them but without

@@ -1,6 +1,6 @@
 """The one way to load a trained model: `load(workdir, step=None, devices=None)`.
 
-Translate, the eval worker, generate, serve and bench all start here, never from the
+Translate, the eval worker, generate and bench all start here, never from the
 trainer. Only the parameters are restored (no optimizer state is read or allocated),
 replicated over `devices` (default: this process's first device), whatever mesh wrote
 them. The checkpoint must have been trained with the workdir's tokenizer.
@@ -40,7 +40,8 @@ class LoadedModel:
     """Swaps in the parameters of another checkpoint of the same run."""
     abstract = train_state.with_shardings(train_state.abstract_params(self.model_config),
                                           self.replicated)
-    self.step, self.params = _restore(workdir, step, abstract)
+    self.step, self.params = _restore(workdir, step, abstract,
+                                      workdir_lib.file_sha256(self.tokenizer.model_path))
 
 
 def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
@@ -77,7 +78,11 @@ def _restore(workdir: str, step: int | None, abstract_params, tokenizer_sha256=N
     step = checkpointer.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {checkpointer.directory}: train first')
-    metadata = checkpointer.read_metadata(step) or {}
+    metadata = checkpointer.read_metadata(step)
+    if metadata is None:
+      raise CheckpointError(f'checkpoint {step} in {checkpointer.directory} is gone or holds '
+                            f'no metadata')
+    checkpoint_lib.check_format(metadata, checkpointer.directory)
     if tokenizer_sha256 and metadata.get('tokenizer_sha256') not in (None, tokenizer_sha256):
       raise WorkdirError(f'{workdir_lib.tokenizer_path(workdir)} is not the tokenizer '
                          f'checkpoint {step} was trained with (sha256 differs)')

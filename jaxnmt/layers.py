@@ -65,8 +65,7 @@ def tied_logits(hidden: jax.Array, embedding: jax.Array, dtype) -> jax.Array:
 
   Same value and gradients as the einsum; the backward pass is written out because
   XLA's own one computes the embedding gradient from a transposed copy of the whole
-  [B*L, V] logits gradient (measured on CPU: 388 -> 232 ms for the output layer and
-  loss of a tiny-model batch, forward and backward)."""
+  [B*L, V] logits gradient (measured in BUILD_NOTES.md, "Speed")."""
   return einsum_f32('BLD,VD->BLV', hidden.astype(dtype), embedding.astype(dtype))
 
 
@@ -246,3 +245,30 @@ class FeedForward(nnx.Module):
       inner = self.activation(inner)
     inner = self.dropout(inner, deterministic=deterministic)
     return jnp.einsum('BLF,FD->BLD', inner, cast(self.wo)) + cast(self.bo)
+
+
+# ----------------------------------------------------------------------------- masks, remat
+
+
+def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
+                   causal: bool = False) -> jax.Array:
+  """bool [B, 1, Q, K]: query i may attend key j iff both belong to the same non-pad
+  segment (and j <= i when causal)."""
+  mask = (query_segment_ids[:, :, None] == key_segment_ids[:, None, :]) & (
+      key_segment_ids[:, None, :] != 0)
+  if causal:
+    query_index = jnp.arange(query_segment_ids.shape[1])[:, None]
+    key_index = jnp.arange(key_segment_ids.shape[1])[None, :]
+    mask &= key_index <= query_index
+  return mask[:, None, :, :]
+
+
+def remat(function, mode: str):
+  """`function(layer, *arrays)` rematerialised per `mode`: 'none' (as is), 'full'
+  (saves only its inputs; the backward pass recomputes the layer's forward) or 'dots'
+  (also saves the outputs of matmuls without batch dimensions, i.e. the projections;
+  attention scores and everything elementwise are recomputed)."""
+  if mode == 'none':
+    return function
+  policies = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  return nnx.remat(function, policy=policies[mode])

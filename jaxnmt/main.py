@@ -88,13 +88,20 @@ def _workdir(multi_process: bool) -> str:
                     'path (e.g. on a shared filesystem)')
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
       FLAGS['config'])))[0]
-  return os.path.join('runs', name)
+  # bench writes splits and a tokenizer too: never into a training run's workdir.
+  return os.path.join('runs', name if FLAGS.mode == 'train' else f'{name}_bench')
 
 
 def _check_flags() -> None:
   from jaxnmt.errors import UserError  # pylint: disable=g-import-not-at-top
-  if FLAGS.mode in ('train', 'bench') and FLAGS.config is None:
+  try:
+    config = FLAGS.config  # ml_collections loads the file on first use
+  except OSError as error:
+    raise UserError(f'--config: {error}') from None
+  if FLAGS.mode in ('train', 'bench') and config is None:
     raise UserError(f'--config is required for --mode={FLAGS.mode}')
+  if FLAGS.num_samples < 1 or FLAGS.num_tokens < 1 or FLAGS.poll_seconds < 0:
+    raise UserError('--num_samples and --num_tokens must be >= 1, --poll_seconds >= 0')
   if FLAGS.bench_steps < 1 or FLAGS.bench_warmup < 1 or FLAGS.bench_decode_sentences < 0:
     raise UserError('--bench_steps and --bench_warmup must be >= 1, '
                     '--bench_decode_sentences >= 0')
@@ -166,13 +173,12 @@ def main(argv) -> None:
   logging.getLogger('absl').setLevel(logging.WARNING)
   # pylint: disable=g-import-not-at-top
   from jaxnmt import errors, host_runtime
-  from jaxnmt import distributed
   try:
     if len(argv) > 1:
       raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
     _check_flags()
     multi_process = ((FLAGS.num_processes or 1) > 1 or
-                     distributed.detected_cluster() is not None)
+                     host_runtime.detected_cluster() is not None)
     workdir = _workdir(multi_process)
     # First, before JAX starts a backend: may restart this command once.
     host_runtime.prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process)
@@ -184,8 +190,8 @@ def main(argv) -> None:
   except errors.RuntimeFailure as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(errors.EXIT_RUNTIME_FAILURE)
-  except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, no checkpoint
-    print('error: interrupted; no checkpoint written since the last one', file=sys.stderr)
+  except KeyboardInterrupt:  # training: a second Ctrl-C; other modes: the first
+    print('error: interrupted', file=sys.stderr)
     sys.exit(130)
 
 
@@ -197,6 +203,8 @@ def _parse_flags(argv):
     print(f'error: {error}', file=sys.stderr)
   except (AttributeError, KeyError) as error:  # ml_collections: an unknown config field
     print(f'error: --config override names no config field: {error}', file=sys.stderr)
+  except OSError as error:  # ml_collections: a config file it could not load
+    print(f'error: --config: {error}', file=sys.stderr)
   sys.exit(2)
 
 

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import tensorboardX
 
+from jaxnmt import workdir as workdir_lib
+
 
 class Writer:
   """Scalars and texts under WORKDIR/<name>: TensorBoard events, plus every scalar as a
@@ -18,7 +20,7 @@ class Writer:
     if jax.process_index() == 0:
       directory = os.path.join(workdir, name)
       self._writer = tensorboardX.SummaryWriter(directory)
-      self._jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a', encoding='utf-8')
+      self._jsonl = open(os.path.join(directory, workdir_lib.METRICS), 'a', encoding='utf-8')
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if self._writer is None:

@@ -42,34 +42,7 @@ class ModelConfig:
   remat: str = 'none'  # or 'full' (save nothing), 'dots' (save matmul outputs)
 
 
-# ----------------------------------------------------------------------------- masks
-
-
-def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
-                   causal: bool = False) -> jax.Array:
-  """bool [B, 1, Q, K]: query i may attend key j iff both belong to the same non-pad
-  segment (and j <= i when causal)."""
-  mask = (query_segment_ids[:, :, None] == key_segment_ids[:, None, :]) & (
-      key_segment_ids[:, None, :] != 0)
-  if causal:
-    query_index = jnp.arange(query_segment_ids.shape[1])[:, None]
-    key_index = jnp.arange(key_segment_ids.shape[1])[None, :]
-    mask &= key_index <= query_index
-  return mask[:, None, :, :]
-
-
 # ----------------------------------------------------------------------------- blocks
-
-
-def _remat(function, mode: str):
-  """`function(layer, *arrays)` rematerialised per `mode`: 'none' (as is), 'full'
-  (saves only its inputs; the backward pass recomputes the layer's forward) or 'dots'
-  (also saves the outputs of matmuls without batch dimensions, i.e. the projections;
-  attention scores and everything elementwise are recomputed)."""
-  if mode == 'none':
-    return function
-  policies = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-  return nnx.remat(function, policy=policies[mode])
 
 
 class Block(nnx.Module):
@@ -158,7 +131,7 @@ def _run_blocks(blocks, remat: str, hidden, positions, self_mask, encoded=None,
                                           cross_mask)
     return block(hidden, positions, self_mask, cross, deterministic=deterministic)[0]
 
-  run = _remat(run, remat)
+  run = layers.remat(run, remat)
   for block in blocks:
     hidden = run(block, hidden, positions, self_mask, encoded, cross_mask)
   return hidden
@@ -267,7 +240,7 @@ class Transformer(OutputLayer, nnx.Module):
     hidden = _embed(self.config, self.source_embed, self.source_positions, self.dropout,
                     inputs, positions, deterministic)
     hidden = _run_blocks(self.encoder_layers, self.config.remat, hidden, positions,
-                         attention_mask(segment_ids, segment_ids),
+                         layers.attention_mask(segment_ids, segment_ids),
                          deterministic=deterministic)
     return self.encoder_norm(hidden) if self.config.pre_layer_norm else hidden
 
@@ -290,8 +263,8 @@ class Transformer(OutputLayer, nnx.Module):
     """-> the last decoder layer's output [B, T, D]."""
     hidden = _embed(self.config, self.target_embed, self.target_positions, self.dropout,
                     decoder_inputs, target_positions, deterministic)
-    self_mask = attention_mask(target_segment_ids, target_segment_ids, causal=True)
-    cross_mask = attention_mask(target_segment_ids, source_segment_ids)
+    self_mask = layers.attention_mask(target_segment_ids, target_segment_ids, causal=True)
+    cross_mask = layers.attention_mask(target_segment_ids, source_segment_ids)
     return _run_blocks(self.decoder_layers, self.config.remat, hidden, target_positions,
                        self_mask, encoded, cross_mask, deterministic=deterministic)
 
@@ -382,7 +355,7 @@ class DecoderLM(OutputLayer, nnx.Module):
     hidden = _embed(self.config, self.embed, self.positions, self.dropout,
                     batch['decoder_inputs'], positions, deterministic)
     hidden = _run_blocks(self.decoder_layers, self.config.remat, hidden, positions,
-                         attention_mask(segments, segments, causal=True),
+                         layers.attention_mask(segments, segments, causal=True),
                          deterministic=deterministic)
     return self.final_states(hidden)
 

@@ -4,7 +4,8 @@ A stop request — SIGTERM (preemption) or SIGINT (Ctrl-C) delivered to any one 
 or the training time limit read from process 0's clock — is acted on by every process
 at the same step: they save the same checkpoint and exit the same way. With one process
 requests are checked every step; with several, every `check_every` steps (an all-gather
-of two flags). A second Ctrl-C stops at once, without saving.
+of two flags). A second Ctrl-C stops that process at once, without saving (with several
+processes, stop the others the same way: they wait for it at their next check).
 """
 
 import logging
@@ -27,6 +28,8 @@ class StopRequests:
     self._signal = None
     self._previous = {}
     for signum in _SIGNALS:
+      if signal.getsignal(signum) == signal.SIG_IGN:
+        continue  # ignored on purpose (nohup, background jobs): leave it so
       try:
         self._previous[signum] = signal.signal(signum, self._handle)
       except ValueError:  # not the main thread: signals keep their handlers
@@ -53,4 +56,5 @@ class StopRequests:
 
   def close(self) -> None:
     for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
+      # None: a handler installed outside Python; the default is the closest.
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)

@@ -94,13 +94,6 @@ def _train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: st
   )
 
 
-def load_or_train(model_path: str, sentences_fn, **train_kwargs) -> Tokenizer:
-  """Loads `model_path` if present, else trains on `sentences_fn()` and stores it."""
-  if os.path.exists(model_path):
-    return Tokenizer(model_path)
-  return train(sentences_fn(), model_path, **train_kwargs)
-
-
 class CharTokenizer:
   """Character-level tokenizer with the same interface as `Tokenizer`: every distinct
   character of the training text gets an id after the four special ids. Characters

@@ -96,7 +96,8 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       saving = step % config.checkpoint_every_steps == 0 or last_step
       if step % config.log_every_steps == 0 or saving:
         log.write(step)  # fetches the losses: a non-finite one stops before any save
-      if step % config.eval_every_steps == 0 or last_step:
+      # A signal stop saves at once (a preemption grace period is short).
+      if step % config.eval_every_steps == 0 or (last_step and stopped != 'signal'):
         last_eval = steps.evaluate_loss(eval_fn, state['params'], rest, valid_batches)
         log.validation(step, last_eval)
       if saving:
@@ -143,6 +144,7 @@ def _check_resumable(checkpointer, config, workdir: str) -> None:
   saved = checkpointer.read_metadata(latest) if latest is not None else None
   if not saved:
     return
+  checkpoint_lib.check_format(saved, checkpointer.directory)
   breaking, harmless = config_lib.resume_differences(saved['config'], config.to_dict())
   if breaking:
     raise WorkdirError(f'the checkpoints in {checkpointer.directory} were written with '
@@ -167,11 +169,15 @@ class _Saver:
   tokenizer_path: str
   last_saved: int | None = None
 
+  def __post_init__(self):
+    self._metadata = {'config': self.config.to_dict(), 'process_count': jax.process_count(),
+                      'format': checkpoint_lib.FORMAT,
+                      'tokenizer_sha256': workdir_lib.file_sha256(self.tokenizer_path)}
+
   def save(self, step: int, state, iterator_state) -> None:
     if step == self.last_saved:
       return
-    metadata = {'config': self.config.to_dict(), 'process_count': jax.process_count(),
-                'tokenizer_sha256': workdir_lib.file_sha256(self.tokenizer_path)}
+    metadata = self._metadata
     self.checkpointer.save(step, state, iterator_state, metadata)
     protected = set()
     if not self.config.delete_unscored_checkpoints and workdir_lib.worker_alive(
@@ -188,8 +194,8 @@ class _Log:
 
   def __init__(self, workdir: str, schedule, total: int, start: int):
     self._schedule = schedule
-    self._train = metrics_lib.Writer(workdir, 'train')
-    self._valid = metrics_lib.Writer(workdir, 'valid')
+    self._train = metrics_lib.Writer(workdir, workdir_lib.TRAIN_LOGS)
+    self._valid = metrics_lib.Writer(workdir, workdir_lib.VALID_LOGS)
     self._pending, self._slots = [], 0
     self._started = self._interval_start = time.time()
     self._progress = tqdm.tqdm(total=total, initial=start, desc='train', unit='step',

@@ -76,8 +76,8 @@ def create_train_state(model_cfg: model_lib.ModelConfig, tx, seed: int, mesh, ru
 
 
 def create_model(model_cfg: model_lib.ModelConfig, seed: int):
-  """(graphdef, params, rest) initialised on the default device: for tests and for a
-  model that is benchmarked untrained."""
+  """(graphdef, params, rest) initialised on the default device, unsharded (small
+  models: tests, examples)."""
   return nnx.split(model_lib.build(model_cfg, rngs=_rngs(seed)), nnx.Param, ...)
 
 

@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import sys
 from typing import Sequence, TextIO
 
@@ -50,6 +49,8 @@ class Translator:
   (parameters replicated, sentences split over the devices)."""
 
   def __init__(self, loaded: inference.LoadedModel, options: DecodeOptions = DecodeOptions()):
+    if loaded.config.get('task') == 'lm':
+      raise UserError('this workdir holds a language model: use --mode=generate')
     self.loaded, self.options = loaded, options
     self.config, self.tokenizer = loaded.config, loaded.tokenizer
     self.mesh = loaded.mesh
@@ -139,13 +140,14 @@ def _decode_batch(graphdef, rest, options: DecodeOptions, params, inputs, max_le
 def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
         batch_size: int = 64, options: DecodeOptions = DecodeOptions()) -> None:
   """Reads lines from `input_path` (or stdin), writes translations to `output`."""
-  translator = Translator.from_workdir(workdir, options=options)
   if input_path:
-    if not os.path.isfile(input_path):
-      raise UserError(f'--input={input_path}: no such file')
-    with open(input_path, encoding='utf-8', errors='replace') as handle:
-      lines = handle.read().splitlines()
-  else:
+    try:
+      with open(input_path, encoding='utf-8', errors='replace') as handle:
+        lines = handle.read().splitlines()
+    except OSError as error:
+      raise UserError(f'--input={input_path}: {error.strerror}') from None
+  translator = Translator.from_workdir(workdir, options=options)
+  if not input_path:
     lines = sys.stdin.read().splitlines()
   for line in translator.translate(lines, batch_size=batch_size, progress=bool(input_path)):
     output.write(line + '\n')

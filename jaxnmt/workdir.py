@@ -6,11 +6,13 @@ inference share. Every other module asks this one where things are.
     tokenizer.model          SentencePiece model (or a char vocabulary, JSON)
     splits/                  held-out data: {valid,test}.{src,ref}, or valid.txt (LM)
     checkpoints/<step>/      Orbax checkpoints (see checkpoint.py)
-    train/, valid/           TensorBoard logs of the trainer
+    train/, valid/           TensorBoard logs + metrics.jsonl of the trainer
     train/finished.json      the final step, once training has ended (not preempted)
     .trainer.lock            held by the live trainer (process 0)
     eval/results.jsonl       one line per scored checkpoint (the eval worker)
     eval/worker.json         the eval worker's heartbeat
+    eval/                    also its TensorBoard logs, metrics.jsonl, test hypotheses
+    bench.json, curves.png   written by --mode=bench and --mode=curves
 """
 
 import fcntl
@@ -28,9 +30,12 @@ CONFIG = 'config.json'
 TOKENIZER = 'tokenizer.model'
 SPLITS = 'splits'
 CHECKPOINTS = 'checkpoints'
+TRAIN_LOGS, VALID_LOGS, EVAL = 'train', 'valid', 'eval'  # TensorBoard log directories
+METRICS = 'metrics.jsonl'  # in each log directory: every scalar, one JSON line each
+BENCH = 'bench.json'
+CURVES = 'curves.png'
 FINISHED = os.path.join('train', 'finished.json')
 LOCK = '.trainer.lock'
-EVAL = 'eval'
 RESULTS = os.path.join(EVAL, 'results.jsonl')
 WORKER = os.path.join(EVAL, 'worker.json')
 # A worker silent for longer is considered gone.

@@ -10,7 +10,6 @@ import pytest
 import sacrebleu
 
 from jaxnmt import bleu
-from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import curves
 from jaxnmt import errors
 from jaxnmt import evaluate

@@ -84,6 +84,7 @@ def test_tiny_transformer_learns_to_copy(tmp_path):
     translator = translate.Translator(loaded, translate.DecodeOptions(beam_size=beam_size))
     hypotheses = [' '.join(line) for line in translator.translate(test_sentences)]
     bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
+    print(f'copy task, beam {beam_size}: BLEU {bleu:.2f}')  # shown with pytest -s
     assert bleu >= 95, (beam_size, bleu, hypotheses[:3], references[:3])
 
 
@@ -106,6 +107,7 @@ def test_language_model_learns_a_repeated_pattern(tmp_path):
   held_out = data_lib.lm_batch(data_lib.lm_blocks(ids, 128, offset=5)[:16])
   sums = jax.jit(functools.partial(steps.eval_step, graphdef))(params, rest, held_out)
   loss = float(sums['nll'] / sums['tokens'])
+  print(f'repeated pattern: held-out loss {loss:.4f} nats/token')  # shown with pytest -s
   assert loss <= 0.05, loss
 
 
@@ -139,4 +141,3 @@ def test_every_shipped_config_trains_two_steps(get_config, small_corpus, tmp_pat
   assert result['step'] == 2 and np.isfinite(result['valid_loss'])
   loaded = inference.load(str(tmp_path))
   assert loaded.step == 2
-  assert loaded.model_config.d_model == get_config().model.d_model

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxnmt import layers
 from jaxnmt import losses
 from jaxnmt import model as model_lib
 
@@ -43,9 +44,9 @@ def packed_batch():
 
 def test_attention_mask_padding_segments_and_causal():
   segments = jnp.array([[1, 1, 2, 0]])
-  mask = np.asarray(model_lib.attention_mask(segments, segments))[0, 0]
+  mask = np.asarray(layers.attention_mask(segments, segments))[0, 0]
   np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
-  causal = np.asarray(model_lib.attention_mask(segments, segments, causal=True))[0, 0]
+  causal = np.asarray(layers.attention_mask(segments, segments, causal=True))[0, 0]
   np.testing.assert_array_equal(causal, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
 
 
@@ -253,7 +254,7 @@ def test_fully_masked_query_rows_stay_finite(dtype):
   outputs (uniform weights) and finite gradients for it."""
   hidden = jax.random.normal(jax.random.key(0), (1, 3, 32))
   segments = jnp.array([[1, 1, 0]])
-  mask = model_lib.attention_mask(segments, segments)
+  mask = layers.attention_mask(segments, segments)
   assert not mask[0, 0, 2].any()
   outputs = {}
   for kind in ('einsum', 'dot_product'):
@@ -348,7 +349,7 @@ def test_language_model_follows_pre_layer_norm(pre_layer_norm):
   model = lm_model(pre_layer_norm=pre_layer_norm)  # RoPE: no position embedding
   batch = packed_batch()
   segments, positions = batch['targets_segment_ids'], batch['targets_positions']
-  mask = model_lib.attention_mask(segments, segments, causal=True)
+  mask = layers.attention_mask(segments, segments, causal=True)
 
   def self_attention(block, normed):
     keys, values = block.self_attention.project_kv(normed)

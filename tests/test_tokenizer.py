@@ -7,7 +7,6 @@ import pytest
 from jaxnmt import data
 from jaxnmt import errors
 from jaxnmt import tokenizer as tokenizer_lib
-from tests.conftest import real_pairs
 
 
 @pytest.fixture(scope='module')
@@ -39,19 +38,6 @@ def test_round_trip_keeps_text_exactly(tokenizer, text):
 def test_decode_stops_at_eos_and_skips_pad_and_bos(tokenizer):
   ids = tokenizer.encode('Hola.')
   assert tokenizer.decode([tokenizer_lib.BOS_ID] + ids + [tokenizer_lib.EOS_ID, 7, 8, 0]) == 'Hola.'
-
-
-def test_load_or_train_reuses_the_stored_model(tmp_path, tokenizer):
-  path = str(tmp_path / 'spm.model')
-  calls = []
-
-  def sentences():
-    calls.append(1)
-    return [side for pair in real_pairs(1000) for side in pair]
-  first = tokenizer_lib.load_or_train(path, sentences, vocab_size=500)
-  second = tokenizer_lib.load_or_train(path, sentences, vocab_size=500)
-  assert len(calls) == 1 and os.path.exists(path)
-  assert first.encode('Hola, Tom.') == second.encode('Hola, Tom.')
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

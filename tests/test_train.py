@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 from jaxnmt import config_lib
+from jaxnmt import errors
+from jaxnmt import inference
 from jaxnmt import inputs
 from jaxnmt import optim
 from jaxnmt import steps
@@ -106,3 +108,34 @@ def test_non_finite_loss_is_a_runtime_failure_exit_1(small_corpus, tmp_path):
       'error: non-finite loss or gradient at step')
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints' / '10')  # nothing non-finite saved
+
+
+def test_inference_restores_the_parameters_alone(trained_workdir):
+  before = {id(array) for array in jax.live_arrays()}
+  loaded = inference.load(trained_workdir)
+  params_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(loaded.params))
+  new_bytes = sum(array.nbytes for array in jax.live_arrays() if id(array) not in before)
+  # AdamW's two moments would triple it; the RNG state of `rest` is a few bytes.
+  assert params_bytes <= new_bytes < 1.1 * params_bytes, (params_bytes, new_bytes)
+
+
+def test_checkpoints_of_another_layout_are_refused_untouched(trained_workdir, small_corpus,
+                                                            tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'old_layout'
+  shutil.copytree(trained_workdir, workdir)
+  for metadata_file in workdir.glob('checkpoints/*/metadata/metadata'):
+    metadata = json.loads(metadata_file.read_text())
+    del metadata['format']  # as written before layouts were numbered
+    metadata_file.write_text(json.dumps(metadata))
+  with pytest.raises(errors.WorkdirError, match='have layout 1, this jaxnmt reads layout 2'):
+    inference.load(str(workdir))
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', '--config=tests/tiny_config.py',
+       f'--workdir={workdir}', '--config.num_train_steps=30'],
+      cwd=ROOT, env={**os.environ, 'JAXNMT_TEST_CORPUS': small_corpus},
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'have layout 1' in result.stderr.strip().splitlines()[-1]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']  # nothing moved aside

@@ -3,6 +3,7 @@ trained once per test session."""
 
 import os
 import random
+import tempfile
 import zipfile
 
 # Eight CPU devices for every test (set before JAX is imported), so the trainer's
@@ -11,8 +12,15 @@ import zipfile
 from jaxnmt import host_runtime  # pylint: disable=wrong-import-position
 
 os.environ['XLA_FLAGS'] = host_runtime.cpu_xla_flags(
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+    # Tests compile far more than they run: XLA's backend optimisations cost more
+    # compile time than they save in run time at these sizes.
+    ' --xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One compilation cache for the session, shared with the processes the tests start
+# (JAX reads these variables): a program several tests compile is compiled once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jaxnmt_test_xla_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

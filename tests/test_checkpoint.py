@@ -91,6 +91,7 @@ def losses_by_step(workdir):
   return {record['step']: record['loss'] for record in records}  # last record wins
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('processes, mesh', [
     (1, ()),
     (2, ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')),
@@ -123,6 +124,7 @@ def test_killed_run_resumes_exactly(tmp_path, small_corpus, processes, mesh):
     print(f'{step:4d}  {want_losses[step]:.6f}  {got_losses[step]:.6f}')
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, small_corpus):
   workdir = tmp_path / 'preempted'
   process = start_and_wait_for_checkpoint(workdir, small_corpus,
@@ -154,6 +156,7 @@ def test_second_trainer_on_a_live_workdir_refuses(tmp_path, small_corpus):
   workdir_lib.TrainerLock(str(workdir), owner=True).release()  # free once released
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back(trained_workdir, tmp_path, small_corpus):
   import shutil  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'copy'
@@ -171,6 +174,7 @@ def test_truncated_latest_checkpoint_falls_back(trained_workdir, tmp_path, small
   assert latest + 2 in committed_steps(workdir)
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(trained_workdir, tmp_path,
                                                               small_corpus):
   import shutil  # pylint: disable=g-import-not-at-top
@@ -195,6 +199,7 @@ def test_breaking_config_change_is_refused(trained_workdir, small_corpus):
   assert 'model.d_model: 32 -> 64' in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_restores_on_one_device_and_translates(tmp_path, small_corpus):
   config = tiny_config(small_corpus)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2

@@ -76,6 +76,7 @@ def test_single_checkpoint_mode(workdir_copy):
     evaluate.run_eval_worker(workdir_copy, checkpoint_step=15, options=OPTIONS)
 
 
+@pytest.mark.slow
 def test_retention_keeps_what_a_live_worker_has_not_scored(small_corpus, tmp_path):
   config = tiny_config(small_corpus)
   config.checkpoint_every_steps = 5

@@ -131,10 +131,10 @@ def _shrunk(get_config, corpus):
   return config
 
 
-@pytest.mark.parametrize('get_config', [
-    tiny.get_config, lm_char.get_config, lm_subword.get_config,
-    pytest.param(base.get_config, marks=pytest.mark.slow),
-    pytest.param(big.get_config, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('get_config', [tiny.get_config, lm_char.get_config,
+                                        lm_subword.get_config, base.get_config,
+                                        big.get_config])
 def test_every_shipped_config_trains_two_steps(get_config, small_corpus, tmp_path):
   config = _shrunk(get_config, small_corpus)
   result = train.train_and_evaluate(config, str(tmp_path))

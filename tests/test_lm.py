@@ -123,6 +123,7 @@ def test_tiny_lm_overfits_one_batch():
   assert losses[0] > 3.5 and losses[-1] < 0.15 * losses[0], (losses[0], losses[-1])
 
 
+@pytest.mark.slow
 def test_char_lm_trains_evaluates_and_generates(tmp_path):
   workdir = str(tmp_path / 'lm')
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')

@@ -88,6 +88,7 @@ def run_equivalence(tmp_path, name, mesh, processes=1, devices=1):
   return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_one_device_mesh_and_two_processes_train_identically(tmp_path):
   single = run_equivalence(tmp_path, 'single', '1,1,1', devices=1)
   meshed = run_equivalence(tmp_path, 'mesh', '2,2,2', devices=8)

@@ -17,12 +17,13 @@ from jaxnmt import config_lib
 from jaxnmt import data
 from jaxnmt import errors
 from jaxnmt import feeding
+from jaxnmt import inputs
 from jaxnmt import memory_fit
 from jaxnmt import optim
 from jaxnmt import sharding
 from jaxnmt import steps
-from jaxnmt import inputs
 from jaxnmt import train_state
+from jaxnmt import workdir as workdir_lib
 from tests.conftest import real_pairs
 from tests.tiny_config import tiny_config
 
@@ -84,6 +85,7 @@ def test_fused_loss_gives_the_plain_update(small_corpus, tmp_path, kind, shared)
                state['params'], reference['params'])
 
 
+@pytest.mark.slow
 def test_fused_loss_never_holds_the_logits(small_corpus):
   config = tiny_config(small_corpus)
   mesh, rules = sharding.plan_mesh(config)
@@ -184,6 +186,7 @@ def test_packing_fills_most_slots_and_padding_does_not(tokenizer):
   assert fractions[False] < 0.6 * fractions[True]
 
 
+@pytest.mark.slow
 def test_memory_fit_takes_the_largest_batch_that_fits(small_corpus):
   config = tiny_config(small_corpus)
   mesh, rules = sharding.plan_mesh(config)
@@ -195,10 +198,11 @@ def test_memory_fit_takes_the_largest_batch_that_fits(small_corpus):
   rows, tried = memory_fit.fit_batch_size(config, model_cfg, mesh, rules)
   assert rows == 16 and tried[16] <= config.data.device_memory_gb * 2**30 < tried[32]
   config.data.device_memory_gb = 1e-4  # 100 KiB: nothing fits
-  with pytest.raises(errors.TrainingError, match='no batch size fits'):
+  with pytest.raises(errors.MeshError, match='no batch size fits'):
     memory_fit.fit_batch_size(config, model_cfg, mesh, rules)
 
 
+@pytest.mark.slow
 def test_flops_formula_agrees_with_xla_on_a_full_batch(small_corpus):
   config = tiny_config(small_corpus)
   config.model.d_model, config.model.d_ff, config.model.num_heads = 128, 512, 4
@@ -215,11 +219,12 @@ def test_flops_formula_agrees_with_xla_on_a_full_batch(small_corpus):
   assert 0.85 < formula / xla_flops < 1.02, formula / xla_flops
 
 
+@pytest.mark.slow
 def test_bench_mode_reports_and_writes_json(small_corpus, tmp_path):
   config = tiny_config(small_corpus)
   result = bench.run(config, str(tmp_path), steps=2, warmup=1, decode_sentences=4,
                      decode_batch_size=8)
-  saved = json.load(open(os.path.join(tmp_path, bench.RESULT_FILE)))
+  saved = json.load(open(os.path.join(tmp_path, workdir_lib.BENCH)))
   assert saved['real_tokens_per_sec'] == pytest.approx(result['real_tokens_per_sec'])
   assert saved['batch_rows'] == 8 and saved['parameters'] > 0
   assert 0.5 < saved['real_token_fraction'] <= 1.0

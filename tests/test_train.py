@@ -15,8 +15,10 @@ from jaxnmt import inference
 from jaxnmt import inputs
 from jaxnmt import optim
 from jaxnmt import steps
+from jaxnmt import train
 from jaxnmt import train_state
 from jaxnmt import translate
+from jaxnmt import workdir as workdir_lib
 from tests.tiny_config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,3 +141,12 @@ def test_checkpoints_of_another_layout_are_refused_untouched(trained_workdir, sm
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'have layout 1' in result.stderr.strip().splitlines()[-1]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']  # nothing moved aside
+
+
+def test_time_limit_stops_with_a_checkpoint_and_the_finished_marker(small_corpus, tmp_path):
+  config = tiny_config(small_corpus)
+  config.train_time_limit_minutes = 1e-6  # out of time after the first step
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['stopped'] == 'time limit' and result['step'] == 1
+  assert workdir_lib.finished_step(str(tmp_path)) == 1
+  assert inference.load(str(tmp_path)).step == 1  # the stop step was saved

@@ -54,7 +54,11 @@ class StopRequests:
       return 'signal'
     return 'time limit' if out_of_time else None
 
-  def close(self) -> None:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *unused_exception) -> None:
+    """Gives the signals their handlers back."""
     for signum, previous in self._previous.items():
       # None: a handler installed outside Python; the default is the closest.
       signal.signal(signum, signal.SIG_DFL if previous is None else previous)

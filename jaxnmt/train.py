@@ -6,6 +6,7 @@ of its own: `inputs` (corpus, tokenizer, batches), `train_state` (sharded state)
 `stopping` (agreed stop requests), `checkpoint` (Orbax) and `workdir` (the files).
 """
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -67,25 +68,29 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
   batch_sharding = sharding.batch_sharding(mesh, rules)
   valid_batches = feeding.global_eval_batches(run_inputs.valid_batches, batch_sharding)
 
-  # ------------------------------------------------------------- resume
-  train_iterator = iter(run_inputs.train_data)
-  restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(state, shardings))
-  if restored is not None:
-    latest, state, iterator_state, _ = restored
-    if iterator_state is not None:
-      train_iterator.set_state(iterator_state)
-    logging.info('Resumed from checkpoint at step %d', latest)
-  step_fn, eval_fn = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
-  feeder = feeding.DeviceFeeder(train_iterator, batch_sharding,
-                                config.data.prefetch_to_device)
-  saver = _Saver(config, workdir, checkpointer, run_inputs.tokenizer.model_path)
-  log = _Log(workdir, schedule, config.num_train_steps, start=int(state['step']))
-  stops = stopping.StopRequests(config.train_time_limit_minutes,
-                                config.preemption_check_every_steps)
+  with contextlib.ExitStack() as cleanup:  # closed in reverse order, however we leave
+    # ----------------------------------------------------------- resume
+    train_iterator = iter(run_inputs.train_data)
+    cleanup.callback(train_iterator.close)
+    restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(state, shardings))
+    if restored is not None:
+      latest, state, iterator_state, _ = restored
+      if iterator_state is not None:
+        train_iterator.set_state(iterator_state)
+      logging.info('Resumed from checkpoint at step %d', latest)
+    step_fn, eval_fn = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+    feeder = feeding.DeviceFeeder(train_iterator, batch_sharding,
+                                  config.data.prefetch_to_device)
+    cleanup.callback(feeder.close)
+    cleanup.callback(checkpointer.wait)
+    saver = _Saver(config, workdir, checkpointer, run_inputs.tokenizer.model_path)
+    log = cleanup.enter_context(_Log(workdir, schedule, config.num_train_steps,
+                                     start=int(state['step'])))
+    stops = cleanup.enter_context(stopping.StopRequests(
+        config.train_time_limit_minutes, config.preemption_check_every_steps))
 
-  # ------------------------------------------------------------- the loop
-  step, total, stopped, last_eval = int(state['step']), config.num_train_steps, None, {}
-  try:
+    # ----------------------------------------------------------- the loop
+    step, total, stopped, last_eval = int(state['step']), config.num_train_steps, None, {}
     while step < total and stopped is None:
       batch, slots = next(feeder)
       state, step_metrics = step_fn(state, rest, batch)
@@ -96,12 +101,11 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       saving = step % config.checkpoint_every_steps == 0 or last_step
       if step % config.log_every_steps == 0 or saving:
         log.write(step)  # fetches the losses: a non-finite one stops before any save
-      # A signal stop saves at once (a preemption grace period is short).
+      if saving:  # first: a preemption's grace period is short
+        saver.save(step, state, feeder.iterator_state())
       if step % config.eval_every_steps == 0 or (last_step and stopped != 'signal'):
         last_eval = steps.evaluate_loss(eval_fn, state['params'], rest, valid_batches)
         log.validation(step, last_eval)
-      if saving:
-        saver.save(step, state, feeder.iterator_state())
     if stopped == 'signal':
       logging.warning('Stopped at step %d on a signal; checkpoint saved, run the same '
                       'command to resume', step)
@@ -112,12 +116,6 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       if stopped == 'time limit':
         logging.info('Time limit of %.1f minutes reached at step %d',
                      config.train_time_limit_minutes, step)
-  finally:
-    stops.close()
-    log.close()
-    checkpointer.wait()
-    feeder.close()
-    train_iterator.close()
   logging.info('Finished at step %d after %.1f minutes; model in %s', step,
                log.minutes(), workdir)
   return {'step': step, 'stopped': stopped,
@@ -231,7 +229,10 @@ class _Log:
   def minutes(self) -> float:
     return (time.time() - self._started) / 60
 
-  def close(self) -> None:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *unused_exception) -> None:
     self._progress.close()
     self._train.close()
     self._valid.close()

@@ -27,5 +27,5 @@ setuptools.setup(
         'tqdm>=4.66',
         'matplotlib>=3.8',
     ],
-    extras_require={'test': ['pytest>=8.0']},
+    extras_require={'test': ['pytest>=8.0', 'pytest-xdist>=3.5']},
 )

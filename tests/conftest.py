@@ -12,10 +12,7 @@ import zipfile
 from jaxnmt import host_runtime  # pylint: disable=wrong-import-position
 
 os.environ['XLA_FLAGS'] = host_runtime.cpu_xla_flags(
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-    # Tests compile far more than they run: XLA's backend optimisations cost more
-    # compile time than they save in run time at these sizes.
-    ' --xla_backend_optimization_level=0')
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One compilation cache for the session, shared with the processes the tests start
 # (JAX reads these variables): a program several tests compile is compiled once.

@@ -236,6 +236,7 @@ def assert_trees_close(actual, expected, rtol: float):
                                err_msg=str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['transformer', 'decoder_lm'])
 def test_dot_product_attention_matches_einsum(kind):
   build = make_model if kind == 'transformer' else lm_model
@@ -275,6 +276,7 @@ def test_fully_masked_query_rows_stay_finite(dtype):
                              atol=1e-5 if dtype == jnp.float32 else 5e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind, mode, dropout', [
     ('transformer', 'full', 0.0), ('transformer', 'dots', 0.0),
     ('decoder_lm', 'full', 0.1), ('decoder_lm', 'dots', 0.1)])
@@ -290,6 +292,7 @@ def test_remat_keeps_loss_and_gradients(kind, mode, dropout):
   assert_trees_close(remat_grads, grads, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['einsum', 'dot_product'])
 def test_bfloat16_compute_keeps_float32_params_and_logits(attention):
   batch = packed_batch()

@@ -35,6 +35,7 @@ def _first_batches(config, workdir, count):
   return batches
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_one_batch_update(small_corpus, tmp_path):
   config = tiny_config(small_corpus)
   config.model.dropout_rate = 0.0
@@ -63,6 +64,7 @@ def test_gradient_accumulation_gives_the_one_batch_update(small_corpus, tmp_path
                  state['params'], reference['params'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind,shared', [('transformer', True), ('transformer', False),
                                          ('decoder_lm', True)])
 def test_fused_loss_gives_the_plain_update(small_corpus, tmp_path, kind, shared):
@@ -245,6 +247,7 @@ def test_dropout_rng_auto_picks_philox_on_one_device_only():
     config_lib.dropout_rng('philox4x32', 2)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_step_keeps_float32_master_weights(small_corpus, tmp_path):
   config = tiny_config(small_corpus)
   batch = _first_batches(config, str(tmp_path), 1)[0]

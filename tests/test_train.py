@@ -98,6 +98,7 @@ def test_translate_without_a_trained_model_is_a_clear_error(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 def test_non_finite_loss_is_a_runtime_failure_exit_1(small_corpus, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'jaxnmt.main', '--config=tests/tiny_config.py',

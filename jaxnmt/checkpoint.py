@@ -28,13 +28,20 @@ MAX_ITERATOR_STATE_BYTES = 1 << 16
 FORMAT = 2
 
 
-def check_format(metadata: dict, where: str) -> None:
-  """Refuses checkpoints of another state layout (before anything is read or moved)."""
+def check_compatible(metadata: dict, where: str, tokenizer_path: str,
+                     tokenizer_sha256: str | None) -> None:
+  """Refuses a checkpoint of another state layout, or one trained with another
+  tokenizer than the workdir's (`tokenizer_sha256`; None: no tokenizer yet), before
+  anything is read or moved."""
   found = metadata.get('format', 1)
   if found != FORMAT:
     raise WorkdirError(f'the checkpoints in {where} have layout {found}, this jaxnmt reads '
                        f'layout {FORMAT} (an earlier model definition); train in a new '
                        f'--workdir, or use the jaxnmt version that wrote them')
+  saved = metadata.get('tokenizer_sha256')
+  if tokenizer_sha256 and saved and saved != tokenizer_sha256:
+    raise WorkdirError(f'{tokenizer_path} is not the tokenizer the checkpoints in {where} '
+                       f'were trained with (sha256 differs)')
 
 
 class Checkpointer:
@@ -185,14 +192,3 @@ def gather_json(value) -> list:
   buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
   gathered = np.asarray(multihost_utils.process_allgather(buffer))
   return [json.loads(row.tobytes().rstrip(b'\0').decode()) for row in gathered]
-
-
-def abstract_like(tree, shardings=None):
-  """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs), with its shardings."""
-  def to_abstract(leaf, sharding=None):
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                sharding=sharding if sharding is not None else
-                                getattr(leaf, 'sharding', None))
-  if shardings is None:
-    return jax.tree.map(to_abstract, tree)
-  return jax.tree.map(to_abstract, tree, shardings)

@@ -18,7 +18,7 @@ from jaxnmt import config_lib
 from jaxnmt import model as model_lib
 from jaxnmt import train_state
 from jaxnmt import workdir as workdir_lib
-from jaxnmt.errors import CheckpointError, WorkdirError
+from jaxnmt.errors import CheckpointError
 
 
 @dataclasses.dataclass
@@ -31,17 +31,13 @@ class LoadedModel:
   rest: object  # the model's non-parameter variables
   params: object
   step: int | None  # None: parameters not from a checkpoint
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, PartitionSpec())
+  abstract_params: object = None  # shapes with their shardings, to restore onto
+  tokenizer_sha256: str | None = None
 
   def reload(self, workdir: str, step: int | None = None) -> None:
     """Swaps in the parameters of another checkpoint of the same run."""
-    abstract = train_state.with_shardings(train_state.abstract_params(self.model_config),
-                                          self.replicated)
-    self.step, self.params = _restore(workdir, step, abstract,
-                                      workdir_lib.file_sha256(self.tokenizer.model_path))
+    self.step, self.params = _restore(workdir, step, self.abstract_params,
+                                      self.tokenizer, self.tokenizer_sha256)
 
 
 def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
@@ -52,9 +48,11 @@ def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
   mesh = _mesh(devices)
   where = NamedSharding(mesh, PartitionSpec())
   graphdef, abstract_params, rest = train_state.inference_model(model_cfg, where)
-  step, params = _restore(workdir, step, train_state.with_shardings(abstract_params, where),
-                          workdir_lib.file_sha256(tokenizer.model_path))
-  return LoadedModel(config, tokenizer, model_cfg, mesh, graphdef, rest, params, step)
+  abstract_params = train_state.with_shardings(abstract_params, where)
+  tokenizer_sha256 = workdir_lib.file_sha256(tokenizer.model_path)
+  step, params = _restore(workdir, step, abstract_params, tokenizer, tokenizer_sha256)
+  return LoadedModel(config, tokenizer, model_cfg, mesh, graphdef, rest, params, step,
+                     abstract_params, tokenizer_sha256)
 
 
 def from_params(config, tokenizer, model_cfg: model_lib.ModelConfig, params,
@@ -72,7 +70,8 @@ def _mesh(devices) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices), ('data',))
 
 
-def _restore(workdir: str, step: int | None, abstract_params, tokenizer_sha256=None):
+def _restore(workdir: str, step: int | None, abstract_params, tokenizer,
+             tokenizer_sha256: str):
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
     step = checkpointer.latest_step() if step is None else step
@@ -82,10 +81,8 @@ def _restore(workdir: str, step: int | None, abstract_params, tokenizer_sha256=N
     if metadata is None:
       raise CheckpointError(f'checkpoint {step} in {checkpointer.directory} is gone or holds '
                             f'no metadata')
-    checkpoint_lib.check_format(metadata, checkpointer.directory)
-    if tokenizer_sha256 and metadata.get('tokenizer_sha256') not in (None, tokenizer_sha256):
-      raise WorkdirError(f'{workdir_lib.tokenizer_path(workdir)} is not the tokenizer '
-                         f'checkpoint {step} was trained with (sha256 differs)')
+    checkpoint_lib.check_compatible(metadata, checkpointer.directory,
+                                    tokenizer.model_path, tokenizer_sha256)
     params = checkpointer.restore_params(step, abstract_params)
   finally:
     checkpointer.close()

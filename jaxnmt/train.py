@@ -72,7 +72,7 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
     # ----------------------------------------------------------- resume
     train_iterator = iter(run_inputs.train_data)
     cleanup.callback(train_iterator.close)
-    restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(state, shardings))
+    restored = checkpointer.restore_latest(train_state.with_shardings(state, shardings))
     if restored is not None:
       latest, state, iterator_state, _ = restored
       if iterator_state is not None:
@@ -142,7 +142,10 @@ def _check_resumable(checkpointer, config, workdir: str) -> None:
   saved = checkpointer.read_metadata(latest) if latest is not None else None
   if not saved:
     return
-  checkpoint_lib.check_format(saved, checkpointer.directory)
+  tokenizer = workdir_lib.tokenizer_path(workdir)
+  checkpoint_lib.check_compatible(
+      saved, checkpointer.directory, tokenizer,
+      workdir_lib.file_sha256(tokenizer) if workdir_lib.exists(tokenizer) else None)
   breaking, harmless = config_lib.resume_differences(saved['config'], config.to_dict())
   if breaking:
     raise WorkdirError(f'the checkpoints in {checkpointer.directory} were written with '
@@ -150,11 +153,6 @@ def _check_resumable(checkpointer, config, workdir: str) -> None:
                        f'--workdir or the original values')
   if harmless:
     logging.warning('Resuming with a changed config: %s', '; '.join(harmless))
-  tokenizer = workdir_lib.tokenizer_path(workdir)
-  if workdir_lib.exists(tokenizer) and workdir_lib.file_sha256(tokenizer) != saved.get(
-      'tokenizer_sha256'):
-    raise WorkdirError(f'{tokenizer} is not the tokenizer the checkpoints were trained '
-                       f'with (sha256 differs)')
 
 
 @dataclasses.dataclass

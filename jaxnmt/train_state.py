@@ -46,7 +46,8 @@ def abstract_train_state(model_cfg: model_lib.ModelConfig, tx) -> dict:
 
 
 def with_shardings(abstract_tree, shardings):
-  """ShapeDtypeStructs of `abstract_tree` placed per `shardings` (a tree or one)."""
+  """ShapeDtypeStructs of `abstract_tree` (arrays or shapes) placed per `shardings` (a
+  tree, or one sharding for every leaf)."""
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                           sharding=shardings), abstract_tree)

@@ -37,7 +37,9 @@ def test_only_main_imports_the_training_loop():
 def test_inference_modes_load_models_through_inference_only():
   graph = imports_by_module()
   for module in ('translate', 'evaluate', 'generate', 'bench'):
-    assert not graph[module] & {'train', 'optim'} - ({'optim'} if module == 'bench' else set())
+    assert 'train' not in graph[module], module
+  for module in ('translate', 'evaluate', 'generate'):  # bench also trains: it may
+    assert 'optim' not in graph[module], module
   assert {'inference'} <= graph['translate'] & graph['evaluate'] & graph['generate']
   assert 'optim' not in graph['inference']  # no optimizer state to read a model
 

@@ -151,3 +151,16 @@ def test_time_limit_stops_with_a_checkpoint_and_the_finished_marker(small_corpus
   assert result['stopped'] == 'time limit' and result['step'] == 1
   assert workdir_lib.finished_step(str(tmp_path)) == 1
   assert inference.load(str(tmp_path)).step == 1  # the stop step was saved
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused(trained_workdir, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'other_tokenizer'
+  shutil.copytree(trained_workdir, workdir)
+  for metadata_file in workdir.glob('checkpoints/*/metadata/metadata'):
+    metadata = json.loads(metadata_file.read_text())
+    metadata['tokenizer_sha256'] = '0' * 64
+    metadata_file.write_text(json.dumps(metadata))
+  with pytest.raises(errors.WorkdirError, match='is not the tokenizer the checkpoints'):
+    inference.load(str(workdir))

@@ -69,13 +69,43 @@ def get_config():
 
   # ---------------------------------------------------------------- data
   config.data = ml_collections.ConfigDict()
-  # A .zip holding spa.txt, a spa.txt, or any UTF-8 TSV of `source<TAB>target` (for
-  # task 'lm': a UTF-8 text file). Empty: $JAXNMT_DATA_DIR/<data.filename>, else
-  # downloaded from data.url to the cache.
+  # The training corpora, comma-separated: TSV files of `source<TAB>target` lines
+  # (plain, .gz or .zst), a .zip holding one (the Tatoeba spa-eng.zip), or Moses-style
+  # prefixes PREFIX (= the line-aligned files PREFIX.<source_lang> and
+  # PREFIX.<target_lang>). For task 'lm': one UTF-8 text file. Empty:
+  # $JAXNMT_DATA_DIR/<data.filename>, else downloaded from data.url to the cache.
   config.data.path = ''
   config.data.filename = 'spa-eng.zip'
   # Where the default corpus is downloaded from when no local copy exists.
   config.data.url = 'http://storage.googleapis.com/download.tensorflow.org/data/spa-eng.zip'
+  # Sampling weights of the corpora in data.path, comma-separated (e.g. '0.9,0.1');
+  # empty: in proportion to their sizes (every pair once per epoch).
+  config.data.weights = ''
+  # Languages of the files: the first TSV column and PREFIX.<source_lang> are the source.
+  config.data.source_lang = 'en'
+  config.data.target_lang = 'es'
+  # Train target_lang -> source_lang from the same files (es->en here).
+  config.data.reverse = False
+  # Named test sets scored by the eval worker, comma-separated name=corpus (TSV or
+  # PREFIX as above), e.g. 'news=/data/newstest2013'. Their source sentences are kept
+  # out of training.
+  config.data.test_sets = ''
+  # Filters of training pairs (counted in the manifest): longest side in tokens
+  # (0 = no limit; longer pairs are otherwise truncated to max_*_length when batched),
+  # the ratio longer/shorter side in tokens (0 = off), exact duplicates.
+  config.data.filter_max_tokens = 250
+  config.data.filter_max_length_ratio = 0.0
+  config.data.dedup = False
+  # Where the prepared shards, splits and tokenizer live ('' = WORKDIR/data); several
+  # runs may share one prepared directory.
+  config.data.prepared_dir = ''
+  # Training pairs per ArrayRecord shard, and the worker processes that tokenize them
+  # (0 = one per core).
+  config.data.pairs_per_shard = 100_000
+  config.data.prepare_workers = 0
+  # Worker processes that pack training batches for each trainer process (0 = pack in
+  # the trainer's background thread).
+  config.data.pipeline_workers = 0
   # Seed of the train/validation/test split; independent of `seed` so the test set
   # stays the same across training runs.
   config.data.split_seed = 1234
@@ -90,10 +120,8 @@ def get_config():
   config.data.batch_size = 64
   # Rows per batch for validation loss and decoding.
   config.data.eval_batch_size = 64
-  # Bins kept open by the packer; more bins pack tighter but mix nearby examples more.
-  config.data.num_packing_bins = 128
-  # Best-fit packing of several sentence pairs per row (False: one pair per padded row,
-  # for comparison; most of such a batch is padding).
+  # First-fit packing of several sentence pairs per row (False: one pair per padded
+  # row, for comparison; most of such a batch is padding).
   config.data.packing = True
   # Batches prepared on the devices ahead of the step that uses them, by a background
   # thread (0 = transfer each batch just before its step).
@@ -112,8 +140,11 @@ def get_config():
   config.tokenizer.vocab_size = 16_000
   # 'unigram' or 'bpe'.
   config.tokenizer.model_type = 'unigram'
-  # Sentences sampled from the training split to train SentencePiece (0 = all).
+  # Sentences sampled (uniformly, while the corpus streams by) from the training split
+  # to train SentencePiece (0 = all: memory grows with the corpus).
   config.tokenizer.max_training_sentences = 2_000_000
+  # An existing tokenizer model to use instead of training one ('' = train).
+  config.tokenizer.path = ''
 
   # ---------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()

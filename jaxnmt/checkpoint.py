@@ -22,7 +22,7 @@ from jaxnmt import workdir as workdir_lib
 from jaxnmt.errors import CheckpointError, WorkdirError
 
 # A data-iterator state must fit in this many bytes of JSON to be gathered across hosts.
-MAX_ITERATOR_STATE_BYTES = 1 << 16
+MAX_ITERATOR_STATE_BYTES = 1 << 20
 # The layout of the saved state (the parameter tree); stored in each checkpoint's
 # metadata. 2: one Transformer block for encoder, decoder and LM.
 FORMAT = 2
@@ -75,7 +75,8 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state) -> tuple[object, dict | None, dict | None]:
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with
-    .sharding). Returns (state, this process's iterator state or None, metadata or None)."""
+    .sharding). Returns (state, the data-iterator states of every process that saved it
+    or None, metadata or None)."""
     path = os.path.join(self.directory, str(step))
     try:
       present = set(os.listdir(path))
@@ -87,16 +88,10 @@ class Checkpointer:
     except Exception as error:  # Orbax raises many types for unreadable files.
       raise CheckpointError(f'checkpoint {path} could not be read: '
                             f'{type(error).__name__}: {str(error)[:300]}') from error
-    iterator_state = None
+    iterator_states = None
     if restored.get('data_iterators') is not None:
-      per_process = restored['data_iterators']['per_process']
-      if len(per_process) == jax.process_count():
-        iterator_state = per_process[jax.process_index()]
-      else:
-        logging.warning('Checkpoint %d holds data positions for %d processes, this job has '
-                        '%d: the data pipeline restarts from its seed', step,
-                        len(per_process), jax.process_count())
-    return restored['state'], iterator_state, restored.get('metadata')
+      iterator_states = restored['data_iterators']['per_process']
+    return restored['state'], iterator_states, restored.get('metadata')
 
   def restore_params(self, step: int, abstract_params):
     """The parameters of checkpoint `step` alone, onto the shardings of
@@ -123,7 +118,7 @@ class Checkpointer:
     return params
 
   def restore_latest(self, abstract_state):
-    """(step, state, iterator state, metadata) of the newest readable checkpoint, or
+    """(step, state, iterator states, metadata) of the newest readable checkpoint, or
     None when there is none. Unreadable ones are reported and moved aside; if none is
     readable this raises rather than letting training silently start over."""
     steps = self.all_steps()

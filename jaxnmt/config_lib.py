@@ -49,7 +49,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints', 'preemption_check_every_steps',
                 'data.max_source_length', 'data.max_target_length', 'data.batch_size',
-                'data.eval_batch_size', 'data.num_packing_bins',
+                'data.eval_batch_size', 'data.pairs_per_shard',
                 'tokenizer.vocab_size', 'model.num_encoder_layers',
                 'model.num_decoder_layers', 'model.d_model', 'model.num_heads',
                 'model.d_ff'):
@@ -121,8 +121,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.tokenizer.model_type == 'char' or config.tokenizer.vocab_size >= 300,
            'tokenizer.vocab_size',
            f'must be >= 300 (specials + byte fallback), got {config.tokenizer.vocab_size}')
-  _require(isinstance(config.data.path, str), 'data.path',
-           f'must be a string path, got {config.data.path!r}')
+  _check_data_lists(config)
+
+
+def _check_data_lists(config) -> None:
+  """The corpus list, mixture weights, test sets and filters of config.data."""
+  data = config.data
+  for field in ('path', 'weights', 'test_sets', 'source_lang', 'target_lang',
+                'prepared_dir'):
+    _require(isinstance(data[field], str), f'data.{field}',
+             f'must be a string, got {data[field]!r}')
+  _require(isinstance(config.tokenizer.path, str), 'tokenizer.path',
+           f'must be a string, got {config.tokenizer.path!r}')
+  _require(data.source_lang != data.target_lang and data.source_lang and
+           data.target_lang, 'data.target_lang', 'source and target languages must be '
+           f'two different names, got {data.source_lang!r} and {data.target_lang!r}')
+  for field in ('filter_max_tokens', 'prepare_workers', 'pipeline_workers'):
+    _positive_int(config, f'data.{field}', allow_zero=True)
+  _fraction(config, 'data.filter_max_length_ratio', 0.0, float('inf'))
+  _require(data.filter_max_length_ratio == 0 or data.filter_max_length_ratio >= 1,
+           'data.filter_max_length_ratio', f'must be 0 (off) or >= 1, got '
+           f'{data.filter_max_length_ratio!r}')
+  corpora = [item for item in data.path.split(',') if item.strip()]
+  _require(config.task == 'translation' or len(corpora) <= 1, 'data.path',
+           f"task 'lm' reads one text file, got {len(corpora)}")
+  if data.weights.strip():
+    try:
+      weights = [float(item) for item in data.weights.split(',')]
+    except ValueError:
+      weights = []
+    _require(len(weights) == max(len(corpora), 1) and all(w >= 0 for w in weights)
+             and sum(weights) > 0, 'data.weights',
+             f'needs one number >= 0 per corpus of data.path ({max(len(corpora), 1)}), '
+             f'not all 0; got {data.weights!r}')
+  names = []
+  for item in (item for item in data.test_sets.split(',') if item.strip()):
+    name, equals, spec = item.partition('=')
+    _require(bool(equals and name.strip() and spec.strip()) and
+             name.strip().replace('_', '').replace('-', '').isalnum(), 'data.test_sets',
+             f"expected comma-separated name=corpus (names of letters, digits, '-', '_'), "
+             f'got {item!r}')
+    names.append(name.strip())
+  _require(len(names) == len(set(names)), 'data.test_sets',
+           f'test set names must differ, got {names}')
 
 
 def check_mesh(config: ml_collections.ConfigDict, num_devices: int,

@@ -1,7 +1,8 @@
 """The eval worker (`--mode=eval`): a separate process that follows a training workdir,
-scores each new checkpoint once — validation loss, then beam search over the test split
-scored by sacrebleu BLEU/chrF against the untouched references — and writes TensorBoard
-scalars and sample translations under WORKDIR/eval plus a JSON-lines results file.
+scores each new checkpoint once — validation loss, then beam search over the held-out
+test split and every named test set (config.data.test_sets), scored by sacrebleu
+BLEU/chrF against the untouched references — and writes TensorBoard scalars and sample
+translations under WORKDIR/eval plus a JSON-lines results file.
 
 It never slows the trainer: it runs on its own devices (or the CPU), restores each
 checkpoint onto them, and tolerates checkpoints the trainer deletes under it. While it
@@ -18,13 +19,13 @@ import numpy as np
 
 from jaxnmt import bleu
 from jaxnmt import checkpoint as checkpoint_lib
-from jaxnmt import data as data_lib
 from jaxnmt import inference
 from jaxnmt import inputs
 from jaxnmt import metrics as metrics_lib
 from jaxnmt import steps
 from jaxnmt import translate
 from jaxnmt import workdir as workdir_lib
+from jaxnmt.data import pipeline
 from jaxnmt.errors import CheckpointError, WorkdirError
 
 
@@ -45,19 +46,36 @@ class _Heartbeat:
     self._stop.set()
 
 
+def test_sets(workdir: str) -> dict[str, tuple[list[str], list[str]]]:
+  """{name: (sources, references)} of the workdir's test sets: 'test' (the held-out
+  split, when not empty) and each named set (splits/test_<name>.{src,ref})."""
+  directory = workdir_lib.splits_dir(workdir)
+  names = sorted(name[:-4] for name in workdir_lib.list_dir(directory)
+                 if name.startswith('test') and name.endswith('.src'))
+  sets = {}
+  for name in names:
+    sources = workdir_lib.read_lines(workdir_lib.split_file(workdir, f'{name}.src'))
+    references = workdir_lib.read_lines(workdir_lib.split_file(workdir, f'{name}.ref'))
+    if sources:
+      sets['test' if name == 'test' else name.removeprefix('test_')] = (sources, references)
+  return sets
+
+
 class Evaluator:
-  """Scores checkpoints of one workdir: validation loss, test BLEU/chrF, samples."""
+  """Scores checkpoints of one workdir: validation loss, BLEU/chrF on every test set,
+  sample translations."""
 
   def __init__(self, workdir: str, options: translate.DecodeOptions, batch_size: int = 64,
                max_test_sentences: int = 0, num_samples: int = 8):
     self.workdir = workdir
     self.batch_size = batch_size
     self.num_samples = num_samples
-    self.sources = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'test.src'))
-    self.references = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'test.ref'))
-    if max_test_sentences:
-      self.sources = self.sources[:max_test_sentences]
-      self.references = self.references[:max_test_sentences]
+    self.sets = {name: (sources[:max_test_sentences or None],
+                        references[:max_test_sentences or None])
+                 for name, (sources, references) in test_sets(workdir).items()}
+    if not self.sets:
+      raise WorkdirError(f'{workdir_lib.splits_dir(workdir)} holds no test set: set '
+                         f'config.data.test_fraction > 0 or config.data.test_sets')
     valid = list(zip(workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.src')),
                      workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.ref'))))
     self.translator = None
@@ -72,7 +90,7 @@ class Evaluator:
       self.translator = translate.Translator(
           inference.load(self.workdir, step, devices=jax.local_devices()), self.options)
       config = self.translator.config
-      self._valid_batches = list(data_lib.make_eval_batches(
+      self._valid_batches = list(pipeline.make_eval_batches(
           self._valid_pairs, self.translator.tokenizer,
           batch_size=config.data.eval_batch_size,
           max_source_length=config.data.max_source_length,
@@ -84,25 +102,32 @@ class Evaluator:
     loaded = self.translator.loaded
     validation = steps.evaluate_loss(self._eval_fn, loaded.params, loaded.rest,
                                      self._valid_batches)
-    started = time.time()
-    hypotheses = self.translator.translate(self.sources, self.batch_size)
-    seconds = time.time() - started
-    hypotheses_path = workdir_lib.eval_file(self.workdir, f'test_hypotheses_{step}.txt')
-    with open(hypotheses_path, 'w', encoding='utf-8') as handle:
-      handle.writelines(line + '\n' for line in hypotheses)
-    scores = bleu.scores(bleu.statistics(hypotheses, self.references))
-    return {'step': step, 'time': time.time(), 'bleu': scores['bleu'],
-            'chrf': scores['chrf'], 'valid_loss': validation['loss'],
-            'valid_perplexity': validation['perplexity'],
-            'bleu_signature': scores['bleu_signature'],
-            'chrf_signature': scores['chrf_signature'], 'bleu_text': scores['bleu_text'],
-            'strategy': self.options.strategy, 'beam_size': self.options.beam_size,
-            'sentences': len(self.sources), 'decode_seconds': seconds,
-            'sentences_per_sec': len(self.sources) / max(seconds, 1e-9),
-            'hypotheses': hypotheses_path,
-            'samples': [{'source': s, 'reference': r, 'hypothesis': h} for s, r, h in zip(
-                self.sources[:self.num_samples], self.references[:self.num_samples],
-                hypotheses[:self.num_samples])]}
+    result = {'step': step, 'time': time.time(), 'valid_loss': validation['loss'],
+              'valid_perplexity': validation['perplexity'],
+              'strategy': self.options.strategy, 'beam_size': self.options.beam_size}
+    # The first set ('test' when the corpus has a held-out test split) gives the plain
+    # bleu/chrf keys; every set also gives bleu_<name>/chrf_<name>.
+    for index, (name, (sources, references)) in enumerate(self.sets.items()):
+      started = time.time()
+      hypotheses = self.translator.translate(sources, self.batch_size)
+      seconds = time.time() - started
+      hypotheses_path = workdir_lib.eval_file(self.workdir, f'{name}_hypotheses_{step}.txt')
+      with open(hypotheses_path, 'w', encoding='utf-8') as handle:
+        handle.writelines(line + '\n' for line in hypotheses)
+      scores = bleu.scores(bleu.statistics(hypotheses, references))
+      result[f'bleu_{name}'], result[f'chrf_{name}'] = scores['bleu'], scores['chrf']
+      if index == 0:
+        result.update(
+            test_set=name, bleu=scores['bleu'], chrf=scores['chrf'],
+            bleu_signature=scores['bleu_signature'],
+            chrf_signature=scores['chrf_signature'], bleu_text=scores['bleu_text'],
+            sentences=len(sources), decode_seconds=seconds,
+            sentences_per_sec=len(sources) / max(seconds, 1e-9),
+            hypotheses=hypotheses_path,
+            samples=[{'source': s, 'reference': r, 'hypothesis': h} for s, r, h in zip(
+                sources[:self.num_samples], references[:self.num_samples],
+                hypotheses[:self.num_samples])])
+    return result
 
 
 class LMEvaluator:
@@ -143,7 +168,7 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
   `checkpoint_step` alone. Returns the results it wrote."""
   def ready():
     return workdir_lib.has_run(workdir) and (
-        workdir_lib.exists(workdir_lib.split_file(workdir, 'test.ref')) or
+        workdir_lib.exists(workdir_lib.split_file(workdir, 'valid.ref')) or
         workdir_lib.exists(workdir_lib.split_file(workdir, 'valid.txt')))
   while not ready():
     if not follow and not workdir_lib.has_run(workdir):
@@ -198,6 +223,9 @@ def _write_result(writer, workdir: str, result: dict) -> None:
   step = result['step']
   names = {'bleu': 'bleu', 'chrf': 'chrf', 'valid_loss': 'loss',
            'valid_perplexity': 'perplexity', 'bits_per_char': 'bits_per_char'}
+  names.update({key: key.replace('_', '/', 1) for key in result
+                if key.startswith(('bleu_', 'chrf_')) and key not in (
+                    'bleu_signature', 'chrf_signature', 'bleu_text')})
   writer.scalars(step, {name: result[key] for key, name in names.items() if key in result})
   if result['samples']:
     table = '| source | reference | translation |\n|---|---|---|\n' + ''.join(

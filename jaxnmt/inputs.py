@@ -1,8 +1,10 @@
-"""What a training run reads: the corpus, its held-out splits and the tokenizer, turned
-into endless training batches and a fixed list of validation batches.
+"""What a training run reads: prepared data (or the text of a language model), the
+tokenizer and the held-out splits, turned into endless training batches and a fixed
+list of validation batches.
 
-  translation: corpus -> split by source sentence -> tokenizer (trained once, stored in
-               the workdir) -> Grain packed batches; WORKDIR/splits/{valid,test}.{src,ref}
+  translation: corpora -> prepare (once: splits, tokenizer, ArrayRecord shards +
+               manifest; data/prepare.py) -> the global-order Grain stream of this
+               process's rows (data/pipeline.py); WORKDIR/splits/{valid,test}.{src,ref}
   lm:          text -> last `valid_fraction` held out -> tokenizer -> Grain blocks;
                WORKDIR/splits/valid.txt
 """
@@ -10,15 +12,21 @@ into endless training batches and a fixed list of validation batches.
 import dataclasses
 import logging
 import os
+import shutil
 import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxnmt import data as data_lib
+from jaxnmt import distributed
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt import workdir as workdir_lib
+from jaxnmt.data import corpus as corpus_lib
+from jaxnmt.data import lm as lm_lib
+from jaxnmt.data import pipeline
+from jaxnmt.data import prepare as prepare_lib
+from jaxnmt.errors import DataError, UserError
 
 
 @dataclasses.dataclass
@@ -26,12 +34,109 @@ class TrainingInputs:
   tokenizer: object
   train_data: object  # a Grain IterDataset of this process's host batches
   valid_batches: list  # whole (every process's) padded batches, numpy
+  # Position of the data stream from every process's saved iterator state.
+  restore_position: object = None
+  manifest_sha256: str | None = None
 
 
 def training_inputs(config, workdir: str) -> TrainingInputs:
   """The run's tokenizer and data for `config.task`."""
   prepare = _lm_inputs if config.task == 'lm' else _translation_inputs
   return prepare(config, workdir)
+
+
+def _on_process_zero(what: str, work) -> None:
+  """Runs `work()` on process 0 alone; every process learns whether it failed, so a
+  bad input on process 0 stops all of them instead of leaving them waiting."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      work()
+    except UserError as raised:
+      error = raised
+  if jax.process_count() > 1:
+    failed = distributed.agree([error is not None])[0]
+    if failed and error is None:
+      raise DataError(f'process 0 failed to {what} (its log says why)')
+  if error is not None:
+    raise error
+
+
+def prepare_data(config, workdir: str, progress: bool = True) -> dict:
+  """Prepares the config's corpora once (process 0) and publishes the tokenizer and the
+  held-out splits into the workdir. Returns the manifest."""
+  directory = prepare_lib.prepared_dir(config, workdir)
+
+  def work():
+    manifest = prepare_lib.prepare(config, workdir, progress)
+    _install(manifest, directory, workdir)
+  _on_process_zero('prepare the data', work)
+  manifest = prepare_lib.load_manifest(directory)
+  if manifest is None:
+    raise DataError(f'{directory} holds no {prepare_lib.MANIFEST}: is it on a filesystem '
+                    f'every process shares?')
+  prepare_lib.check_spec(manifest, config, directory)
+  return manifest
+
+
+def _install(manifest: dict, directory: str, workdir: str) -> None:
+  """Copies the prepared tokenizer and splits into the workdir, refusing a workdir
+  whose model was trained with another tokenizer."""
+  target = workdir_lib.tokenizer_path(workdir)
+  if os.path.exists(target):
+    found = workdir_lib.file_sha256(target)
+    if found != manifest['tokenizer_sha256']:
+      raise DataError(f'{target} (sha256 {found[:12]}) is not the tokenizer of the '
+                      f'prepared data in {directory} ({manifest["tokenizer_sha256"][:12]}): '
+                      f'the model of this workdir needs its own tokenizer; use a new '
+                      f'--workdir')
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(os.path.join(directory, manifest['tokenizer']), target + '.partial')
+    os.replace(target + '.partial', target)
+  source_splits = os.path.join(directory, prepare_lib.SPLITS)
+  target_splits = workdir_lib.splits_dir(workdir)
+  if os.path.abspath(source_splits) != os.path.abspath(target_splits):
+    os.makedirs(target_splits, exist_ok=True)
+    for name in os.listdir(source_splits):
+      if not name.endswith('.partial'):
+        shutil.copyfile(os.path.join(source_splits, name), os.path.join(target_splits, name))
+
+
+def _translation_inputs(config, workdir: str) -> TrainingInputs:
+  manifest = prepare_data(config, workdir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('prepared data installed')
+  started = time.time()
+  directory = prepare_lib.prepared_dir(config, workdir)
+  tokenizer = workdir_lib.load_tokenizer(workdir, config.tokenizer.model_type)
+  data = config.data
+  weights = [float(w) for w in corpus_lib.split_list(data.weights)]
+  train_data = pipeline.TrainStream(
+      prepare_lib.shard_paths(manifest, directory),
+      [corpus['pairs'] for corpus in manifest['corpora']], manifest['record_dtype'],
+      batch_size=data.batch_size, max_source_length=data.max_source_length,
+      max_target_length=data.max_target_length, seed=config.seed, weights=weights,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      packing=data.packing, num_workers=data.pipeline_workers)
+  valid_pairs = list(zip(
+      workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.src')),
+      workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.ref'))))
+  if not valid_pairs:
+    raise DataError(f'the validation split of {directory} is empty: raise '
+                    f'config.data.valid_fraction')
+  valid_batches = list(pipeline.make_eval_batches(
+      valid_pairs, tokenizer, batch_size=data.eval_batch_size,
+      max_source_length=data.max_source_length, max_target_length=data.max_target_length))
+  total = sum(corpus['pairs'] for corpus in manifest['corpora'])
+  logging.info('Data: %d training pairs in %d corpora (%s), %d validation pairs; opened '
+               'in %.2f s', total, len(manifest['corpora']),
+               ', '.join(c['name'] for c in manifest['corpora']), len(valid_pairs),
+               time.time() - started)
+  return TrainingInputs(
+      tokenizer, train_data, valid_batches,
+      restore_position=lambda states: pipeline.merge_states(states),
+      manifest_sha256=prepare_lib.fingerprint(manifest))
 
 
 def _train_or_load_tokenizer(config, workdir: str, training_text):
@@ -41,7 +146,9 @@ def _train_or_load_tokenizer(config, workdir: str, training_text):
   started = time.time()
   # Process 0 trains (SentencePiece training is not bit-reproducible across runs); the
   # others wait for it and load the same file (the workdir is on a shared filesystem).
-  if jax.process_index() == 0 and not os.path.exists(path):
+  def work():
+    if os.path.exists(path):
+      return
     if config.tokenizer.model_type == 'char':
       tokenizer_lib.train_chars(training_text(), path)
     else:
@@ -49,6 +156,7 @@ def _train_or_load_tokenizer(config, workdir: str, training_text):
                           model_type=config.tokenizer.model_type,
                           max_sentences=config.tokenizer.max_training_sentences,
                           seed=config.seed)
+  _on_process_zero('train the tokenizer', work)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('tokenizer ready')
   tokenizer = workdir_lib.load_tokenizer(workdir, config.tokenizer.model_type)
@@ -57,35 +165,10 @@ def _train_or_load_tokenizer(config, workdir: str, training_text):
   return tokenizer
 
 
-def _translation_inputs(config, workdir: str) -> TrainingInputs:
-  path = data_lib.resolve_path(config.data.path, config.data.url, config.data.filename)
-  pairs, report = data_lib.read_pairs(path)
-  splits = data_lib.split_pairs(pairs, config.data.valid_fraction,
-                                config.data.test_fraction, config.data.split_seed)
-  logging.info('Corpus %s: %d pairs (%d malformed lines skipped); split train=%d '
-               'valid=%d test=%d', path, report.valid, sum(report.malformed.values()),
-               len(splits.train), len(splits.valid), len(splits.test))
-  tokenizer = _train_or_load_tokenizer(
-      config, workdir, lambda: [side for pair in splits.train for side in pair])
-  if jax.process_index() == 0:
-    data_lib.write_split_files(splits, workdir_lib.splits_dir(workdir))
-  data = config.data
-  train_data = data_lib.make_train_dataset(
-      splits.train, tokenizer, batch_size=data.batch_size,
-      max_source_length=data.max_source_length, max_target_length=data.max_target_length,
-      num_packing_bins=data.num_packing_bins, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      packing=data.packing)
-  valid_batches = list(data_lib.make_eval_batches(
-      splits.valid, tokenizer, batch_size=data.eval_batch_size,
-      max_source_length=data.max_source_length, max_target_length=data.max_target_length))
-  return TrainingInputs(tokenizer, train_data, valid_batches)
-
-
 def _lm_inputs(config, workdir: str) -> TrainingInputs:
-  path = data_lib.resolve_path(config.data.path, config.data.url, config.data.filename)
-  train_text, valid_text = data_lib.split_text(data_lib.read_text(path),
-                                               config.data.valid_fraction)
+  path = corpus_lib.resolve_path(config.data.path, config.data.url, config.data.filename)
+  train_text, valid_text = lm_lib.split_text(lm_lib.read_text(path),
+                                             config.data.valid_fraction)
   logging.info('Text %s: %d training and %d validation characters', path, len(train_text),
                len(valid_text))
   if config.tokenizer.model_type == 'char':
@@ -94,7 +177,7 @@ def _lm_inputs(config, workdir: str) -> TrainingInputs:
     training_text = lambda: [line for line in train_text.splitlines() if line.strip()]
   tokenizer = _train_or_load_tokenizer(config, workdir, training_text)
   block = config.data.max_target_length
-  train_data = data_lib.make_lm_dataset(
+  train_data = lm_lib.make_lm_dataset(
       _encode(tokenizer, train_text), batch_size=config.data.batch_size,
       block_length=block, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -102,7 +185,18 @@ def _lm_inputs(config, workdir: str) -> TrainingInputs:
     workdir_lib.write_text(workdir_lib.split_file(workdir, 'valid.txt'), valid_text)
   return TrainingInputs(tokenizer, train_data,
                         lm_valid_batches(tokenizer, valid_text, block,
-                                         config.data.eval_batch_size, whole_only=True))
+                                         config.data.eval_batch_size, whole_only=True),
+                        restore_position=_own_position)
+
+
+def _own_position(per_process: list) -> dict | None:
+  """The LM stream's position is per process: it resumes on the same process count."""
+  if len(per_process) == jax.process_count():
+    return per_process[jax.process_index()]
+  logging.warning('The checkpoint holds data positions for %d processes, this job has %d: '
+                  'the language-model data restarts from its seed', len(per_process),
+                  jax.process_count())
+  return None
 
 
 def _encode(tokenizer, text: str) -> np.ndarray:
@@ -113,6 +207,6 @@ def lm_valid_batches(tokenizer, text: str, block: int, rows: int,
                      whole_only: bool = False) -> list[dict]:
   """Validation batches of contiguous blocks of `text`; `whole_only` drops a last
   batch of fewer than `rows` blocks (the trainer shards batches over devices)."""
-  blocks = data_lib.lm_blocks(_encode(tokenizer, text), block)
+  blocks = lm_lib.lm_blocks(_encode(tokenizer, text), block)
   end = len(blocks) - rows + 1 if whole_only else len(blocks)
-  return [data_lib.lm_batch(blocks[start:start + rows]) for start in range(0, end, rows)]
+  return [lm_lib.lm_batch(blocks[start:start + rows]) for start in range(0, end, rows)]

@@ -1,6 +1,7 @@
 """jaxnmt command line: one entry point for every mode, on one process or many.
 
   python -m jaxnmt.main --config=configs/tiny.py                  # trains in runs/tiny
+  python -m jaxnmt.main --mode=prepare --config=configs/big.py     # data only (once)
   python -m jaxnmt.main --mode=translate --workdir=runs/tiny < english.txt
   python -m jaxnmt.main --mode=eval --workdir=runs/tiny            # BLEU eval worker
   python -m jaxnmt.main --mode=curves --workdir=runs/tiny          # curves.png
@@ -23,8 +24,9 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'translate', 'eval', 'generate', 'curves', 'bench'],
-                  'train; translate stdin/--input; eval: the eval worker; generate: sample '
+                  ['train', 'prepare', 'translate', 'eval', 'generate', 'curves', 'bench'],
+                  'train; prepare: only prepare the data (training does it when needed); '
+                  'translate stdin/--input; eval: the eval worker; generate: sample '
                   'from a language model; curves: render WORKDIR/curves.png; bench: '
                   'measure training and decoding speed, write WORKDIR/bench.json.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer and logs '
@@ -81,7 +83,7 @@ def _workdir(multi_process: bool) -> str:
   from jaxnmt.errors import UserError  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir:
     return FLAGS.workdir
-  if FLAGS.mode not in ('train', 'bench') or FLAGS.config is None:
+  if FLAGS.mode not in ('train', 'bench', 'prepare') or FLAGS.config is None:
     raise UserError(f'--workdir is required for --mode={FLAGS.mode}')
   if multi_process:
     raise UserError('--workdir is required with several processes: they must share one '
@@ -89,7 +91,7 @@ def _workdir(multi_process: bool) -> str:
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
       FLAGS['config'])))[0]
   # bench writes splits and a tokenizer too: never into a training run's workdir.
-  return os.path.join('runs', name if FLAGS.mode == 'train' else f'{name}_bench')
+  return os.path.join('runs', f'{name}_bench' if FLAGS.mode == 'bench' else name)
 
 
 def _check_flags() -> None:
@@ -98,7 +100,7 @@ def _check_flags() -> None:
     config = FLAGS.config  # ml_collections loads the file on first use
   except OSError as error:
     raise UserError(f'--config: {error}') from None
-  if FLAGS.mode in ('train', 'bench') and config is None:
+  if FLAGS.mode in ('train', 'bench', 'prepare') and config is None:
     raise UserError(f'--config is required for --mode={FLAGS.mode}')
   if FLAGS.num_samples < 1 or FLAGS.num_tokens < 1 or FLAGS.poll_seconds < 0:
     raise UserError('--num_samples and --num_tokens must be >= 1, --poll_seconds >= 0')
@@ -123,12 +125,12 @@ def _decode_options():
 def _run(workdir: str) -> None:
   # pylint: disable=g-import-not-at-top
   import jax
-  from jaxnmt import config_lib, distributed
+  from jaxnmt import config_lib, distributed, errors
   if FLAGS.mode == 'curves':
     from jaxnmt import curves
     print(curves.render(workdir))
     return
-  if FLAGS.mode in ('train', 'bench'):
+  if FLAGS.mode in ('train', 'bench', 'prepare'):
     config_lib.validate(FLAGS.config)  # before joining the job: fail fast, alone
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed_timeout_s)
@@ -141,6 +143,13 @@ def _run(workdir: str) -> None:
     from jaxnmt import train
     logging.info('Workdir: %s', workdir)
     train.train_and_evaluate(FLAGS.config, workdir)
+  elif FLAGS.mode == 'prepare':
+    from jaxnmt import inputs
+    if FLAGS.config.task != 'translation':
+      raise errors.ConfigError("--mode=prepare prepares translation corpora; task 'lm' "
+                               'reads its text file directly')
+    logging.info('Workdir: %s', workdir)
+    inputs.prepare_data(FLAGS.config, workdir)
   elif FLAGS.mode == 'bench':
     from jaxnmt import bench
     bench.run(FLAGS.config, workdir, steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup,

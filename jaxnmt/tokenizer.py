@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer: train once on the training split, store, reload.
+"""SentencePiece tokenizer: trained once on a sample of the training split, stored, reloaded.
 
 Fixed ids: PAD=0, UNK=1, BOS=2, EOS=3. Text is not normalised (no lowercasing, no
 Unicode rewriting), and unknown characters fall back to UTF-8 bytes, so decoding
@@ -34,6 +34,10 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without BOS/EOS."""
     return self._processor.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text (one call into SentencePiece)."""
+    return self._processor.encode(list(texts), out_type=int)
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; stops at the first EOS and ignores PAD and BOS."""
@@ -113,6 +117,9 @@ class CharTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return [self._ids.get(char, UNK_ID) for char in text]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(text) for text in texts]
 
   def decode(self, ids: Iterable[int]) -> str:
     chars = []

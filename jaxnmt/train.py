@@ -28,7 +28,7 @@ from jaxnmt import steps
 from jaxnmt import stopping
 from jaxnmt import train_state
 from jaxnmt import workdir as workdir_lib
-from jaxnmt.errors import TrainingError, WorkdirError
+from jaxnmt.errors import DataError, TrainingError, WorkdirError
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -74,16 +74,19 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
     cleanup.callback(train_iterator.close)
     restored = checkpointer.restore_latest(train_state.with_shardings(state, shardings))
     if restored is not None:
-      latest, state, iterator_state, _ = restored
-      if iterator_state is not None:
-        train_iterator.set_state(iterator_state)
+      latest, state, iterator_states, metadata = restored
+      _check_same_data(metadata, run_inputs.manifest_sha256, checkpointer.directory)
+      position = iterator_states and run_inputs.restore_position(iterator_states)
+      if position:
+        train_iterator.set_state(position)
       logging.info('Resumed from checkpoint at step %d', latest)
     step_fn, eval_fn = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
     feeder = feeding.DeviceFeeder(train_iterator, batch_sharding,
                                   config.data.prefetch_to_device)
     cleanup.callback(feeder.close)
     cleanup.callback(checkpointer.wait)
-    saver = _Saver(config, workdir, checkpointer, run_inputs.tokenizer.model_path)
+    saver = _Saver(config, workdir, checkpointer, run_inputs.tokenizer.model_path,
+                   run_inputs.manifest_sha256)
     log = cleanup.enter_context(_Log(workdir, schedule, config.num_train_steps,
                                      start=int(state['step'])))
     stops = cleanup.enter_context(stopping.StopRequests(
@@ -155,6 +158,17 @@ def _check_resumable(checkpointer, config, workdir: str) -> None:
     logging.warning('Resuming with a changed config: %s', '; '.join(harmless))
 
 
+def _check_same_data(metadata: dict | None, manifest_sha256: str | None,
+                     where: str) -> None:
+  """Refuses to resume on other prepared data than the checkpoints were trained on:
+  their data position would point into different shards."""
+  saved = (metadata or {}).get('data_manifest_sha256')
+  if saved and manifest_sha256 and saved != manifest_sha256:
+    raise DataError(f'the checkpoints in {where} were trained on other prepared data '
+                    f'(manifest sha256 {saved[:12]}, now {manifest_sha256[:12]}); use the '
+                    f'original data or a new --workdir')
+
+
 @dataclasses.dataclass
 class _Saver:
   """Saves checkpoints (never of a non-finite state) and applies retention: the newest
@@ -163,12 +177,14 @@ class _Saver:
   workdir: str
   checkpointer: checkpoint_lib.Checkpointer
   tokenizer_path: str
+  manifest_sha256: str | None
   last_saved: int | None = None
 
   def __post_init__(self):
     self._metadata = {'config': self.config.to_dict(), 'process_count': jax.process_count(),
                       'format': checkpoint_lib.FORMAT,
-                      'tokenizer_sha256': workdir_lib.file_sha256(self.tokenizer_path)}
+                      'tokenizer_sha256': workdir_lib.file_sha256(self.tokenizer_path),
+                      'data_manifest_sha256': self.manifest_sha256}
 
   def save(self, step: int, state, iterator_state) -> None:
     if step == self.last_saved:

@@ -4,7 +4,9 @@ inference share. Every other module asks this one where things are.
   WORKDIR/
     config.json              the exact config of the run (written by the trainer)
     tokenizer.model          SentencePiece model (or a char vocabulary, JSON)
-    splits/                  held-out data: {valid,test}.{src,ref}, or valid.txt (LM)
+    data/                    prepared corpus: manifest.json, ArrayRecord shards, splits
+    splits/                  held-out data: {valid,test}.{src,ref}, test_<name>.{src,ref}
+                             (named test sets), or valid.txt (LM)
     checkpoints/<step>/      Orbax checkpoints (see checkpoint.py)
     train/, valid/           TensorBoard logs + metrics.jsonl of the trainer
     train/finished.json      the final step, once training has ended (not preempted)
@@ -16,7 +18,6 @@ inference share. Every other module asks this one where things are.
 """
 
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -25,6 +26,7 @@ import ml_collections
 
 from jaxnmt import errors
 from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt.data.corpus import file_sha256  # pylint: disable=unused-import
 
 CONFIG = 'config.json'
 TOKENIZER = 'tokenizer.model'
@@ -104,14 +106,6 @@ def load_tokenizer(workdir: str, model_type: str):
   return tokenizer_lib.load(target, model_type)
 
 
-def file_sha256(target: str) -> str:
-  digest = hashlib.sha256()
-  with open(target, 'rb') as handle:
-    for block in iter(lambda: handle.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------- splits
 
 
@@ -122,6 +116,11 @@ def splits_dir(workdir: str) -> str:
 def split_file(workdir: str, name: str) -> str:
   """`name`: e.g. 'test.src', 'valid.ref', 'valid.txt'."""
   return path(workdir, SPLITS, name)
+
+
+def list_dir(directory: str) -> list[str]:
+  """The names in `directory` ([] if it does not exist)."""
+  return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
 
 def read_lines(target: str) -> list[str]:

@@ -102,7 +102,8 @@ def test_command_line_overrides_reach_the_config(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: config.data.path: no such file: /nonexistent/corpus.tsv')
+      'error: /nonexistent/corpus.tsv: no such file (nor a file pair '
+      '/nonexistent/corpus.tsv.en + /nonexistent/corpus.tsv.es)')
 
 
 def _main(*flags, cwd=ROOT, **env):
@@ -140,4 +141,5 @@ def test_workdir_defaults_to_runs_and_the_config_name(tmp_path):
   assert 'Workdir: runs/big' in result.stderr
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: config.data.path: no such file: /no/corpus.tsv')
+      'error: /no/corpus.tsv: no such file (nor a file pair /no/corpus.tsv.en + '
+      '/no/corpus.tsv.es)')

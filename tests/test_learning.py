@@ -13,7 +13,6 @@ import sacrebleu
 
 from configs import base, big, lm_char, lm_subword, tiny
 from jaxnmt import config_lib
-from jaxnmt import data as data_lib
 from jaxnmt import inference
 from jaxnmt import optim
 from jaxnmt import steps
@@ -21,6 +20,8 @@ from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt import train
 from jaxnmt import train_state
 from jaxnmt import translate
+from jaxnmt.data import lm as lm_lib
+from jaxnmt.data import pipeline
 from tests.conftest import SHARED_DATA
 
 # 120 symbols, one character each, none of them a space: a sentence of n symbols is n
@@ -38,7 +39,6 @@ def _copy_task_config():
   config = tiny.get_config()
   config.data.max_source_length = config.data.max_target_length = 24
   config.data.batch_size = 16
-  config.data.num_packing_bins = 16
   config.tokenizer.model_type = 'char'
   config.model.num_encoder_layers = config.model.num_decoder_layers = 2
   config.model.d_model, config.model.num_heads, config.model.d_ff = 64, 4, 128
@@ -69,10 +69,13 @@ def test_tiny_transformer_learns_to_copy(tmp_path):
   tokenizer = tokenizer_lib.train_chars(''.join(SYMBOLS), str(tmp_path / 'chars.json'))
   model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
   assert model_cfg.vocab_size >= 100
-  dataset = data_lib.make_train_dataset(
-      [(sentence, sentence) for sentence in train_sentences], tokenizer,
-      batch_size=config.data.batch_size, max_source_length=24, max_target_length=24,
-      num_packing_bins=16, seed=0)
+  dtype = pipeline.record_dtype(tokenizer.vocab_size)
+  records = [pipeline.encode_record(ids, ids, dtype)
+             for ids in tokenizer.encode_batch(train_sentences)]
+  dataset = pipeline.TrainStream(
+      None, [len(records)], dtype, batch_size=config.data.batch_size,
+      max_source_length=24, max_target_length=24, seed=0,
+      sources=[pipeline.InMemorySource(records)])
   batches = iter(dataset)
   _, params, _ = _train(config, model_cfg, batches, num_steps=600)
   batches.close()
@@ -100,11 +103,11 @@ def test_language_model_learns_a_repeated_pattern(tmp_path):
   tokenizer = tokenizer_lib.train_chars(text, str(tmp_path / 'chars.json'))
   ids = np.asarray(tokenizer.encode(text), np.int32)
   model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
-  dataset = data_lib.make_lm_dataset(ids, batch_size=16, block_length=128, seed=0)
+  dataset = lm_lib.make_lm_dataset(ids, batch_size=16, block_length=128, seed=0)
   batches = iter(dataset)
   graphdef, params, rest = _train(config, model_cfg, batches, num_steps=200)
   batches.close()
-  held_out = data_lib.lm_batch(data_lib.lm_blocks(ids, 128, offset=5)[:16])
+  held_out = lm_lib.lm_batch(lm_lib.lm_blocks(ids, 128, offset=5)[:16])
   sums = jax.jit(functools.partial(steps.eval_step, graphdef))(params, rest, held_out)
   loss = float(sums['nll'] / sums['tokens'])
   print(f'repeated pattern: held-out loss {loss:.4f} nats/token')  # shown with pytest -s

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import lm_char
-from jaxnmt import data
+from jaxnmt.data import lm as data
 from jaxnmt import layers
 from jaxnmt import model as model_lib
 from jaxnmt import steps

@@ -14,7 +14,7 @@ import pytest
 
 from jaxnmt import bench
 from jaxnmt import config_lib
-from jaxnmt import data
+from jaxnmt.data import pipeline
 from jaxnmt import errors
 from jaxnmt import feeding
 from jaxnmt import inputs
@@ -129,10 +129,15 @@ def _pairs(count):
 
 
 def _dataset(tokenizer, packing=True):
-  # The row lengths and bins of configs/base.py.
-  return data.make_train_dataset(_pairs(400), tokenizer, batch_size=8, max_source_length=56,
-                                 max_target_length=64, num_packing_bins=128, seed=0,
-                                 packing=packing)
+  # The row lengths of configs/base.py.
+  dtype = pipeline.record_dtype(tokenizer.vocab_size)
+  pairs = _pairs(400)
+  records = [pipeline.encode_record(source, target, dtype) for source, target in zip(
+      tokenizer.encode_batch([s for s, _ in pairs]),
+      tokenizer.encode_batch([t for _, t in pairs]))]
+  return pipeline.TrainStream(None, [len(records)], dtype, batch_size=8,
+                              max_source_length=56, max_target_length=64, seed=0,
+                              packing=packing, sources=[pipeline.InMemorySource(records)])
 
 
 @pytest.fixture(scope='module')
@@ -181,7 +186,7 @@ def test_packing_fills_most_slots_and_padding_does_not(tokenizer):
   fractions = {}
   for packing in (True, False):
     iterator = iter(_dataset(tokenizer, packing))
-    fractions[packing] = np.mean([data.real_token_fraction(next(iterator))
+    fractions[packing] = np.mean([pipeline.real_token_fraction(next(iterator))
                                   for _ in range(5)])
     iterator.close()
   assert fractions[True] >= 0.85

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from jaxnmt import data
+from jaxnmt.data import corpus as data
 from jaxnmt import errors
 from jaxnmt import tokenizer as tokenizer_lib
 

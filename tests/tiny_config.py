@@ -16,7 +16,8 @@ def tiny_config(corpus_path: str):
   config.data.max_target_length = 24
   config.data.batch_size = 8
   config.data.eval_batch_size = 8
-  config.data.num_packing_bins = 16
+  config.data.pairs_per_shard = 1_000
+  config.data.prepare_workers = 1
   config.data.valid_fraction = 0.02
   config.data.test_fraction = 0.02
   config.tokenizer.vocab_size = 400

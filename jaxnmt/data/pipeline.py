@@ -1,0 +1,524 @@
+"""From prepared shards to packed training batches, in an order that is global.
+
+The training stream is defined once for the whole job, whatever the number of
+processes:
+
+  global position g = 0, 1, 2, ...     (an endless stream of pairs)
+     └─ mixture: g -> (corpus c, its j-th draw)    fixed quotas per block of 4096
+        positions, shuffled per block from the seed: the weights hold in every block
+     └─ epoch e = j // N_c, a new permutation of corpus c each epoch (a keyed Feistel
+        bijection: no index array is ever held, whatever N_c)
+     └─ record of an ArrayRecord shard (Grain's ArrayRecordDataSource)
+
+Row r of every global batch of B rows is packed from its own sub-stream of positions
+r, r + B, r + 2B, ...: first-fit into the row's source and target slots, and a pair
+that does not fit is carried (at most MAX_CARRY of them) to the same row of the next
+batch, where it goes first. So row r's contents depend only on (next k, carried
+positions): that pair is the iterator state of the row. A process produces only its
+rows [p*B/n, (p+1)*B/n), and the state of all rows is a global position: the batches
+are the same on any number of processes, and a checkpoint saved by one topology
+resumes on another.
+
+A batch is a dict of int32 numpy arrays:
+  inputs, inputs_segment_ids, inputs_positions                          [B, S]
+  decoder_inputs, targets, targets_segment_ids, targets_positions       [B, T]
+Segment id 0 marks padding; ids 1, 2, ... number the pairs of a row, and positions
+restart at 0 for each pair.
+"""
+
+import logging
+import math
+import multiprocessing
+import queue as queue_lib
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt.errors import DataError, RuntimeFailure
+
+BLOCK = 4096  # mixture quotas hold exactly in every block of this many positions
+MAX_CARRY = 16  # pairs a row may defer to its next batch
+READ_AHEAD = 4  # batches of pairs read at once
+_MASK64 = np.uint64(2**64 - 1)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def record_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def encode_record(source_ids: Sequence[int], target_ids: Sequence[int],
+                  dtype: np.dtype) -> bytes:
+  """One pair as stored in a shard: [len(source), *source, *target] (no BOS/EOS)."""
+  return np.asarray([len(source_ids), *source_ids, *target_ids], dtype).tobytes()
+
+
+def decode_record(record: bytes, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.frombuffer(record, dtype)
+  split = 1 + int(ids[0])
+  return ids[1:split], ids[split:]
+
+
+class InMemorySource:
+  """A random-access list of records with Grain's batched read (tests, small data)."""
+
+  def __init__(self, records: Sequence[bytes]):
+    self._records = list(records)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitems__(self, indices: Sequence[int]) -> list[bytes]:
+    return [self._records[i] for i in indices]
+
+
+def open_shards(paths: Sequence[str]):
+  """Grain's ArrayRecord source over `paths`, read as one sequence of records."""
+  return grain.sources.ArrayRecordDataSource(list(paths))
+
+
+# ----------------------------------------------------------------------------- global order
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a well-spread 64-bit hash, elementwise on uint64."""
+  z = values.astype(np.uint64)
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def permute(index: np.ndarray, size: int, keys: np.ndarray) -> np.ndarray:
+  """A keyed bijection of [0, size), elementwise: 4 rounds of an unbalanced Feistel
+  network on the smallest power-of-two domain >= size (each round xors one half with a
+  hash of the other, so each is invertible), cycle-walked back into range."""
+  bits = max(2, max(size - 1, 1).bit_length())
+  left_bits = bits // 2
+  right_bits = bits - left_bits
+  left_mask, right_mask = np.uint64((1 << left_bits) - 1), np.uint64((1 << right_bits) - 1)
+  shift = np.uint64(right_bits)
+  keys = keys.astype(np.uint64)
+  out = index.astype(np.uint64)
+  pending = np.ones(len(out), bool)
+  while pending.any():
+    value, key = out[pending], keys[pending]
+    left, right = value >> shift, value & right_mask
+    for round_index in range(4):
+      salt = np.uint64((round_index + 1) * 0x9E3779B97F4A7C15 & 2**64 - 1)
+      if round_index % 2 == 0:
+        left = left ^ (_mix64(right ^ key ^ salt) & left_mask)
+      else:
+        right = right ^ (_mix64(left ^ key ^ salt) & right_mask)
+    out[pending] = (left << shift) | right
+    pending = out >= np.uint64(size)
+  return out.astype(np.int64)
+
+
+class GlobalOrder:
+  """Global stream position -> (corpus, record index) for corpora of `sizes` pairs
+  drawn with `weights`; deterministic in `seed`, endless (epochs reshuffle)."""
+
+  def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int):
+    if not sizes or min(sizes) < 1:
+      raise DataError(f'every corpus needs at least one training pair, got {list(sizes)}')
+    self.sizes = np.asarray(sizes, np.int64)
+    self.seed = int(seed)
+    weights = np.asarray(weights, np.float64) / np.sum(weights)
+    exact = weights * BLOCK
+    quotas = np.floor(exact).astype(np.int64)
+    for index in np.argsort(-(exact - quotas), kind='stable')[:BLOCK - quotas.sum()]:
+      quotas[index] += 1  # largest remainder: the quotas sum to BLOCK
+    self.quotas = quotas
+    self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+  def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(corpus of each position in the block, its rank among that corpus's positions)."""
+    cached = self._blocks.get(block)
+    if cached is None:
+      labels = np.repeat(np.arange(len(self.quotas)), self.quotas)
+      labels = np.random.default_rng([self.seed, block, 1]).permutation(labels)
+      order = np.argsort(labels, kind='stable')
+      starts = np.concatenate([[0], np.cumsum(self.quotas)[:-1]])
+      rank = np.empty(BLOCK, np.int64)
+      rank[order] = np.arange(BLOCK) - starts[labels[order]]
+      cached = (labels, rank)
+      if len(self._blocks) > 64:
+        self._blocks.clear()
+      self._blocks[block] = cached
+    return cached
+
+  def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    positions = np.asarray(positions, np.int64)
+    if len(self.sizes) == 1:
+      corpus, draw = np.zeros(len(positions), np.int64), positions
+    else:
+      blocks, offsets = np.divmod(positions, BLOCK)
+      corpus, draw = np.empty_like(positions), np.empty_like(positions)
+      for block in np.unique(blocks):
+        where = blocks == block
+        labels, rank = self._block(int(block))
+        corpus[where] = labels[offsets[where]]
+        draw[where] = block * self.quotas[corpus[where]] + rank[offsets[where]]
+    size = self.sizes[corpus]
+    epoch, index = np.divmod(draw, size)
+    keys = _mix64(np.uint64(self.seed) * np.uint64(1_000_003) +
+                  corpus.astype(np.uint64) * np.uint64(7919) + epoch.astype(np.uint64))
+    record = np.empty_like(index)
+    for c in np.unique(corpus):
+      where = corpus == c
+      record[where] = permute(index[where], int(self.sizes[c]), keys[where])
+    return corpus, record
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+class RowPacker:
+  """Packs rows `slots` of every global batch of `batch_size` rows (see the module
+  docstring); `state()` / `set_state()` are the per-row (next, carried) positions."""
+
+  def __init__(self, sources: Sequence, order: GlobalOrder, dtype: np.dtype, *,
+               batch_size: int, slots: Sequence[int], max_source_length: int,
+               max_target_length: int, packing: bool = True):
+    self.sources, self.order, self.dtype = list(sources), order, np.dtype(dtype)
+    self.batch_size, self.slots = batch_size, list(slots)
+    self.lengths = (max_source_length, max_target_length)
+    self.packing = packing
+    self._next = {slot: 0 for slot in self.slots}
+    self._carry = {slot: [] for slot in self.slots}
+    self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._lookahead = 8
+    self.last_positions: list[list[int]] = []  # per row of the last batch: pairs placed
+
+  def state(self) -> dict:
+    return {str(slot): [self._next[slot], list(self._carry[slot])] for slot in self.slots}
+
+  def set_state(self, rows: dict) -> None:
+    missing = [slot for slot in self.slots if str(slot) not in rows]
+    if missing:
+      raise DataError(f'the data position holds no state for rows {missing[:5]} of the '
+                      f'batch: was it saved with another data.batch_size?')
+    for slot in self.slots:
+      next_index, carry = rows[str(slot)]
+      self._next[slot], self._carry[slot] = int(next_index), [int(g) for g in carry]
+    self._cache.clear()
+
+  def _fetch(self, positions: list[int]) -> None:
+    corpus, record = self.order.locate(np.asarray(positions, np.int64))
+    for c in np.unique(corpus):
+      where = np.flatnonzero(corpus == c)
+      records = self.sources[c].__getitems__([int(r) for r in record[where]])
+      source_limit, target_limit = self.lengths[0] - 1, self.lengths[1] - 1
+      for index, raw in zip(where, records):
+        source, target = decode_record(raw, self.dtype)
+        source, target = source[:source_limit], target[:target_limit]
+        self._cache[positions[index]] = (source, target, len(source) + 1, len(target) + 1)
+
+  def _prefetch(self) -> None:
+    """Reads, in one call, what rows may need for the next batch; a row short of that
+    reads READ_AHEAD batches' worth (few, large reads: each read call has a fixed cost)."""
+    wanted = []
+    for slot in self.slots:
+      wanted += [g for g in self._carry[slot] if g not in self._cache]
+      start = self._next[slot]
+      if slot + self.batch_size * (start + self._lookahead - 1) not in self._cache:
+        wanted += [slot + self.batch_size * k
+                   for k in range(start, start + READ_AHEAD * self._lookahead)
+                   if slot + self.batch_size * k not in self._cache]
+    if wanted:
+      self._fetch(wanted)
+
+  def _lengths(self, position: int) -> tuple[int, int]:
+    """Source (+ EOS) and target (+ BOS/EOS shift) lengths of a pair, truncated."""
+    entry = self._cache.get(position)
+    if entry is None:  # the row ran past its lookahead: read its next stretch
+      self._fetch([position + self.batch_size * k for k in range(self._lookahead)
+                   if position + self.batch_size * k not in self._cache])
+      entry = self._cache[position]
+    return entry[2], entry[3]
+
+  def next_batch(self) -> dict[str, np.ndarray]:
+    self._prefetch()
+    placements = []  # (row, position, source offset, target offset, segment)
+    self.last_positions, most = [], 0
+    for row, slot in enumerate(self.slots):
+      placed, fresh = self._pack_row(slot, row, placements)
+      self.last_positions.append(placed)
+      most = max(most, fresh)
+    # Read ahead what the hungriest row took: few rows then read on demand.
+    self._lookahead = max(4, min(64, most + 2))
+    batch = self._assemble(placements)
+    for _, position, _, _, _ in placements:
+      del self._cache[position]
+    return batch
+
+  def _pack_row(self, slot: int, row: int, placements: list) -> tuple[list[int], int]:
+    """First-fit of carried, then fresh, pairs into row `row`; returns the positions
+    placed and the number of fresh positions taken from the row's sub-stream."""
+    source_used, target_used = 0, 0
+    pending, self._carry[slot] = list(self._carry[slot]), []
+    placed, fresh = [], 0
+    while True:
+      if pending:
+        position = pending.pop(0)
+      else:
+        position = slot + self.batch_size * self._next[slot]
+        self._next[slot] += 1
+        fresh += 1
+      source_length, target_length = self._lengths(position)
+      if source_used + source_length <= self.lengths[0] and \
+          target_used + target_length <= self.lengths[1]:
+        placed.append(position)
+        placements.append((row, position, source_used, target_used, len(placed)))
+        source_used += source_length
+        target_used += target_length
+      else:
+        self._carry[slot].append(position)
+      # One pair per row without packing; else stop when no pair can fit (each side
+      # holds at least one token + EOS) or the row has deferred enough pairs.
+      if (not self.packing and placed) or source_used > self.lengths[0] - 2 or \
+          target_used > self.lengths[1] - 2 or len(self._carry[slot]) >= MAX_CARRY:
+        self._carry[slot] += pending  # never lose a carried pair
+        return placed, fresh
+
+  def _assemble(self, placements: list) -> dict[str, np.ndarray]:
+    """The batch arrays from the placements, in a few vectorised writes."""
+    rows, (source_length, target_length) = len(self.slots), self.lengths
+    eos, bos = np.asarray([tokenizer_lib.EOS_ID]), np.asarray([tokenizer_lib.BOS_ID])
+    sources, decoder_inputs, targets = [], [], []
+    for _, position, _, _, _ in placements:
+      source, target, _, _ = self._cache[position]
+      sources += [source, eos]
+      decoder_inputs += [bos, target]
+      targets += [target, eos]
+    meta = np.asarray([(row, s, t, seg) for row, _, s, t, seg in placements],
+                      np.int64).reshape(-1, 4)
+    batch = {}
+    for side, width, pieces, offset_column in (
+        ('inputs', source_length, [sources], 1),
+        ('targets', target_length, [decoder_inputs, targets], 2)):
+      tokens = [np.concatenate(p) if p else np.zeros(0, np.int32) for p in pieces]
+      lengths = np.asarray([len(p) for p in pieces[-1][::2]], np.int64) + 1
+      starts = meta[:, 0] * width + meta[:, offset_column]
+      first = np.cumsum(lengths) - lengths
+      within = np.arange(lengths.sum()) - np.repeat(first, lengths)
+      where = np.repeat(starts, lengths) + within
+      for name, values in ((f'{side}_segment_ids', np.repeat(meta[:, 3], lengths)),
+                           (f'{side}_positions', within)):
+        batch[name] = np.zeros(rows * width, np.int32)
+        batch[name][where] = values
+      names = ['inputs'] if side == 'inputs' else ['decoder_inputs', 'targets']
+      for name, values in zip(names, tokens):
+        batch[name] = np.zeros(rows * width, np.int32)
+        batch[name][where] = values
+    return {key: value.reshape(rows, -1) for key, value in batch.items()}
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+class TrainStream(grain.IterDataset):
+  """Endless packed training batches of this process's rows, as a Grain IterDataset
+  whose iterator state is the global data position (see the module docstring).
+
+  `sources` are random-access record sequences (ArrayRecord shards), one per corpus;
+  `sizes` their pair counts and `weights` the mixture (empty: proportional to size).
+  `num_workers` > 0 packs in that many worker processes (each owns some rows).
+  """
+
+  def __init__(self, source_paths: Sequence[Sequence[str]] | None, sizes: Sequence[int],
+               dtype, *, batch_size: int, max_source_length: int, max_target_length: int,
+               seed: int, weights: Sequence[float] = (), process_index: int = 0,
+               process_count: int = 1, packing: bool = True, num_workers: int = 0,
+               sources: Sequence | None = None):
+    super().__init__()
+    if batch_size % process_count:
+      raise DataError(f'batch_size={batch_size} must divide by the {process_count} '
+                      f'processes')
+    rows = batch_size // process_count
+    self.spec = dict(
+        source_paths=[list(paths) for paths in source_paths] if source_paths else None,
+        sizes=list(sizes), weights=list(weights) or [float(n) for n in sizes],
+        seed=seed, dtype=np.dtype(dtype).str, batch_size=batch_size,
+        max_source_length=max_source_length, max_target_length=max_target_length,
+        packing=packing, slots=list(range(process_index * rows, (process_index + 1) * rows)))
+    self.num_workers = min(num_workers, rows)
+    self._sources = sources
+
+  def __iter__(self) -> '_StreamIterator':
+    return _StreamIterator(self.spec, self.num_workers, self._sources)
+
+
+def _make_packer(spec: dict, slots: Sequence[int], sources=None) -> RowPacker:
+  if sources is None:
+    sources = [open_shards(paths) for paths in spec['source_paths']]
+  order = GlobalOrder(spec['sizes'], spec['weights'], spec['seed'])
+  return RowPacker(sources, order, np.dtype(spec['dtype']), batch_size=spec['batch_size'],
+                   slots=slots, max_source_length=spec['max_source_length'],
+                   max_target_length=spec['max_target_length'], packing=spec['packing'])
+
+
+def _worker_main(spec: dict, slots: list[int], state: dict, out_queue, stop,
+                 sources=None) -> None:
+  """A packing worker: batches of rows `slots` from `state` on, until told to stop.
+  It opens the shards itself (`sources`: in-memory records instead)."""
+  packer = _make_packer(spec, slots, sources)
+  packer.set_state(state)
+  while not stop.is_set():
+    item = (packer.next_batch(), packer.state(), packer.last_positions)
+    while not stop.is_set():
+      try:
+        out_queue.put(item, timeout=0.5)
+        break
+      except queue_lib.Full:
+        pass
+
+
+class _StreamIterator(grain.DatasetIterator):
+  """Iterator of TrainStream: packs in this process or in worker processes."""
+
+  WORKER_TIMEOUT_S = 300
+
+  def __init__(self, spec: dict, num_workers: int, sources):
+    super().__init__()
+    self._spec, self._num_workers, self._sources = spec, num_workers, sources
+    self._packer = _make_packer(spec, spec['slots'], sources)
+    self._state = self._packer.state()
+    self.last_positions: list[list[int]] = []
+    self._workers = []
+
+  # A worker owns a contiguous run of this process's rows; batches come back in order.
+  def _start_workers(self) -> None:
+    context = multiprocessing.get_context('spawn')
+    slots = np.array_split(np.asarray(self._spec['slots']), self._num_workers)
+    self._stop = context.Event()
+    for worker_slots in slots:
+      worker_slots = [int(s) for s in worker_slots]
+      out_queue = context.Queue(maxsize=4)
+      process = context.Process(
+          target=_worker_main, daemon=True,
+          args=(self._spec, worker_slots, {s: self._state[s] for s in map(str, worker_slots)},
+                out_queue, self._stop, self._sources))
+      process.start()
+      self._workers.append((process, out_queue))
+
+  def _stop_workers(self) -> None:
+    if self._workers:
+      self._stop.set()
+      for process, out_queue in self._workers:
+        process.join(timeout=5)
+        if process.is_alive():
+          process.terminate()
+        out_queue.cancel_join_thread()
+    self._workers = []
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if not self._num_workers:
+      batch = self._packer.next_batch()
+      self._state, self.last_positions = self._packer.state(), self._packer.last_positions
+      return batch
+    if not self._workers:
+      self._start_workers()
+    parts = [self._receive(process, out_queue) for process, out_queue in self._workers]
+    for _, state, _ in parts:
+      self._state.update(state)
+    self.last_positions = [rows for _, _, positions in parts for rows in positions]
+    return {key: np.concatenate([batch[key] for batch, _, _ in parts])
+            for key in parts[0][0]}
+
+  def _receive(self, process, out_queue):
+    waited = 0.0
+    while True:
+      try:
+        return out_queue.get(timeout=1.0)
+      except queue_lib.Empty:
+        waited += 1.0
+        if not process.is_alive():
+          raise RuntimeFailure(f'data worker process {process.pid} died (exit code '
+                               f'{process.exitcode})') from None
+        if waited > self.WORKER_TIMEOUT_S:
+          raise RuntimeFailure(f'data worker process {process.pid} sent nothing for '
+                               f'{self.WORKER_TIMEOUT_S} s') from None
+
+  def get_state(self) -> dict:
+    return {'batch_size': self._spec['batch_size'], 'rows': dict(self._state)}
+
+  def set_state(self, state: dict) -> None:
+    if state.get('batch_size') != self._spec['batch_size']:
+      raise DataError(f'the saved data position is for batches of '
+                      f'{state.get("batch_size")} rows, this run uses '
+                      f'{self._spec["batch_size"]}: resume with the same data.batch_size')
+    self._stop_workers()
+    self._packer.set_state(state['rows'])
+    self._state = self._packer.state()
+
+  def close(self) -> None:
+    self._stop_workers()
+
+
+def merge_states(per_process: Sequence[dict]) -> dict | None:
+  """The global data position from every process's iterator state (any process count);
+  None (with a warning) for a state this pipeline did not write."""
+  if not all(isinstance(state, dict) and 'rows' in state for state in per_process):
+    logging.warning('The checkpoint holds a data position of an earlier data pipeline: '
+                    'the training data restarts from its seed')
+    return None
+  rows = {}
+  for state in per_process:
+    rows.update(state['rows'])
+  return {'batch_size': per_process[0]['batch_size'], 'rows': rows}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def encode_pair(pair: tuple[str, str], tokenizer, max_source_length: int,
+                max_target_length: int) -> dict[str, np.ndarray]:
+  """One example: source + EOS, BOS + target (decoder input), target + EOS."""
+  source_ids = tokenizer.encode(pair[0])[:max_source_length - 1]
+  target_ids = tokenizer.encode(pair[1])[:max_target_length - 1]
+  return {
+      'inputs': np.asarray(source_ids + [tokenizer_lib.EOS_ID], np.int32),
+      'decoder_inputs': np.asarray([tokenizer_lib.BOS_ID] + target_ids, np.int32),
+      'targets': np.asarray(target_ids + [tokenizer_lib.EOS_ID], np.int32),
+  }
+
+
+def make_eval_batches(pairs: Sequence[tuple[str, str]], tokenizer, *, batch_size: int,
+                      max_source_length: int,
+                      max_target_length: int) -> Iterator[dict[str, np.ndarray]]:
+  """Padded batches, one pair per row, in order; the last batch is padded with empty
+  rows (segment id 0, so they carry no weight)."""
+  for start in range(0, len(pairs), batch_size):
+    chunk = [encode_pair(p, tokenizer, max_source_length, max_target_length)
+             for p in pairs[start:start + batch_size]]
+    yield pad_examples(chunk, batch_size, max_source_length, max_target_length)
+
+
+def pad_examples(examples: Sequence[dict[str, np.ndarray]], batch_size: int,
+                 max_source_length: int, max_target_length: int) -> dict[str, np.ndarray]:
+  lengths = {'inputs': max_source_length, 'decoder_inputs': max_target_length,
+             'targets': max_target_length}
+  batch = {key: np.zeros((batch_size, length), np.int32) for key, length in lengths.items()}
+  for side in ('inputs', 'targets'):
+    batch[f'{side}_segment_ids'] = np.zeros((batch_size, lengths[side]), np.int32)
+    batch[f'{side}_positions'] = np.zeros((batch_size, lengths[side]), np.int32)
+  for row, example in enumerate(examples):
+    for key in lengths:
+      batch[key][row, :len(example[key])] = example[key]
+    for side in ('inputs', 'targets'):
+      length = len(example[side])
+      batch[f'{side}_segment_ids'][row, :length] = 1
+      batch[f'{side}_positions'][row, :length] = np.arange(length)
+  return batch
+
+
+def real_token_fraction(batch: dict[str, np.ndarray]) -> float:
+  """Fraction of source + target slots holding a real (non-pad) token."""
+  real = np.count_nonzero(batch['inputs_segment_ids']) + np.count_nonzero(
+      batch['targets_segment_ids'])
+  return real / (batch['inputs_segment_ids'].size + batch['targets_segment_ids'].size)

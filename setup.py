@@ -18,6 +18,10 @@ setuptools.setup(
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
         'grain>=0.2.18',
+        # Shards of prepared data, read by Grain's ArrayRecordDataSource.
+        'array-record>=0.8.1',
+        # .zst corpora.
+        'zstandard>=0.22',
         'sentencepiece>=0.2.1',
         'ml-collections>=1.1.0',
         'tensorboardX>=2.6.2',

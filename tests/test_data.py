@@ -361,3 +361,45 @@ def test_eval_batches_pad_the_last_batch(small_corpus):
   assert len(batches) == 2
   assert (batches[1]['targets_segment_ids'][1:] == 0).all()
   assert (batches[1]['targets_segment_ids'][0] > 0).any()
+
+
+def test_a_mixture_draws_each_corpus_at_its_weight(tmp_path, small_corpus):
+  lines = open(small_corpus, encoding='utf-8').read().splitlines()
+  (tmp_path / 'big.tsv').write_text('\n'.join(lines[:2000]) + '\n', encoding='utf-8')
+  (tmp_path / 'clean.tsv').write_text('\n'.join(lines[2000:2400]) + '\n', encoding='utf-8')
+  config = tiny_config(f'{tmp_path / "big.tsv"},{tmp_path / "clean.tsv"}')
+  config.data.weights = '0.5,0.5'
+  directory = str(tmp_path / 'w' / 'data')
+  manifest = prepare.prepare(config, str(tmp_path / 'w'), progress=False)
+  assert [c['name'] for c in manifest['corpora']] == ['big', 'clean']
+  sizes = [c['pairs'] for c in manifest['corpora']]
+  stream = pipeline.TrainStream(prepare.shard_paths(manifest, directory), sizes,
+                                manifest['record_dtype'], batch_size=8, max_source_length=24,
+                                max_target_length=24, seed=0, weights=[0.5, 0.5])
+  iterator = iter(stream)
+  placed = []
+  for _ in range(40):
+    next(iterator)
+    placed += [g for row in iterator.last_positions for g in row]
+  order = pipeline.GlobalOrder(sizes, [0.5, 0.5], seed=0)
+  corpus_of, _ = order.locate(np.asarray(placed))
+  # The clean corpus is a sixth of the pairs but half of what training reads.
+  assert sizes[1] < sizes[0] / 3
+  assert abs(np.mean(corpus_of == 1) - 0.5) < 0.08
+
+
+def test_prepare_command_on_bad_input_exits_2_and_leaves_nothing(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'cut.tsv.gz').write_bytes(gzip.compress(b''.join(
+      b'sentence %d\tfrase %d\n' % (i, i) for i in range(5000)))[:5000])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', '--mode=prepare', '--config=tests/tiny_config.py',
+       f'--workdir={tmp_path / "w"}'], cwd=root, capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'JAXNMT_TEST_CORPUS': str(tmp_path / 'cut.tsv.gz'),
+           'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'cut.tsv.gz: unreadable after' in last, last
+  assert not os.path.exists(tmp_path / 'w' / 'data')

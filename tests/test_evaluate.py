@@ -93,3 +93,25 @@ def test_retention_keeps_what_a_live_worker_has_not_scored(small_corpus, tmp_pat
     handle.write(json.dumps({'step': 5}) + '\n')
   train.train_and_evaluate(config, watched)
   assert sorted(os.listdir(os.path.join(watched, 'checkpoints')), key=int) == ['10', '15', '20']
+
+
+def test_worker_scores_every_named_test_set(workdir_copy):
+  # A named test set (config.data.test_sets) is prepared into splits/test_<name>.*.
+  splits = os.path.join(workdir_copy, 'splits')
+  for suffix in ('src', 'ref'):
+    lines = open(os.path.join(splits, f'valid.{suffix}'), encoding='utf-8').readlines()
+    with open(os.path.join(splits, f'test_news.{suffix}'), 'w', encoding='utf-8') as handle:
+      handle.writelines(lines[:12])
+  (result,) = evaluate.run_eval_worker(workdir_copy, options=OPTIONS, checkpoint_step=20,
+                                       max_test_sentences=16)
+  assert result['test_set'] == 'test' and result['bleu'] == result['bleu_test']
+  hypotheses = open(os.path.join(workdir_copy, 'eval', 'news_hypotheses_20.txt'),
+                    encoding='utf-8').read().splitlines()
+  references = open(os.path.join(splits, 'test_news.ref'),
+                    encoding='utf-8').read().splitlines()
+  assert len(hypotheses) == 12
+  assert result['bleu_news'] == pytest.approx(
+      sacrebleu.corpus_bleu(hypotheses, [references]).score)
+  scalars = [json.loads(line) for line in open(
+      os.path.join(workdir_copy, 'eval', 'metrics.jsonl'), encoding='utf-8')]
+  assert any('bleu/news' in line and 'chrf/news' in line for line in scalars)

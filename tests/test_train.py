@@ -164,3 +164,28 @@ def test_a_checkpoint_of_another_tokenizer_is_refused(trained_workdir, tmp_path)
     metadata_file.write_text(json.dumps(metadata))
   with pytest.raises(errors.WorkdirError, match='is not the tokenizer the checkpoints'):
     inference.load(str(workdir))
+
+
+def test_resuming_on_other_prepared_data_is_refused(trained_workdir, small_corpus, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'other_data'
+  shutil.copytree(trained_workdir, workdir)
+  manifest_file = workdir / 'data' / 'manifest.json'
+  manifest = json.loads(manifest_file.read_text())
+  manifest['corpora'][0]['shards'][0]['pairs'] -= 1  # as if prepared from other input
+  manifest_file.write_text(json.dumps(manifest))
+  config = tiny_config(small_corpus)
+  config.num_train_steps = 30
+  with pytest.raises(errors.DataError, match='were trained on other prepared data'):
+    train.train_and_evaluate(config, str(workdir))
+
+
+def test_a_workdir_tokenizer_other_than_the_prepared_one_is_refused(trained_workdir,
+                                                                    small_corpus, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'other_tokenizer_data'
+  shutil.copytree(trained_workdir, workdir, ignore=shutil.ignore_patterns('checkpoints'))
+  shutil.copyfile(workdir / 'data' / 'manifest.json', workdir / 'tokenizer.model')
+  with pytest.raises(errors.DataError, match='is not the tokenizer of the prepared data'):
+    train.train_and_evaluate(tiny_config(small_corpus), str(workdir))

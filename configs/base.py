@@ -112,6 +112,9 @@ def get_config():
   # Fractions of distinct source sentences held out for validation and test.
   config.data.valid_fraction = 0.01
   config.data.test_fraction = 0.02
+  # Each held-out split keeps a uniform sample of at most this many of its pairs (the
+  # rest are not trained on either), so a large corpus gives usable eval sets.
+  config.data.max_heldout_pairs = 10_000
   # Packed row lengths in tokens: source side (incl. EOS) and target side (incl. BOS/EOS).
   # Sentences longer than this are truncated.
   config.data.max_source_length = 56

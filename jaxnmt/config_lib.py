@@ -136,6 +136,7 @@ def _check_data_lists(config) -> None:
   _require(data.source_lang != data.target_lang and data.source_lang and
            data.target_lang, 'data.target_lang', 'source and target languages must be '
            f'two different names, got {data.source_lang!r} and {data.target_lang!r}')
+  _positive_int(config, 'data.max_heldout_pairs')
   for field in ('filter_max_tokens', 'prepare_workers', 'pipeline_workers'):
     _positive_int(config, f'data.{field}', allow_zero=True)
   _fraction(config, 'data.filter_max_length_ratio', 0.0, float('inf'))

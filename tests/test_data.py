@@ -403,3 +403,20 @@ def test_prepare_command_on_bad_input_exits_2_and_leaves_nothing(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and 'cut.tsv.gz: unreadable after' in last, last
   assert not os.path.exists(tmp_path / 'w' / 'data')
+
+
+def test_held_out_splits_are_capped_and_never_trained_on(tmp_path):
+  (tmp_path / 'c.tsv').write_text(''.join(f'sentence {i}.\tfrase {i}.\n' for i in range(600)),
+                                  encoding='utf-8')
+  config = tiny_config(str(tmp_path / 'c.tsv'))
+  config.tokenizer.model_type = 'char'
+  config.data.valid_fraction, config.data.test_fraction = 0.3, 0.1
+  config.data.max_heldout_pairs = 25
+  manifest = prepare.prepare(config, str(tmp_path / 'w'), progress=False)
+  splits, pairs = manifest['splits'], manifest['corpora'][0]['pairs']
+  assert splits['valid'] == splits['test'] == 25
+  assert pairs + 50 + splits['valid_beyond_max_heldout_pairs'] + \
+      splits['test_beyond_max_heldout_pairs'] == 600
+  assert 0.5 < pairs / 600 < 0.7
+  valid = open(tmp_path / 'w' / 'data' / 'splits' / 'valid.src').read().splitlines()
+  assert len(valid) == 25

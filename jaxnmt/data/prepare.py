@@ -73,6 +73,7 @@ def data_spec(config) -> dict:
       'source_lang': data.source_lang, 'target_lang': data.target_lang,
       'reverse': data.reverse, 'valid_fraction': data.valid_fraction,
       'test_fraction': data.test_fraction, 'split_seed': data.split_seed,
+      'max_heldout_pairs': data.max_heldout_pairs,
       'test_sets': data.test_sets, 'filter_max_tokens': data.filter_max_tokens,
       'filter_max_length_ratio': data.filter_max_length_ratio, 'dedup': data.dedup,
       'tokenizer': {'path': config.tokenizer.path, 'vocab_size': config.tokenizer.vocab_size,
@@ -238,7 +239,10 @@ def _split_stage(config, directory: str, specs: list[str], names: list[str],
     _write_pairs(splits_dir, f'test_{name}', pairs)
     test_sources.update(source for source, _ in pairs)
     stats['splits'][f'test_{name}'] = len(pairs)
-  heldout = {name: [] for name in ('valid', 'test')}
+  # Held-out pairs are never trained on; each split keeps a uniform sample of at most
+  # max_heldout_pairs of them (so a web-scale corpus gives a usable validation set).
+  heldout = {name: _Reservoir(data.max_heldout_pairs, data.split_seed + index)
+             for index, name in enumerate(('valid', 'test'))}
   sample = _Reservoir(config.tokenizer.max_training_sentences, config.seed)
   seen = set() if data.dedup else None
   with tqdm.tqdm(desc='split', unit=' pairs', disable=not progress, mininterval=2) as bar:
@@ -246,9 +250,12 @@ def _split_stage(config, directory: str, specs: list[str], names: list[str],
       stats['corpora'][name] = _split_corpus(config, spec, name, raw_dir, test_sources,
                                              heldout, sample, seen, bar)
   rng = np.random.default_rng(data.split_seed)  # spa.txt is sorted by length
-  for split, pairs in heldout.items():
+  for split, sample_of_split in heldout.items():
+    pairs = sample_of_split.items
     _write_pairs(splits_dir, split, [pairs[i] for i in rng.permutation(len(pairs))])
     stats['splits'][split] = len(pairs)
+    if sample_of_split.seen > len(pairs):
+      stats['splits'][f'{split}_beyond_max_heldout_pairs'] = sample_of_split.seen - len(pairs)
   with open(os.path.join(raw_dir, 'sample.txt'), 'w', encoding='utf-8') as handle:
     handle.writelines(sentence.replace('\n', ' ') + '\n' for sentence in sample.items)
   stats['sample_sentences'] = len(sample.items)
@@ -282,7 +289,7 @@ def _split_corpus(config, spec: str, name: str, raw_dir: str, test_sources: set,
       sample.add(pair[0])
       sample.add(pair[1])
     else:
-      heldout[split].append(pair)
+      heldout[split].add(pair)
   writer.close()
   report.check()
   files = corpus_lib.corpus_files(spec, data.source_lang, data.target_lang)

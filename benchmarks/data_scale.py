@@ -80,8 +80,7 @@ def open_stream(directory: str, batch_size: int, max_source_length: int,
   if manifest is None:
     sys.exit(f'{directory} holds no manifest.json: run --mode=prepare first')
   stream = pipeline.TrainStream(
-      prepare.shard_paths(manifest, directory),
-      [c['pairs'] for c in manifest['corpora']], manifest['record_dtype'],
+      prepare.open_corpora(manifest, directory), manifest['record_dtype'],
       batch_size=batch_size, max_source_length=max_source_length,
       max_target_length=max_target_length, seed=0, num_workers=workers)
   return iter(stream), sum(c['pairs'] for c in manifest['corpora'])

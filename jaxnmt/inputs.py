@@ -113,8 +113,7 @@ def _translation_inputs(config, workdir: str) -> TrainingInputs:
   data = config.data
   weights = [float(w) for w in corpus_lib.split_list(data.weights)]
   train_data = pipeline.TrainStream(
-      prepare_lib.shard_paths(manifest, directory),
-      [corpus['pairs'] for corpus in manifest['corpora']], manifest['record_dtype'],
+      prepare_lib.open_corpora(manifest, directory), manifest['record_dtype'],
       batch_size=data.batch_size, max_source_length=data.max_source_length,
       max_target_length=data.max_target_length, seed=config.seed, weights=weights,
       process_index=jax.process_index(), process_count=jax.process_count(),

@@ -73,9 +73,8 @@ def test_tiny_transformer_learns_to_copy(tmp_path):
   records = [pipeline.encode_record(ids, ids, dtype)
              for ids in tokenizer.encode_batch(train_sentences)]
   dataset = pipeline.TrainStream(
-      None, [len(records)], dtype, batch_size=config.data.batch_size,
-      max_source_length=24, max_target_length=24, seed=0,
-      sources=[pipeline.InMemorySource(records)])
+      [pipeline.InMemorySource(records)], dtype, batch_size=config.data.batch_size,
+      max_source_length=24, max_target_length=24, seed=0)
   batches = iter(dataset)
   _, params, _ = _train(config, model_cfg, batches, num_steps=600)
   batches.close()

@@ -135,9 +135,9 @@ def _dataset(tokenizer, packing=True):
   records = [pipeline.encode_record(source, target, dtype) for source, target in zip(
       tokenizer.encode_batch([s for s, _ in pairs]),
       tokenizer.encode_batch([t for _, t in pairs]))]
-  return pipeline.TrainStream(None, [len(records)], dtype, batch_size=8,
+  return pipeline.TrainStream([pipeline.InMemorySource(records)], dtype, batch_size=8,
                               max_source_length=56, max_target_length=64, seed=0,
-                              packing=packing, sources=[pipeline.InMemorySource(records)])
+                              packing=packing)
 
 
 @pytest.fixture(scope='module')

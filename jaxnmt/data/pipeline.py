@@ -1,23 +1,28 @@
 """From prepared shards to packed training batches, in an order that is global.
 
 The training stream is defined once for the whole job, whatever the number of
-processes:
+processes. Row r of every global batch of B rows reads its own sub-stream of pairs,
+whole blocks of BLOCK_PAIRS consecutive records at a time (a random read of one small
+record costs as much as reading a block: 0.55 ms against 1.6 ms for 64, measured on
+this machine's disk, BUILD_NOTES.md "Data at scale"):
 
-  global position g = 0, 1, 2, ...     (an endless stream of pairs)
-     └─ mixture: g -> (corpus c, its j-th draw)    fixed quotas per block of 4096
-        positions, shuffled per block from the seed: the weights hold in every block
-     └─ epoch e = j // N_c, a new permutation of corpus c each epoch (a keyed Feistel
-        bijection: no index array is ever held, whatever N_c)
-     └─ record of an ArrayRecord shard (Grain's ArrayRecordDataSource)
+  position g = r + B*k (k-th pair of row r)
+     └─ block draw q = r + B * (k // BLOCK_PAIRS), offset k % BLOCK_PAIRS
+     └─ mixture: q -> (corpus c, its j-th block drawn)   fixed quotas in every span of
+        MIX_SPAN draws, shuffled per span from the seed: the weights hold everywhere
+     └─ epoch e = j // blocks_c: a new permutation of corpus c's blocks each epoch (a
+        keyed Feistel bijection: no index array is ever held, whatever the corpus
+        size), and a new order of the pairs inside each block
+     └─ record of an ArrayRecord shard (ShardedRecords)
 
-Row r of every global batch of B rows is packed from its own sub-stream of positions
-r, r + B, r + 2B, ...: first-fit into the row's source and target slots, and a pair
-that does not fit is carried (at most MAX_CARRY of them) to the same row of the next
-batch, where it goes first. So row r's contents depend only on (next k, carried
-positions): that pair is the iterator state of the row. A process produces only its
-rows [p*B/n, (p+1)*B/n), and the state of all rows is a global position: the batches
-are the same on any number of processes, and a checkpoint saved by one topology
-resumes on another.
+So every global batch draws B blocks spread over the corpus, each process reads only
+the blocks of its own rows, and every pair is read once per epoch. Packing: first fit
+into the row's source and target slots; a pair that does not fit is carried (at most
+MAX_CARRY of them) to the same row of the next batch, where it goes first. Row r's
+contents depend only on (next k, carried positions): that pair is the iterator state
+of the row. A process produces only its rows [p*B/n, (p+1)*B/n), and the state of all
+rows is a global position: the batches are the same on any number of processes, and
+a checkpoint saved by one topology resumes on another.
 
 A batch is a dict of int32 numpy arrays:
   inputs, inputs_segment_ids, inputs_positions                          [B, S]
@@ -38,9 +43,9 @@ import numpy as np
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt.errors import DataError, RuntimeFailure
 
-BLOCK = 4096  # mixture quotas hold exactly in every block of this many positions
+BLOCK_PAIRS = 64  # consecutive records a row reads at once
+MIX_SPAN = 4096  # mixture quotas hold exactly in every span of this many block draws
 MAX_CARRY = 16  # pairs a row may defer to its next batch
-READ_AHEAD = 4  # batches of pairs read at once
 _MASK64 = np.uint64(2**64 - 1)
 
 
@@ -76,9 +81,51 @@ class InMemorySource:
     return [self._records[i] for i in indices]
 
 
-def open_shards(paths: Sequence[str]):
-  """Grain's ArrayRecord source over `paths`, read as one sequence of records."""
-  return grain.sources.ArrayRecordDataSource(list(paths))
+class ShardedRecords:
+  """One corpus's ArrayRecord shards as a single random-access sequence of records
+  (the `__len__` / `__getitems__` protocol of Grain's sources).
+
+  Shards are written with one chunk per BLOCK_PAIRS records, the unit rows read, so a
+  block is one chunk to decode (measured: 0.8 us a record, against 20 us with Grain's
+  ArrayRecordDataSource layout of one record per chunk, and 3.6x smaller files; that
+  source also logs an error for any other layout and starts a thread per shard per
+  read). Readers open lazily, single-threaded, and are not pickled (worker processes
+  open their own). Record counts come from the manifest: opening touches no file."""
+
+  def __init__(self, paths: Sequence[str], counts: Sequence[int]):
+    self._paths = list(paths)
+    self._ends = np.cumsum(np.asarray(counts, np.int64))
+    self._starts = self._ends - np.asarray(counts, np.int64)
+    self._readers = {}
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def _reader(self, shard: int):
+    if shard not in self._readers:
+      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+      self._readers[shard] = array_record_module.ArrayRecordReader(
+          self._paths[shard], 'readahead_buffer_size:0,max_parallelism:0',
+          file_reader_buffer_size=1 << 16)
+    return self._readers[shard]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[bytes]:
+    indices = np.asarray(indices, np.int64)
+    shards = np.searchsorted(self._ends, indices, side='right')
+    records = [b''] * len(indices)
+    for shard in np.unique(shards):
+      where = np.flatnonzero(shards == shard)
+      read = self._reader(int(shard)).read(
+          [int(i) for i in indices[where] - self._starts[shard]])
+      for index, record in zip(where, read):
+        records[index] = record
+    return records
+
+  def __getstate__(self):
+    return {'paths': self._paths, 'counts': (self._ends - self._starts).tolist()}
+
+  def __setstate__(self, state):
+    self.__init__(state['paths'], state['counts'])
 
 
 # ----------------------------------------------------------------------------- global order
@@ -120,57 +167,69 @@ def permute(index: np.ndarray, size: int, keys: np.ndarray) -> np.ndarray:
 
 class GlobalOrder:
   """Global stream position -> (corpus, record index) for corpora of `sizes` pairs
-  drawn with `weights`; deterministic in `seed`, endless (epochs reshuffle)."""
+  drawn with `weights`, for batches of `batch_size` rows; deterministic in `seed`,
+  endless (epochs reshuffle). A record of -1 marks a position past the end of a
+  corpus's short last block: it holds no pair."""
 
-  def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int):
+  def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int,
+               batch_size: int):
     if not sizes or min(sizes) < 1:
       raise DataError(f'every corpus needs at least one training pair, got {list(sizes)}')
     self.sizes = np.asarray(sizes, np.int64)
-    self.seed = int(seed)
+    self.blocks = -(-self.sizes // BLOCK_PAIRS)
+    self.seed, self.batch_size = int(seed), int(batch_size)
     weights = np.asarray(weights, np.float64) / np.sum(weights)
-    exact = weights * BLOCK
+    exact = weights * MIX_SPAN
     quotas = np.floor(exact).astype(np.int64)
-    for index in np.argsort(-(exact - quotas), kind='stable')[:BLOCK - quotas.sum()]:
-      quotas[index] += 1  # largest remainder: the quotas sum to BLOCK
+    for index in np.argsort(-(exact - quotas), kind='stable')[:MIX_SPAN - quotas.sum()]:
+      quotas[index] += 1  # largest remainder: the quotas sum to MIX_SPAN
     self.quotas = quotas
-    self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._spans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-  def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(corpus of each position in the block, its rank among that corpus's positions)."""
-    cached = self._blocks.get(block)
+  def _span(self, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """(corpus of each draw in the span, its rank among that corpus's draws)."""
+    cached = self._spans.get(span)
     if cached is None:
       labels = np.repeat(np.arange(len(self.quotas)), self.quotas)
-      labels = np.random.default_rng([self.seed, block, 1]).permutation(labels)
+      labels = np.random.default_rng([self.seed, span, 1]).permutation(labels)
       order = np.argsort(labels, kind='stable')
       starts = np.concatenate([[0], np.cumsum(self.quotas)[:-1]])
-      rank = np.empty(BLOCK, np.int64)
-      rank[order] = np.arange(BLOCK) - starts[labels[order]]
+      rank = np.empty(MIX_SPAN, np.int64)
+      rank[order] = np.arange(MIX_SPAN) - starts[labels[order]]
       cached = (labels, rank)
-      if len(self._blocks) > 64:
-        self._blocks.clear()
-      self._blocks[block] = cached
+      if len(self._spans) > 64:
+        self._spans.clear()
+      self._spans[span] = cached
     return cached
+
+  def _draws(self, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block draw q -> (corpus, how many blocks of that corpus were drawn before)."""
+    if len(self.sizes) == 1:
+      return np.zeros(len(draws), np.int64), draws
+    spans, offsets = np.divmod(draws, MIX_SPAN)
+    corpus, count = np.empty_like(draws), np.empty_like(draws)
+    for span in np.unique(spans):
+      where = spans == span
+      labels, rank = self._span(int(span))
+      corpus[where] = labels[offsets[where]]
+      count[where] = span * self.quotas[corpus[where]] + rank[offsets[where]]
+    return corpus, count
 
   def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     positions = np.asarray(positions, np.int64)
-    if len(self.sizes) == 1:
-      corpus, draw = np.zeros(len(positions), np.int64), positions
-    else:
-      blocks, offsets = np.divmod(positions, BLOCK)
-      corpus, draw = np.empty_like(positions), np.empty_like(positions)
-      for block in np.unique(blocks):
-        where = blocks == block
-        labels, rank = self._block(int(block))
-        corpus[where] = labels[offsets[where]]
-        draw[where] = block * self.quotas[corpus[where]] + rank[offsets[where]]
-    size = self.sizes[corpus]
-    epoch, index = np.divmod(draw, size)
+    row, k = np.divmod(positions, self.batch_size)[::-1]
+    draw = row + self.batch_size * (k // BLOCK_PAIRS)
+    corpus, count = self._draws(draw)
+    epoch, index = np.divmod(count, self.blocks[corpus])
     keys = _mix64(np.uint64(self.seed) * np.uint64(1_000_003) +
                   corpus.astype(np.uint64) * np.uint64(7919) + epoch.astype(np.uint64))
-    record = np.empty_like(index)
+    block = np.empty_like(index)
     for c in np.unique(corpus):
       where = corpus == c
-      record[where] = permute(index[where], int(self.sizes[c]), keys[where])
+      block[where] = permute(index[where], int(self.blocks[c]), keys[where])
+    inside = permute(k % BLOCK_PAIRS, BLOCK_PAIRS, _mix64(keys ^ block.astype(np.uint64)))
+    record = block * BLOCK_PAIRS + inside
+    record[record >= self.sizes[corpus]] = -1
     return corpus, record
 
 
@@ -208,38 +267,45 @@ class RowPacker:
     self._cache.clear()
 
   def _fetch(self, positions: list[int]) -> None:
+    """Reads the records at `positions` into the cache, one read call per corpus."""
     corpus, record = self.order.locate(np.asarray(positions, np.int64))
+    source_limit, target_limit = self.lengths[0] - 1, self.lengths[1] - 1
     for c in np.unique(corpus):
-      where = np.flatnonzero(corpus == c)
+      where = np.flatnonzero((corpus == c) & (record >= 0))
       records = self.sources[c].__getitems__([int(r) for r in record[where]])
-      source_limit, target_limit = self.lengths[0] - 1, self.lengths[1] - 1
       for index, raw in zip(where, records):
         source, target = decode_record(raw, self.dtype)
         source, target = source[:source_limit], target[:target_limit]
         self._cache[positions[index]] = (source, target, len(source) + 1, len(target) + 1)
+    for index in np.flatnonzero(record < 0):
+      self._cache[positions[index]] = None  # past a short last block: no pair
+
+  def _block(self, slot: int, k: int) -> list[int]:
+    """The positions of the block holding the k-th pair of row `slot`."""
+    first = k - k % BLOCK_PAIRS
+    return [slot + self.batch_size * i for i in range(first, first + BLOCK_PAIRS)]
 
   def _prefetch(self) -> None:
-    """Reads, in one call, what rows may need for the next batch; a row short of that
-    reads READ_AHEAD batches' worth (few, large reads: each read call has a fixed cost)."""
+    """Reads, in one call, every block the rows may enter in the next batch (and
+    carried pairs no longer cached, after a restore)."""
     wanted = []
     for slot in self.slots:
       wanted += [g for g in self._carry[slot] if g not in self._cache]
       start = self._next[slot]
-      if slot + self.batch_size * (start + self._lookahead - 1) not in self._cache:
-        wanted += [slot + self.batch_size * k
-                   for k in range(start, start + READ_AHEAD * self._lookahead)
-                   if slot + self.batch_size * k not in self._cache]
+      for k in (start, start + self._lookahead):
+        if slot + self.batch_size * k not in self._cache and \
+            (not wanted or wanted[-1] != self._block(slot, k)[-1]):
+          wanted += self._block(slot, k)
     if wanted:
       self._fetch(wanted)
 
-  def _lengths(self, position: int) -> tuple[int, int]:
-    """Source (+ EOS) and target (+ BOS/EOS shift) lengths of a pair, truncated."""
-    entry = self._cache.get(position)
-    if entry is None:  # the row ran past its lookahead: read its next stretch
-      self._fetch([position + self.batch_size * k for k in range(self._lookahead)
-                   if position + self.batch_size * k not in self._cache])
-      entry = self._cache[position]
-    return entry[2], entry[3]
+  def _lengths(self, position: int) -> tuple[int, int] | None:
+    """Source (+ EOS) and target (+ BOS/EOS shift) lengths of a pair, truncated; None
+    for a position that holds no pair."""
+    if position not in self._cache:  # the row ran past its read-ahead
+      self._fetch(self._block(position % self.batch_size, position // self.batch_size))
+    entry = self._cache[position]
+    return None if entry is None else (entry[2], entry[3])
 
   def next_batch(self) -> dict[str, np.ndarray]:
     self._prefetch()
@@ -250,7 +316,7 @@ class RowPacker:
       self.last_positions.append(placed)
       most = max(most, fresh)
     # Read ahead what the hungriest row took: few rows then read on demand.
-    self._lookahead = max(4, min(64, most + 2))
+    self._lookahead = max(4, min(BLOCK_PAIRS, most + 2))
     batch = self._assemble(placements)
     for _, position, _, _, _ in placements:
       del self._cache[position]
@@ -269,7 +335,11 @@ class RowPacker:
         position = slot + self.batch_size * self._next[slot]
         self._next[slot] += 1
         fresh += 1
-      source_length, target_length = self._lengths(position)
+      lengths = self._lengths(position)
+      if lengths is None:  # no pair at this position
+        del self._cache[position]
+        continue
+      source_length, target_length = lengths
       if source_used + source_length <= self.lengths[0] and \
           target_used + target_length <= self.lengths[1]:
         placed.append(position)
@@ -325,47 +395,44 @@ class TrainStream(grain.IterDataset):
   """Endless packed training batches of this process's rows, as a Grain IterDataset
   whose iterator state is the global data position (see the module docstring).
 
-  `sources` are random-access record sequences (ArrayRecord shards), one per corpus;
-  `sizes` their pair counts and `weights` the mixture (empty: proportional to size).
-  `num_workers` > 0 packs in that many worker processes (each owns some rows).
+  `sources` are random-access record sequences, one per corpus (ShardedRecords, or
+  InMemorySource for small data); `weights` the mixture (empty: proportional to size).
+  `num_workers` > 0 packs in that many worker processes (each owns some rows; the
+  sources are pickled to them and reopen their files).
   """
 
-  def __init__(self, source_paths: Sequence[Sequence[str]] | None, sizes: Sequence[int],
-               dtype, *, batch_size: int, max_source_length: int, max_target_length: int,
-               seed: int, weights: Sequence[float] = (), process_index: int = 0,
-               process_count: int = 1, packing: bool = True, num_workers: int = 0,
-               sources: Sequence | None = None):
+  def __init__(self, sources: Sequence, dtype, *, batch_size: int, max_source_length: int,
+               max_target_length: int, seed: int, weights: Sequence[float] = (),
+               process_index: int = 0, process_count: int = 1, packing: bool = True,
+               num_workers: int = 0):
     super().__init__()
     if batch_size % process_count:
       raise DataError(f'batch_size={batch_size} must divide by the {process_count} '
                       f'processes')
     rows = batch_size // process_count
+    sizes = [len(source) for source in sources]
     self.spec = dict(
-        source_paths=[list(paths) for paths in source_paths] if source_paths else None,
-        sizes=list(sizes), weights=list(weights) or [float(n) for n in sizes],
+        sizes=sizes, weights=list(weights) or [float(n) for n in sizes],
         seed=seed, dtype=np.dtype(dtype).str, batch_size=batch_size,
         max_source_length=max_source_length, max_target_length=max_target_length,
         packing=packing, slots=list(range(process_index * rows, (process_index + 1) * rows)))
     self.num_workers = min(num_workers, rows)
-    self._sources = sources
+    self._sources = list(sources)
 
   def __iter__(self) -> '_StreamIterator':
     return _StreamIterator(self.spec, self.num_workers, self._sources)
 
 
-def _make_packer(spec: dict, slots: Sequence[int], sources=None) -> RowPacker:
-  if sources is None:
-    sources = [open_shards(paths) for paths in spec['source_paths']]
-  order = GlobalOrder(spec['sizes'], spec['weights'], spec['seed'])
+def _make_packer(spec: dict, slots: Sequence[int], sources: Sequence) -> RowPacker:
+  order = GlobalOrder(spec['sizes'], spec['weights'], spec['seed'], spec['batch_size'])
   return RowPacker(sources, order, np.dtype(spec['dtype']), batch_size=spec['batch_size'],
                    slots=slots, max_source_length=spec['max_source_length'],
                    max_target_length=spec['max_target_length'], packing=spec['packing'])
 
 
 def _worker_main(spec: dict, slots: list[int], state: dict, out_queue, stop,
-                 sources=None) -> None:
-  """A packing worker: batches of rows `slots` from `state` on, until told to stop.
-  It opens the shards itself (`sources`: in-memory records instead)."""
+                 sources: Sequence) -> None:
+  """A packing worker: batches of rows `slots` from `state` on, until told to stop."""
   packer = _make_packer(spec, slots, sources)
   packer.set_state(state)
   while not stop.is_set():

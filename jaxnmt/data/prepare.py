@@ -120,11 +120,15 @@ def prepare(config, workdir: str, progress: bool = True) -> dict:
   try:
     specs = corpus_specs(config)
     names = _unique_names(specs)
+    seconds = {'split': time.time()}
     split_stats = _split_stage(config, directory, specs, names, progress)
+    seconds['tokenizer'] = time.time()
     tokenizer_file = _tokenizer_stage(config, directory)
     tokenizer = tokenizer_lib.load(tokenizer_file, config.tokenizer.model_type)
     dtype = pipeline.record_dtype(tokenizer.vocab_size)
+    seconds['tokenize'] = time.time()
     shards = _tokenize_stage(config, directory, tokenizer_file, dtype, progress)
+    seconds['end'] = time.time()
   except UserError:  # bad input: leave nothing half-made behind
     shutil.rmtree(directory if created else os.path.join(directory, _RAW),
                   ignore_errors=True)
@@ -152,7 +156,10 @@ def prepare(config, workdir: str, progress: bool = True) -> dict:
         'target_tokens': sum(s['target_tokens'] for s in mine),
         'shards': [{'file': s['file'], 'pairs': s['pairs']} for s in mine if s['pairs']],
     })
-  manifest['seconds'] = time.time() - started
+  stages = list(seconds)
+  manifest['seconds'] = {stage: round(seconds[after] - seconds[stage], 1)
+                         for stage, after in zip(stages, stages[1:])}
+  manifest['seconds']['total'] = round(time.time() - started, 1)
   _write_json(os.path.join(directory, MANIFEST), manifest)
   shutil.rmtree(os.path.join(directory, _RAW), ignore_errors=True)
   for corpus in manifest['corpora']:
@@ -160,7 +167,7 @@ def prepare(config, workdir: str, progress: bool = True) -> dict:
                  'shards; malformed %s; filtered %s', corpus['name'], corpus['pairs'],
                  corpus['source_tokens'], corpus['target_tokens'], len(corpus['shards']),
                  corpus['malformed'] or 'none', corpus['filtered'] or 'none')
-  logging.info('Prepared data in %s in %.0f s; held out %s', directory,
+  logging.info('Prepared data in %s (seconds: %s); held out %s', directory,
                manifest['seconds'], manifest['splits'])
   return manifest
 
@@ -177,9 +184,11 @@ def fingerprint(manifest: dict) -> str:
   return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def shard_paths(manifest: dict, directory: str) -> list[list[str]]:
-  """Per corpus, the paths of its shards."""
-  return [[os.path.join(directory, s['file']) for s in corpus['shards']]
+def open_corpora(manifest: dict, directory: str) -> list[pipeline.ShardedRecords]:
+  """Per corpus, its shards as one random-access sequence of records."""
+  return [pipeline.ShardedRecords([os.path.join(directory, s['file'])
+                                   for s in corpus['shards']],
+                                  [s['pairs'] for s in corpus['shards']])
           for corpus in manifest['corpora']]
 
 
@@ -409,8 +418,9 @@ def _tokenize_shard(task) -> dict:
   filtered = collections.Counter()
   counts = {'pairs': 0, 'source_tokens': 0, 'target_tokens': 0}
   partial = shard_path + '.partial'
-  # group_size:1 makes every record randomly readable on its own (the global shuffle).
-  writer = array_record_module.ArrayRecordWriter(partial, 'group_size:1')
+  # One chunk per block of pairs: the unit the training stream reads (pipeline.py).
+  writer = array_record_module.ArrayRecordWriter(partial,
+                                                 f'group_size:{pipeline.BLOCK_PAIRS}')
   for source, target in zip(sources, targets):
     longest, shortest = max(len(source), len(target)), min(len(source), len(target))
     if filters['max_tokens'] and longest > filters['max_tokens']:

@@ -440,3 +440,13 @@ def test_held_out_splits_are_capped_and_never_trained_on(tmp_path):
   assert 0.5 < pairs / 600 < 0.7
   valid = open(tmp_path / 'w' / 'data' / 'splits' / 'valid.src').read().splitlines()
   assert len(valid) == 25
+
+
+def test_prepare_can_take_an_existing_tokenizer(prepared, tmp_path):
+  config, workdir, manifest = prepared
+  existing = os.path.join(prepare.prepared_dir(config, workdir), 'tokenizer.model')
+  other = tiny_config(config.data.path)
+  other.tokenizer.path = existing
+  again = prepare.prepare(other, str(tmp_path / 'w'), progress=False)
+  assert again['tokenizer_sha256'] == manifest['tokenizer_sha256']
+  assert again['corpora'][0]['source_tokens'] > 0

@@ -154,7 +154,9 @@ def test_prepare_counts_every_line_and_writes_readable_shards(prepared):
   assert entry['pairs'] + held_out + sum(entry['filtered'].values()) == 3000
   assert entry['filtered']['source in a test set'] >= 20
   assert 0 < held_out < 300
-  assert len(entry['shards']) == 5  # ceil(training pairs / 700)
+  # Training pairs are dealt round robin over 16 shards (of at most 700 pairs).
+  assert len(entry['shards']) == prepare.SPREAD
+  assert max(s['pairs'] for s in entry['shards']) <= 700
   tokenizer = tokenizer_lib.load(os.path.join(directory, 'tokenizer.model'), 'unigram')
   assert manifest['tokenizer_sha256'] == corpus.file_sha256(
       os.path.join(directory, 'tokenizer.model'))
@@ -450,3 +452,18 @@ def test_prepare_can_take_an_existing_tokenizer(prepared, tmp_path):
   again = prepare.prepare(other, str(tmp_path / 'w'), progress=False)
   assert again['tokenizer_sha256'] == manifest['tokenizer_sha256']
   assert again['corpora'][0]['source_tokens'] > 0
+
+
+def test_a_sorted_corpus_gives_blocks_that_sample_all_of_it(tmp_path):
+  # spa.txt is sorted by length; a block of consecutive records must not be.
+  lines = [f'{"a" * (1 + i // 40)}\t{"b" * (1 + i // 40)}' for i in range(2000)]
+  (tmp_path / 'sorted.tsv').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  config = tiny_config(str(tmp_path / 'sorted.tsv'))
+  config.tokenizer.model_type = 'char'
+  config.data.valid_fraction = config.data.test_fraction = 0.0
+  directory = str(tmp_path / 'w' / 'data')
+  manifest = prepare.prepare(config, str(tmp_path / 'w'), progress=False)
+  (source,) = prepare.open_corpora(manifest, directory)
+  block = [len(pipeline.decode_record(record, np.dtype(manifest['record_dtype']))[0])
+           for record in source.__getitems__(list(range(pipeline.BLOCK_PAIRS)))]
+  assert max(block) - min(block) > 25  # lengths run from 1 to 50 over the corpus

@@ -46,7 +46,6 @@ from jaxnmt.errors import DataError, RuntimeFailure
 BLOCK_PAIRS = 64  # consecutive records a row reads at once
 MIX_SPAN = 4096  # mixture quotas hold exactly in every span of this many block draws
 MAX_CARRY = 16  # pairs a row may defer to its next batch
-_MASK64 = np.uint64(2**64 - 1)
 
 
 # ----------------------------------------------------------------------------- records

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import time
+import zlib
 
 import numpy as np
 import tqdm
@@ -43,6 +44,7 @@ SPLITS = 'splits'
 FORMAT = 1
 _RAW = 'raw'  # stage-1 output, removed once the manifest is written
 _SPLIT_DONE = 'split.json'
+SPREAD = 16  # raw shards filled together (see _RawShards)
 
 
 def prepared_dir(config, workdir: str) -> str:
@@ -309,25 +311,31 @@ def _split_corpus(config, spec: str, name: str, raw_dir: str, test_sources: set,
 
 
 class _RawShards:
-  """Writes training pairs as TSV into raw shards of at most `size` pairs."""
+  """Writes training pairs as TSV into raw shards of at most `size` pairs, dealt round
+  robin over SPREAD shards at a time: a corpus in some order (spa.txt is sorted by
+  length) gives shards that each sample a long stretch of it. Each shard is shuffled
+  again when tokenized, so a block of consecutive records is a random sample."""
 
   def __init__(self, directory: str, name: str, size: int):
     self.directory, self.name, self.size = directory, name, size
-    self.count, self._in_shard, self._handle = 0, 0, None
+    self.written, self.count, self._handles = 0, 0, []
 
   def write(self, pair: tuple[str, str]) -> None:
-    if self._handle is None or self._in_shard == self.size:
+    index = self.written % (SPREAD * self.size)
+    if index == 0:  # a new group of SPREAD shards
       self.close()
+    if index % SPREAD == len(self._handles):
       path = os.path.join(self.directory, f'{self.name}-{self.count:05d}.tsv')
-      self._handle = open(path, 'w', encoding='utf-8')
-      self.count, self._in_shard = self.count + 1, 0
-    self._handle.write(f'{pair[0]}\t{pair[1]}\n')
-    self._in_shard += 1
+      self._handles.append(open(path, 'w', encoding='utf-8'))
+      self.count += 1
+    shard = index % SPREAD
+    self._handles[shard].write(f'{pair[0]}\t{pair[1]}\n')
+    self.written += 1
 
   def close(self) -> None:
-    if self._handle is not None:
-      self._handle.close()
-      self._handle = None
+    for handle in self._handles:
+      handle.close()
+    self._handles = []
 
 
 def _write_pairs(directory: str, name: str, pairs) -> None:
@@ -413,6 +421,8 @@ def _tokenize_shard(task) -> dict:
   tokenizer = _TOKENIZERS[tokenizer_file]
   with open(raw_path, encoding='utf-8') as handle:
     pairs = [line.rstrip('\n').split('\t') for line in handle]
+  order = np.random.default_rng(zlib.crc32(os.path.basename(raw_path).encode()))
+  pairs = [pairs[i] for i in order.permutation(len(pairs))]
   sources = tokenizer.encode_batch([source for source, _ in pairs])
   targets = tokenizer.encode_batch([target for _, target in pairs])
   filtered = collections.Counter()

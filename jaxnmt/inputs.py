@@ -17,7 +17,6 @@ import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxnmt import distributed
 from jaxnmt import tokenizer as tokenizer_lib
@@ -47,7 +46,8 @@ def training_inputs(config, workdir: str) -> TrainingInputs:
 
 def _on_process_zero(what: str, work) -> None:
   """Runs `work()` on process 0 alone; every process learns whether it failed, so a
-  bad input on process 0 stops all of them instead of leaving them waiting."""
+  bad input on process 0 stops all of them instead of leaving them waiting. The
+  exchange is a barrier: no process returns before process 0 has finished."""
   error = None
   if jax.process_index() == 0:
     try:
@@ -104,9 +104,7 @@ def _install(manifest: dict, directory: str, workdir: str) -> None:
 
 
 def _translation_inputs(config, workdir: str) -> TrainingInputs:
-  manifest = prepare_data(config, workdir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('prepared data installed')
+  manifest = prepare_data(config, workdir)  # returns after process 0 has installed it
   started = time.time()
   directory = prepare_lib.prepared_dir(config, workdir)
   tokenizer = workdir_lib.load_tokenizer(workdir, config.tokenizer.model_type)
@@ -155,9 +153,7 @@ def _train_or_load_tokenizer(config, workdir: str, training_text):
                           model_type=config.tokenizer.model_type,
                           max_sentences=config.tokenizer.max_training_sentences,
                           seed=config.seed)
-  _on_process_zero('train the tokenizer', work)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('tokenizer ready')
+  _on_process_zero('train the tokenizer', work)  # a barrier: the file now exists
   tokenizer = workdir_lib.load_tokenizer(workdir, config.tokenizer.model_type)
   logging.info('Tokenizer %s: %d pieces (%.1fs)', path, tokenizer.vocab_size,
                time.time() - started)

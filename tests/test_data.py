@@ -12,6 +12,8 @@ from jaxnmt import errors
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt.data import corpus
 from jaxnmt.data import pipeline
+from jaxnmt.data import records as records_lib
+from jaxnmt.data import order as order_lib
 from jaxnmt.data import prepare
 from tests.tiny_config import tiny_config
 
@@ -162,7 +164,7 @@ def test_prepare_counts_every_line_and_writes_readable_shards(prepared):
       os.path.join(directory, 'tokenizer.model'))
   (source,) = prepare.open_corpora(manifest, directory)
   assert len(source) == entry['pairs']
-  source_ids, target_ids = pipeline.decode_record(source.__getitems__([0])[0],
+  source_ids, target_ids = records_lib.decode_record(source.__getitems__([0])[0],
                                                   np.dtype(manifest['record_dtype']))
   text = tokenizer.decode(source_ids.tolist())
   assert text and tokenizer.decode(target_ids.tolist())
@@ -232,20 +234,19 @@ def test_filters_and_duplicates_are_counted(tmp_path):
 def test_permute_is_a_bijection_that_changes_with_the_key():
   for size in (1, 2, 3, 7, 100, 1000, 4097):
     for key in (0, 12345):
-      out = pipeline.permute(np.arange(size), size, np.full(size, key, np.uint64))
+      out = order_lib.permute(np.arange(size), size, np.full(size, key, np.uint64))
       assert sorted(out.tolist()) == list(range(size))
-  a = pipeline.permute(np.arange(1000), 1000, np.full(1000, 1, np.uint64))
-  b = pipeline.permute(np.arange(1000), 1000, np.full(1000, 2, np.uint64))
+  a = order_lib.permute(np.arange(1000), 1000, np.full(1000, 1, np.uint64))
+  b = order_lib.permute(np.arange(1000), 1000, np.full(1000, 2, np.uint64))
   assert (a != b).mean() > 0.9
 
 
 def test_global_order_holds_the_mixture_and_every_epoch_covers_each_corpus():
-  block = pipeline.BLOCK_PAIRS
+  block = records_lib.BLOCK_PAIRS
   # Two corpora: 1,000 pairs (16 blocks, the last one short) and 100 pairs (2 blocks).
-  order = pipeline.GlobalOrder([1000, 100], [0.9, 0.1], seed=3, batch_size=4)
+  order = order_lib.GlobalOrder([1000, 100], [0.9, 0.1], seed=3, batch_size=4)
   positions = np.arange(4 * block * 1024)
   corpus_of, record = order.locate(positions)
-  blocks_of = np.where(corpus_of == 0, 16, 2)
   shares = np.bincount(corpus_of) / len(corpus_of)
   np.testing.assert_allclose(shares, [0.9, 0.1], atol=0.01)
   # Row r reads block draws r, r + 4, ...: group positions by draw and check that each
@@ -265,16 +266,15 @@ def test_global_order_holds_the_mixture_and_every_epoch_covers_each_corpus():
   # Consecutive pairs of a row come from one block of consecutive records.
   row_zero = record[(row == 0) & (record >= 0)][:block]
   assert row_zero.max() - row_zero.min() < block
-  del blocks_of
   # Deterministic: the same positions give the same records.
-  again = pipeline.GlobalOrder([1000, 100], [0.9, 0.1], seed=3, batch_size=4).locate(
+  again = order_lib.GlobalOrder([1000, 100], [0.9, 0.1], seed=3, batch_size=4).locate(
       np.arange(100, 200))
   np.testing.assert_array_equal(again[1], record[100:200])
 
 
 def _records(count: int, seed: int = 0):
   rng = np.random.default_rng(seed)
-  return [pipeline.encode_record(list(range(10, 10 + rng.integers(1, 20))),
+  return [records_lib.encode_record(list(range(10, 10 + rng.integers(1, 20))),
                                  list(range(100, 100 + rng.integers(1, 20))), np.uint16)
           for _ in range(count)]
 
@@ -282,7 +282,7 @@ def _records(count: int, seed: int = 0):
 def _stream(records, **overrides):
   kwargs = dict(batch_size=8, max_source_length=32, max_target_length=32, seed=0)
   kwargs.update(overrides)
-  return pipeline.TrainStream([pipeline.InMemorySource(records)], np.uint16, **kwargs)
+  return pipeline.TrainStream([records_lib.InMemorySource(records)], np.uint16, **kwargs)
 
 
 def _global_batches(records, process_count: int, count: int, **overrides):
@@ -332,7 +332,7 @@ def test_global_batches_do_not_depend_on_the_process_count():
   for row, (next_index, carry) in iterator.get_state()['rows'].items():
     taken |= {int(row) + 8 * k for k in range(next_index)}
     carried |= set(carry)
-  _, records = pipeline.GlobalOrder([400], [1.0], seed=0, batch_size=8).locate(
+  _, records = order_lib.GlobalOrder([400], [1.0], seed=0, batch_size=8).locate(
       np.asarray(sorted(taken)))
   empty = {g for g, record in zip(sorted(taken), records) if record < 0}  # short block
   assert taken == set(placed) | carried | empty and not set(placed) & carried
@@ -403,7 +403,7 @@ def test_a_mixture_draws_each_corpus_at_its_weight(tmp_path, small_corpus):
   for _ in range(200):
     next(iterator)
     placed += [g for row in iterator.last_positions for g in row]
-  order = pipeline.GlobalOrder(sizes, [0.5, 0.5], seed=0, batch_size=8)
+  order = order_lib.GlobalOrder(sizes, [0.5, 0.5], seed=0, batch_size=8)
   corpus_of, _ = order.locate(np.asarray(placed))
   # The clean corpus is a sixth of the pairs but half of what training reads.
   assert sizes[1] < sizes[0] / 3
@@ -464,6 +464,6 @@ def test_a_sorted_corpus_gives_blocks_that_sample_all_of_it(tmp_path):
   directory = str(tmp_path / 'w' / 'data')
   manifest = prepare.prepare(config, str(tmp_path / 'w'), progress=False)
   (source,) = prepare.open_corpora(manifest, directory)
-  block = [len(pipeline.decode_record(record, np.dtype(manifest['record_dtype']))[0])
-           for record in source.__getitems__(list(range(pipeline.BLOCK_PAIRS)))]
+  block = [len(records_lib.decode_record(record, np.dtype(manifest['record_dtype']))[0])
+           for record in source.__getitems__(list(range(records_lib.BLOCK_PAIRS)))]
   assert max(block) - min(block) > 25  # lengths run from 1 to 50 over the corpus

@@ -22,6 +22,7 @@ from jaxnmt import train_state
 from jaxnmt import translate
 from jaxnmt.data import lm as lm_lib
 from jaxnmt.data import pipeline
+from jaxnmt.data import records as records_lib
 from tests.conftest import SHARED_DATA
 
 # 120 symbols, one character each, none of them a space: a sentence of n symbols is n
@@ -69,11 +70,11 @@ def test_tiny_transformer_learns_to_copy(tmp_path):
   tokenizer = tokenizer_lib.train_chars(''.join(SYMBOLS), str(tmp_path / 'chars.json'))
   model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
   assert model_cfg.vocab_size >= 100
-  dtype = pipeline.record_dtype(tokenizer.vocab_size)
-  records = [pipeline.encode_record(ids, ids, dtype)
+  dtype = records_lib.record_dtype(tokenizer.vocab_size)
+  records = [records_lib.encode_record(ids, ids, dtype)
              for ids in tokenizer.encode_batch(train_sentences)]
   dataset = pipeline.TrainStream(
-      [pipeline.InMemorySource(records)], dtype, batch_size=config.data.batch_size,
+      [records_lib.InMemorySource(records)], dtype, batch_size=config.data.batch_size,
       max_source_length=24, max_target_length=24, seed=0)
   batches = iter(dataset)
   _, params, _ = _train(config, model_cfg, batches, num_steps=600)

@@ -15,6 +15,7 @@ import pytest
 from jaxnmt import bench
 from jaxnmt import config_lib
 from jaxnmt.data import pipeline
+from jaxnmt.data import records as records_lib
 from jaxnmt import errors
 from jaxnmt import feeding
 from jaxnmt import inputs
@@ -130,12 +131,12 @@ def _pairs(count):
 
 def _dataset(tokenizer, packing=True):
   # The row lengths of configs/base.py.
-  dtype = pipeline.record_dtype(tokenizer.vocab_size)
+  dtype = records_lib.record_dtype(tokenizer.vocab_size)
   pairs = _pairs(400)
-  records = [pipeline.encode_record(source, target, dtype) for source, target in zip(
+  records = [records_lib.encode_record(source, target, dtype) for source, target in zip(
       tokenizer.encode_batch([s for s, _ in pairs]),
       tokenizer.encode_batch([t for _, t in pairs]))]
-  return pipeline.TrainStream([pipeline.InMemorySource(records)], dtype, batch_size=8,
+  return pipeline.TrainStream([records_lib.InMemorySource(records)], dtype, batch_size=8,
                               max_source_length=56, max_target_length=64, seed=0,
                               packing=packing)
 

@@ -35,7 +35,7 @@ import tqdm
 
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt.data import corpus as corpus_lib
-from jaxnmt.data import pipeline
+from jaxnmt.data import records as records_lib
 from jaxnmt.errors import DataError, UserError
 
 MANIFEST = 'manifest.json'
@@ -127,7 +127,7 @@ def prepare(config, workdir: str, progress: bool = True) -> dict:
     seconds['tokenizer'] = time.time()
     tokenizer_file = _tokenizer_stage(config, directory)
     tokenizer = tokenizer_lib.load(tokenizer_file, config.tokenizer.model_type)
-    dtype = pipeline.record_dtype(tokenizer.vocab_size)
+    dtype = records_lib.record_dtype(tokenizer.vocab_size)
     seconds['tokenize'] = time.time()
     shards = _tokenize_stage(config, directory, tokenizer_file, dtype, progress)
     seconds['end'] = time.time()
@@ -186,9 +186,9 @@ def fingerprint(manifest: dict) -> str:
   return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def open_corpora(manifest: dict, directory: str) -> list[pipeline.ShardedRecords]:
+def open_corpora(manifest: dict, directory: str) -> list[records_lib.ShardedRecords]:
   """Per corpus, its shards as one random-access sequence of records."""
-  return [pipeline.ShardedRecords([os.path.join(directory, s['file'])
+  return [records_lib.ShardedRecords([os.path.join(directory, s['file'])
                                    for s in corpus['shards']],
                                   [s['pairs'] for s in corpus['shards']])
           for corpus in manifest['corpora']]
@@ -430,7 +430,7 @@ def _tokenize_shard(task) -> dict:
   partial = shard_path + '.partial'
   # One chunk per block of pairs: the unit the training stream reads (pipeline.py).
   writer = array_record_module.ArrayRecordWriter(partial,
-                                                 f'group_size:{pipeline.BLOCK_PAIRS}')
+                                                 f'group_size:{records_lib.BLOCK_PAIRS}')
   for source, target in zip(sources, targets):
     longest, shortest = max(len(source), len(target)), min(len(source), len(target))
     if filters['max_tokens'] and longest > filters['max_tokens']:
@@ -439,7 +439,7 @@ def _tokenize_shard(task) -> dict:
     if filters['max_ratio'] and longest > filters['max_ratio'] * max(shortest, 1):
       filtered['length ratio above filter_max_length_ratio'] += 1
       continue
-    writer.write(pipeline.encode_record(source, target, dtype))
+    writer.write(records_lib.encode_record(source, target, dtype))
     counts['pairs'] += 1
     counts['source_tokens'] += len(source)
     counts['target_tokens'] += len(target)

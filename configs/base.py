@@ -129,6 +129,10 @@ def get_config():
   # Batches prepared on the devices ahead of the step that uses them, by a background
   # thread (0 = transfer each batch just before its step).
   config.data.prefetch_to_device = 2
+  # Write which pairs each step trained on (their global positions in the data order,
+  # the same on any number of processes) to WORKDIR/train/pairs_<process>.jsonl: for
+  # auditing a resume, or finding the batch behind a loss spike.
+  config.data.trace_pairs = False
   # Before training, replace batch_size by the largest power-of-two multiple or
   # fraction of it whose compiled train step fits in device memory (see
   # device_memory_gb); the choice is logged and saved in the workdir's config.

@@ -16,8 +16,8 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from jaxnmt import distributed
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.errors import CheckpointError, WorkdirError
 
@@ -48,9 +48,12 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3, read_only: bool = False):
     self.directory = workdir_lib.checkpoints_dir(workdir)
+    # Orbax's own barriers wait as long as jaxnmt's agreement points do.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True)
+        enable_async_checkpointing=True,
+        async_options=ocp.options.AsyncOptions(
+            timeout_secs=int(distributed.collective_timeout_s())))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
@@ -68,7 +71,7 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator_state is not None:
       items['data_iterators'] = ocp.args.JsonSave(
-          {'per_process': gather_json(data_iterator_state)})
+          {'per_process': gather_json(data_iterator_state, step)})
     if metadata is not None:
       items['metadata'] = ocp.args.JsonSave(metadata)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -142,7 +145,7 @@ class Checkpointer:
       if os.path.exists(source):
         os.rename(source, target)
         logging.warning('Moved unreadable checkpoint %s to %s', source, target)
-    multihost_utils.sync_global_devices(f'set_aside_{step}')
+    distributed.barrier(f'setting aside unreadable checkpoint {step}')
     self._manager.reload()
 
   def prune(self, keep: int, protected: set[int] = frozenset(),
@@ -152,7 +155,7 @@ class Checkpointer:
     deletes the same steps. Returns them."""
     steps = sorted(set(self.all_steps()) | ({saving} if saving is not None else set()))
     doomed = [step for step in steps[:max(len(steps) - keep, 0)] if step not in protected]
-    doomed = gather_json(doomed)[0]
+    doomed = distributed.gather_json(doomed, f'pruning at step {saving}')[0]
     for step in doomed:
       if step != saving:
         self._manager.delete(step)
@@ -175,15 +178,10 @@ class Checkpointer:
     self._manager.close()
 
 
-def gather_json(value) -> list:
-  """`value` (JSON-serialisable) from every process, in process order."""
-  if jax.process_count() == 1:
-    return [value]
-  encoded = json.dumps(value).encode()
+def gather_json(iterator_state, step: int) -> list:
+  """Every process's data-iterator state, in process order."""
+  encoded = json.dumps(iterator_state).encode()
   if len(encoded) > MAX_ITERATOR_STATE_BYTES:
     raise CheckpointError(f'data-iterator state of {len(encoded)} bytes exceeds '
                           f'{MAX_ITERATOR_STATE_BYTES}')
-  buffer = np.zeros((MAX_ITERATOR_STATE_BYTES,), np.uint8)
-  buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(buffer))
-  return [json.loads(row.tobytes().rstrip(b'\0').decode()) for row in gathered]
+  return distributed.gather_json(iterator_state, f'the checkpoint save of step {step}')

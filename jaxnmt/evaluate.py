@@ -5,10 +5,16 @@ BLEU/chrF against the untouched references — and writes TensorBoard scalars an
 translations under WORKDIR/eval plus a JSON-lines results file.
 
 It never slows the trainer: it runs on its own devices (or the CPU), restores each
-checkpoint onto them, and tolerates checkpoints the trainer deletes under it. While it
-runs (heartbeat in eval/worker.json), the trainer keeps checkpoints it has not scored.
+checkpoint onto them, and tolerates checkpoints the trainer deletes under it. One
+worker per workdir: it holds a lease (eval/worker.json, workdir.EvalLock) that is also
+its heartbeat, by which the trainer keeps the checkpoints it has not scored.
+
+With several processes, every process scores the checkpoints process 0 picks, in the
+same order (each decodes on its own local devices), and process 0 alone holds the
+lease and writes: results, hypotheses, TensorBoard.
 """
 
+import contextlib
 import functools
 import logging
 import threading
@@ -19,6 +25,7 @@ import numpy as np
 
 from jaxnmt import bleu
 from jaxnmt import checkpoint as checkpoint_lib
+from jaxnmt import distributed
 from jaxnmt import inference
 from jaxnmt import inputs
 from jaxnmt import metrics as metrics_lib
@@ -30,20 +37,37 @@ from jaxnmt.errors import CheckpointError, WorkdirError
 
 
 class _Heartbeat:
-  """Refreshes eval/worker.json every `every` seconds from a background thread, so a
-  long scoring pass never looks like a dead worker to the trainer."""
+  """Refreshes the worker's lease every `every` seconds from a background thread, so a
+  long scoring pass never looks like a dead worker to the trainer or to a second
+  worker. Should another worker have taken the lease over (this one was silent too
+  long), `check` raises in the main thread. `lease` None (processes > 0): a no-op."""
 
-  def __init__(self, workdir: str, every: float = 30.0):
+  def __init__(self, lease: workdir_lib.Lease | None, every: float = 30.0):
     self._stop = threading.Event()
-    workdir_lib.write_heartbeat(workdir)
+    self._lost = self._thread = None
+    if lease is None:
+      return
     def beat():
       while not self._stop.wait(every):
-        workdir_lib.write_heartbeat(workdir)
+        try:
+          lease.refresh()
+        except WorkdirError as error:
+          self._lost = error
+          return
+        except OSError as error:  # a passing filesystem fault: try again next beat
+          logging.warning('Could not refresh %s: %s', lease.target, error)
     self._thread = threading.Thread(target=beat, daemon=True)
     self._thread.start()
 
+  def check(self) -> None:
+    if self._lost is not None:
+      raise self._lost
+
   def stop(self) -> None:
+    """Returns once no refresh is under way (one must not rewrite a released lease)."""
     self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=60)
 
 
 def test_sets(workdir: str) -> dict[str, tuple[list[str], list[str]]]:
@@ -111,9 +135,12 @@ class Evaluator:
       started = time.time()
       hypotheses = self.translator.translate(sources, self.batch_size)
       seconds = time.time() - started
-      hypotheses_path = workdir_lib.eval_file(self.workdir, f'{name}_hypotheses_{step}.txt')
-      with open(hypotheses_path, 'w', encoding='utf-8') as handle:
-        handle.writelines(line + '\n' for line in hypotheses)
+      hypotheses_name = f'{name}_hypotheses_{step}.txt'
+      hypotheses_path = workdir_lib.path(self.workdir, workdir_lib.EVAL, hypotheses_name)
+      if jax.process_index() == 0:  # the others write nothing
+        with open(workdir_lib.eval_file(self.workdir, hypotheses_name), 'w',
+                  encoding='utf-8') as handle:
+          handle.writelines(line + '\n' for line in hypotheses)
       scores = bleu.scores(bleu.statistics(hypotheses, references))
       result[f'bleu_{name}'], result[f'chrf_{name}'] = scores['bleu'], scores['chrf']
       if index == 0:
@@ -165,32 +192,40 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
                     max_test_sentences: int = 0) -> list[dict]:
   """Scores every checkpoint of `workdir` not scored yet, then waits for new ones; stops
   once the trainer's final checkpoint is scored (never, with `follow`), or after
-  `checkpoint_step` alone. Returns the results it wrote."""
-  def ready():
-    return workdir_lib.has_run(workdir) and (
-        workdir_lib.exists(workdir_lib.split_file(workdir, 'valid.ref')) or
-        workdir_lib.exists(workdir_lib.split_file(workdir, 'valid.txt')))
-  while not ready():
-    if not follow and not workdir_lib.has_run(workdir):
-      raise WorkdirError(f'{workdir} holds no training run (no {workdir_lib.CONFIG}); '
-                         f'start the trainer first or pass --follow to wait for it')
-    logging.info('Waiting for the trainer to write %s', workdir_lib.splits_dir(workdir))
-    time.sleep(poll_seconds)
-  if workdir_lib.load_config(workdir).get('task') == 'lm':
-    evaluator = LMEvaluator(workdir)
-  else:
-    evaluator = Evaluator(workdir, options, batch_size, max_test_sentences)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  writer = metrics_lib.Writer(workdir, workdir_lib.EVAL)
-  scored, written = workdir_lib.scored_steps(workdir), []
-  heartbeat = _Heartbeat(workdir)
-  try:
+  `checkpoint_step` alone. A WorkdirError at once if another eval worker holds the
+  workdir. Returns the results it scored (process 0 also wrote them)."""
+  if not follow and not workdir_lib.has_run(workdir):
+    raise WorkdirError(f'{workdir} holds no training run (no {workdir_lib.CONFIG}); '
+                       f'start the trainer first or pass --follow to wait for it')
+  with contextlib.ExitStack() as cleanup:  # closed in reverse order, however we leave
+    lease = _take_lease(workdir)
+    if lease is not None:
+      cleanup.callback(lease.release)
+    heartbeat = _Heartbeat(lease)
+    cleanup.callback(heartbeat.stop)
+    _wait_for_run(workdir, poll_seconds)
+    if workdir_lib.load_config(workdir).get('task') == 'lm':
+      evaluator = LMEvaluator(workdir)
+    else:
+      evaluator = Evaluator(workdir, options, batch_size, max_test_sentences)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+    cleanup.callback(checkpointer.close)
+    scored, written = workdir_lib.scored_steps(workdir), []
+    # Following: a worker killed between its TensorBoard write and its results line
+    # scores that step again, so what it logged after the last result goes.
+    writer = metrics_lib.Writer(
+        workdir, workdir_lib.EVAL,
+        purge_step=max(scored, default=0) + 1 if checkpoint_step is None else None)
+    cleanup.callback(writer.close)
     while True:
       if checkpoint_step is not None:
         todo = [checkpoint_step]
       else:
-        todo = [step for step in checkpointer.all_steps() if step not in scored]
+        todo = _from_process_zero(
+            [step for step in checkpointer.all_steps() if step not in scored],
+            'the choice of checkpoints to score')
       for step in todo:
+        heartbeat.check()
         try:
           result = evaluator.score(step)
         except CheckpointError as error:
@@ -198,7 +233,9 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
             raise
           logging.warning('Skipping checkpoint %d (deleted or unreadable): %s', step, error)
           continue
-        _write_result(writer, workdir, result)
+        heartbeat.check()  # a worker that lost its lease writes nothing more
+        if jax.process_index() == 0:
+          _write_result(writer, workdir, result)
         scored.add(step)
         written.append(result)
         logging.info('step %d: %s', step, ', '.join(
@@ -208,15 +245,43 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
       if checkpoint_step is not None:
         break
       final = workdir_lib.finished_step(workdir)
-      if not follow and final is not None and (
-          final in scored or final not in checkpointer.all_steps()):
+      if _from_process_zero(not follow and final is not None and (
+          final in scored or final not in checkpointer.all_steps()), 'the stop check'):
         break
       time.sleep(poll_seconds)
-  finally:
-    heartbeat.stop()
-    writer.close()
-    checkpointer.close()
   return written
+
+
+def _take_lease(workdir: str) -> workdir_lib.EvalLock | None:
+  """The workdir's eval lease, taken by process 0 (None on the others); if another
+  worker holds it, every process raises process 0's WorkdirError."""
+  lease = error = None
+  if jax.process_index() == 0:
+    try:
+      lease = workdir_lib.EvalLock(workdir)
+    except WorkdirError as raised:
+      error = raised
+  message = _from_process_zero(error and str(error), 'taking the eval lease')
+  if error is not None:
+    raise error
+  if message:
+    raise WorkdirError(message)
+  return lease
+
+
+def _from_process_zero(value, what: str):
+  """Process 0's `value`, on every process (collective): what each process sees on disk
+  may differ for a moment, and they must score the same checkpoints and stop together."""
+  return distributed.gather_json(value, f'the eval worker: {what}')[0]
+
+
+def _wait_for_run(workdir: str, poll_seconds: float) -> None:
+  """Returns once the trainer has written the run's config and held-out splits."""
+  while not workdir_lib.has_run(workdir) or not (
+      workdir_lib.exists(workdir_lib.split_file(workdir, 'valid.ref')) or
+      workdir_lib.exists(workdir_lib.split_file(workdir, 'valid.txt'))):
+    logging.info('Waiting for the trainer to write %s', workdir_lib.splits_dir(workdir))
+    time.sleep(poll_seconds)
 
 
 def _write_result(writer, workdir: str, result: dict) -> None:

@@ -15,11 +15,14 @@ class DeviceFeeder:
   devices while the current step computes (depth 0: in the caller, just in time).
   Yields (batch, slots): slots = token positions in the global batch. `iterator_state`
   is the host iterator's state after the last batch *yielded*, so a checkpoint resumes
-  at the right batch however far ahead the thread has read."""
+  at the right batch however far ahead the thread has read; `last_positions` are the
+  global positions of the pairs in this process's rows of that batch (None for
+  iterators that do not report them)."""
 
   def __init__(self, iterator, batch_sharding, depth: int):
     self._iterator, self._sharding, self._depth = iterator, batch_sharding, depth
     self._state = iterator.get_state() if depth else None
+    self.last_positions = None
     if depth:
       self._queue = queue.Queue(maxsize=depth)
       self._stop = threading.Event()
@@ -28,8 +31,9 @@ class DeviceFeeder:
 
   def _load(self):
     host = next(self._iterator)
+    positions = getattr(self._iterator, 'last_positions', None)
     slots = sum(host[key].size for key in ('inputs', 'targets') if key in host)
-    return sharding.to_global(host, self._sharding), slots * jax.process_count()
+    return sharding.to_global(host, self._sharding), slots * jax.process_count(), positions
 
   def _fill(self) -> None:
     while not self._stop.is_set():
@@ -51,11 +55,12 @@ class DeviceFeeder:
 
   def __next__(self):
     if not self._depth:
-      return self._load()
+      batch, slots, self.last_positions = self._load()
+      return batch, slots
     item = self._queue.get()
     if isinstance(item, BaseException):
       raise item
-    batch, slots, self._state = item
+    batch, slots, self.last_positions, self._state = item
     return batch, slots
 
   def iterator_state(self):

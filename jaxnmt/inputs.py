@@ -28,6 +28,10 @@ from jaxnmt.data import prepare as prepare_lib
 from jaxnmt.errors import DataError, UserError
 
 
+# How long processes > 0 wait for process 0's download to show in a shared cache.
+DOWNLOAD_WAIT_S = 30.0
+
+
 @dataclasses.dataclass
 class TrainingInputs:
   tokenizer: object
@@ -55,7 +59,10 @@ def _on_process_zero(what: str, work) -> None:
     except UserError as raised:
       error = raised
   if jax.process_count() > 1:
-    failed = distributed.agree([error is not None])[0]
+    # Process 0's work may take hours at scale: the wait is bounded by liveness (a
+    # process 0 that dies or fails ends the job through distributed.PeerWatch).
+    failed = distributed.agree([error is not None], f'the end of process 0\'s work to {what}',
+                               timeout_s=distributed.LONG_WAIT_S)[0]
     if failed and error is None:
       raise DataError(f'process 0 failed to {what} (its log says why)')
   if error is not None:
@@ -160,8 +167,21 @@ def _train_or_load_tokenizer(config, workdir: str, training_text):
   return tokenizer
 
 
+def corpus_path(config) -> str:
+  """The language model's text file (config.data.path, $JAXNMT_DATA_DIR, or a cached
+  download of config.data.url). Process 0 alone downloads; the others then find the
+  file in the cache, waiting up to DOWNLOAD_WAIT_S for a shared filesystem to show it,
+  and download it themselves only where the cache is not shared (another host's home
+  directory). (Translation corpora are resolved inside `prepare`: process 0 alone.)"""
+  data = config.data
+  def resolve(wait_s: float = 0.0) -> str:
+    return corpus_lib.resolve_path(data.path, data.url, data.filename, wait_s)
+  _on_process_zero('download the corpus', resolve)  # a barrier
+  return resolve(0.0 if jax.process_index() == 0 else DOWNLOAD_WAIT_S)
+
+
 def _lm_inputs(config, workdir: str) -> TrainingInputs:
-  path = corpus_lib.resolve_path(config.data.path, config.data.url, config.data.filename)
+  path = corpus_path(config)
   train_text, valid_text = lm_lib.split_text(lm_lib.read_text(path),
                                              config.data.valid_fraction)
   logging.info('Text %s: %d training and %d validation characters', path, len(train_text),

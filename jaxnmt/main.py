@@ -17,6 +17,7 @@ loss, a lost peer) one line and exits 1.
 import logging
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -49,6 +50,13 @@ flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.
 flags.DEFINE_integer('process_id', None, 'Multi-process: index of this process.')
 flags.DEFINE_integer('distributed_timeout_s', 120,
                      'Multi-process: give up joining the job after this many seconds.')
+flags.DEFINE_integer('peer_timeout_s', 120,
+                     'Multi-process: a process silent this long (killed, out of memory, '
+                     'host gone) is lost, and every process exits with code 1.')
+flags.DEFINE_integer('collective_timeout_s', 300,
+                     'Multi-process: the longest any process waits for the others at an '
+                     'agreement point (stop checks, checkpoint saves) before it names '
+                     'the ones missing and exits with code 1.')
 # Inference.
 flags.DEFINE_string('input', None, 'translate: file of source lines (default: stdin).')
 flags.DEFINE_integer('batch_size', 64, 'translate/eval: sentences decoded together.')
@@ -122,7 +130,7 @@ def _decode_options():
                                  use_cache=FLAGS.decode_cache)
 
 
-def _run(workdir: str) -> None:
+def _run(workdir: str, cluster: str | None) -> None:
   # pylint: disable=g-import-not-at-top
   import jax
   from jaxnmt import config_lib, distributed, errors
@@ -133,7 +141,8 @@ def _run(workdir: str) -> None:
   if FLAGS.mode in ('train', 'bench', 'prepare'):
     config_lib.validate(FLAGS.config)  # before joining the job: fail fast, alone
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         FLAGS.distributed_timeout_s)
+                         FLAGS.distributed_timeout_s, peer_timeout_s=FLAGS.peer_timeout_s,
+                         collective_timeout_s=FLAGS.collective_timeout_s, cluster=cluster)
   logging.info('Process %d of %d: local devices %s', jax.process_index(),
                jax.process_count(), [str(d) for d in jax.local_devices()])
   if FLAGS.compilation_cache_dir:
@@ -186,22 +195,52 @@ def main(argv) -> None:
     if len(argv) > 1:
       raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
     _check_flags()
-    multi_process = ((FLAGS.num_processes or 1) > 1 or
-                     host_runtime.detected_cluster() is not None)
+    # The cluster JAX joins by itself (SLURM, Open MPI, TPU pods, ...), found once and
+    # before `prepare`, which applies the CPU settings only to a single process.
+    # Explicit multi-process flags win over the environment, as in `distributed`.
+    explicit = any(value is not None for value in (
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
+    cluster = None if explicit else host_runtime.detected_cluster()
+    multi_process = (FLAGS.num_processes or 1) > 1 or cluster is not None
     workdir = _workdir(multi_process)
     # First, before JAX starts a backend: may restart this command once.
     host_runtime.prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process)
     logging.info('Host: %s', host_runtime.describe())
-    _run(workdir)
+    _run(workdir, cluster)
   except errors.UserError as error:  # the user can fix it: one line, no traceback
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
+    _exit(errors.EXIT_USER_ERROR, str(error))
   except errors.RuntimeFailure as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(errors.EXIT_RUNTIME_FAILURE)
+    _exit(errors.EXIT_RUNTIME_FAILURE, str(error))
   except KeyboardInterrupt:  # training: a second Ctrl-C; other modes: the first
-    print('error: interrupted', file=sys.stderr)
-    sys.exit(130)
+    _exit(130, 'interrupted')
+  except Exception as error:  # a bug or a library failure: the traceback helps
+    if not _joined_a_job():
+      raise
+    traceback.print_exc()
+    if 'JaxRuntimeError' in type(error).__name__:  # e.g. gloo: "connection reset by peer"
+      from jaxnmt import distributed  # pylint: disable=g-import-not-at-top
+      distributed.await_lost_peer()
+    _exit(errors.EXIT_RUNTIME_FAILURE, f'{type(error).__name__}: {str(error)[:300]}')
+
+
+def _exit(code: int, message: str) -> None:
+  """Prints the error and exits with `code`. In a multi-process job the other
+  processes are told first (they exit with the same code within a heartbeat), and
+  this one leaves at once: JAX's shutdown barrier would wait for processes that are
+  not coming."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  if _joined_a_job():
+    from jaxnmt import distributed  # pylint: disable=g-import-not-at-top
+    distributed.report_failure(code, message)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
+def _joined_a_job() -> bool:
+  distributed = sys.modules.get('jaxnmt.distributed')
+  return distributed is not None and distributed.joined()
 
 
 def _parse_flags(argv):

@@ -42,14 +42,17 @@ class StopRequests:
     logging.warning('%s received: stopping at the next agreed step with a checkpoint '
                     '(Ctrl-C again to stop at once without one)', self._signal)
 
-  def check(self, step: int) -> str | None:
+  def check(self, step: int, force: bool = False) -> str | None:
     """Why to stop after `step` ('signal' or 'time limit'), or None. Collective with
-    several processes: every process calls it after every step."""
-    if jax.process_count() > 1 and step % self._check_every:
+    several processes: every process calls it after every step, with the same
+    `force` (check now, whatever `check_every` says: before a step that fetches
+    results, so that a stuck process is named here rather than waited for there)."""
+    if jax.process_count() > 1 and step % self._check_every and not force:
       return None
     out_of_time = (jax.process_index() == 0 and self._time_limit_s > 0 and
                    time.monotonic() - self._started > self._time_limit_s)
-    signalled, out_of_time = distributed.agree([self._signal is not None, out_of_time])
+    signalled, out_of_time = distributed.agree([self._signal is not None, out_of_time],
+                                               f'the stop check after step {step}')
     if signalled:
       return 'signal'
     return 'time limit' if out_of_time else None

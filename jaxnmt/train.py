@@ -8,7 +8,9 @@ of its own: `inputs` (corpus, tokenizer, batches), `train_state` (sharded state)
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import time
 
 import jax
@@ -18,6 +20,7 @@ import tqdm
 
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import config_lib
+from jaxnmt import distributed
 from jaxnmt import feeding
 from jaxnmt import inputs as inputs_lib
 from jaxnmt import memory_fit
@@ -91,6 +94,8 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
                                      start=int(state['step'])))
     stops = cleanup.enter_context(stopping.StopRequests(
         config.train_time_limit_minutes, config.preemption_check_every_steps))
+    trace = (cleanup.enter_context(_PairTrace(workdir, start=int(state['step'])))
+             if config.data.get('trace_pairs') else None)
 
     # ----------------------------------------------------------- the loop
     step, total, stopped, last_eval = int(state['step']), config.num_train_steps, None, {}
@@ -99,15 +104,24 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       state, step_metrics = step_fn(state, rest, batch)
       step += 1
       log.add(step_metrics, slots)
-      stopped = stops.check(step)
-      last_step = step == total or stopped is not None
-      saving = step % config.checkpoint_every_steps == 0 or last_step
-      if step % config.log_every_steps == 0 or saving:
-        log.write(step)  # fetches the losses: a non-finite one stops before any save
+      if trace is not None:
+        trace.write(step, feeder.last_positions)
+      saving = step % config.checkpoint_every_steps == 0 or step == total
+      logging_now = step % config.log_every_steps == 0 or saving
+      evaluating = step % config.eval_every_steps == 0 or step == total
+      # Before anything that waits on the other processes: a missing one is named here.
+      stopped = stops.check(step, force=logging_now or evaluating)
+      if stopped is not None:
+        saving = logging_now = True
+        evaluating = stopped != 'signal'
+      if logging_now:
+        with distributed.deadline(f'fetching the results of step {step}'):
+          log.write(step)  # the losses: a non-finite one stops before any save
       if saving:  # first: a preemption's grace period is short
         saver.save(step, state, feeder.iterator_state())
-      if step % config.eval_every_steps == 0 or (last_step and stopped != 'signal'):
-        last_eval = steps.evaluate_loss(eval_fn, state['params'], rest, valid_batches)
+      if evaluating:
+        with distributed.deadline(f'the validation at step {step}'):
+          last_eval = steps.evaluate_loss(eval_fn, state['params'], rest, valid_batches)
         log.validation(step, last_eval)
     if stopped == 'signal':
       logging.warning('Stopped at step %d on a signal; checkpoint saved, run the same '
@@ -199,6 +213,40 @@ class _Saver:
     self.last_saved = step
 
 
+class _PairTrace:
+  """config.data.trace_pairs: one JSON line per step with the global positions of the
+  pairs in this process's rows, written through (a killed run keeps every line). A
+  resumed run first drops the lines of steps after its checkpoint (process 0 also
+  from the files of processes this run does not have), so the files tell what the
+  final model was trained on."""
+
+  def __init__(self, workdir: str, start: int):
+    folder = workdir_lib.path(workdir, workdir_lib.TRAIN_LOGS)
+    mine = f'pairs_{jax.process_index()}.jsonl'
+    for name in workdir_lib.list_dir(folder):
+      if not (name.startswith('pairs_') and name.endswith('.jsonl')):
+        continue
+      index = name[len('pairs_'):-len('.jsonl')]
+      if name == mine or (jax.process_index() == 0 and index.isdigit() and
+                          int(index) >= jax.process_count()):
+        target = workdir_lib.path(folder, name)
+        kept = [line for line in workdir_lib.read_lines(target)
+                if line.strip() and json.loads(line)['step'] <= start]
+        workdir_lib.write_text(target, ''.join(f'{line}\n' for line in kept))
+    os.makedirs(folder, exist_ok=True)
+    self._file = open(workdir_lib.path(folder, mine), 'a', encoding='utf-8',  # pylint: disable=consider-using-with
+                      buffering=1)
+
+  def write(self, step: int, positions) -> None:
+    self._file.write(json.dumps({'step': step, 'positions': positions}) + '\n')
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *unused_exception) -> None:
+    self._file.close()
+
+
 class _Log:
   """Training and validation scalars (TensorBoard on process 0, a progress bar); the
   step metrics stay on the devices until a log step fetches them all at once, where a
@@ -206,8 +254,9 @@ class _Log:
 
   def __init__(self, workdir: str, schedule, total: int, start: int):
     self._schedule = schedule
-    self._train = metrics_lib.Writer(workdir, workdir_lib.TRAIN_LOGS)
-    self._valid = metrics_lib.Writer(workdir, workdir_lib.VALID_LOGS)
+    # Resumed from step `start`: what a killed run logged after it is logged again.
+    self._train = metrics_lib.Writer(workdir, workdir_lib.TRAIN_LOGS, purge_step=start + 1)
+    self._valid = metrics_lib.Writer(workdir, workdir_lib.VALID_LOGS, purge_step=start + 1)
     self._pending, self._slots = [], 0
     self._started = self._interval_start = time.time()
     self._progress = tqdm.tqdm(total=total, initial=start, desc='train', unit='step',

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The same command on every worker of a Cloud TPU VM pod; jax.distributed finds the
-# other workers from the TPU metadata.
+# The same command on every worker of a Cloud TPU VM pod; JAX configures
+# jax.distributed itself from the TPU VM metadata (no coordinator flags).
 #
 #   TPU_NAME=my-pod ZONE=us-central2-b CONFIG=configs/big.py WORKDIR=/mnt/shared/runs/big \
 #       launch/tpu_pod.sh
@@ -8,14 +8,39 @@
 # Assumes the repository is checked out at the same path on every worker
 # (REPO_DIR, default ~/jaxnmt) with its virtualenv at REPO_DIR/.venv, and that WORKDIR
 # is a POSIX path every worker shares (e.g. a Filestore/NFS mount; gs:// is not
-# supported yet).
+# supported yet). DRY_RUN=1 prints the gcloud command and the command each worker
+# runs, and starts nothing (it needs no gcloud).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME, the TPU VM pod name}"
 : "${ZONE:?set ZONE, the pod zone}"
 : "${CONFIG:?set CONFIG, e.g. configs/big.py}"
 : "${WORKDIR:?set WORKDIR, a shared filesystem path every worker can reach}"
 REPO_DIR="${REPO_DIR:-~/jaxnmt}"
-extra=$(printf ' %q' "$@")
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd $REPO_DIR && . .venv/bin/activate &&
-  python -m jaxnmt.main --config=$CONFIG --workdir=$WORKDIR $extra"
+
+# The arguments as shell words, single-quoted where needed (bash 3.2 has no ${x@Q}).
+quote() {
+  local arg words=() q="'\\''"
+  for arg in "$@"; do
+    if [[ -n $arg && $arg != *[!A-Za-z0-9_@%+=:,./-]* ]]; then words+=("$arg")
+    else words+=("'${arg//\'/$q}'"); fi
+  done
+  echo "${words[*]}"
+}
+
+# A leading ~ stays unquoted: the worker's shell expands it to the worker's home.
+case "$REPO_DIR" in
+  '~') directory='~' ;;
+  '~/'*) directory="~/$(quote "${REPO_DIR#'~/'}")" ;;
+  *) directory=$(quote "$REPO_DIR") ;;
+esac
+remote="cd $directory && . .venv/bin/activate && $(quote python -m jaxnmt.main \
+  --config="$CONFIG" --workdir="$WORKDIR" "$@")"
+command=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all
+         --command="$remote")
+if [[ -n ${DRY_RUN:-} && $DRY_RUN != 0 ]]; then
+  quote "${command[@]}"
+  echo '# each worker runs (JAX reads the TPU VM metadata):'
+  echo "$remote"
+  exit 0
+fi
+exec "${command[@]}"

@@ -19,7 +19,9 @@ import hashlib
 import io
 import logging
 import os
+import secrets
 import shutil
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -39,9 +41,12 @@ _COMPRESSED = ('.gz', '.zst')
 Pair = tuple[str, str]
 
 
-def resolve_path(path: str, url: str, filename: str = DEFAULT_FILENAME) -> str:
+def resolve_path(path: str, url: str, filename: str = DEFAULT_FILENAME,
+                 wait_s: float = 0.0) -> str:
   """The default corpus file: `path` if given, else $JAXNMT_DATA_DIR/<filename>, else a
-  cached download of `url` (checked against the published sha256 of known corpora)."""
+  cached download of `url` (checked against the published sha256 of known corpora).
+  `wait_s`: how long to wait for another process's download to show in the cache
+  before downloading here (see inputs.corpus_path: process 0 downloads)."""
   if path:
     return path
   data_dir = os.environ.get(DATA_DIR_ENV)
@@ -52,23 +57,36 @@ def resolve_path(path: str, url: str, filename: str = DEFAULT_FILENAME) -> str:
     return candidate
   cache_dir = os.path.join(os.path.expanduser('~'), '.cache', 'jaxnmt')
   cached = os.path.join(cache_dir, filename)
+  deadline = time.monotonic() + wait_s
+  while not os.path.exists(cached) and time.monotonic() < deadline:
+    time.sleep(min(0.5, wait_s))
   if not os.path.exists(cached):
-    os.makedirs(cache_dir, exist_ok=True)
-    logging.info('Downloading %s to %s', url, cached)
-    partial = cached + '.partial'
-    try:
-      with urllib.request.urlopen(url, timeout=60) as response, open(partial, 'wb') as out:
-        shutil.copyfileobj(response, out)
-    except OSError as error:
-      raise DataError(f'could not download {url} ({error}); set config.data.path or '
-                      f'${DATA_DIR_ENV} to a local copy') from error
-    digest = file_sha256(partial)
-    expected = KNOWN_SHA256.get(filename)
-    if expected and digest != expected:
-      os.remove(partial)
-      raise DataError(f'checksum mismatch for {url}: got {digest}, expected {expected}')
-    os.replace(partial, cached)
+    if wait_s:
+      logging.warning('%s did not appear within %.0f s (the cache is not shared with '
+                      'process 0): downloading it here too', cached, wait_s)
+    _download(url, cached, filename)
   return cached
+
+
+def _download(url: str, cached: str, filename: str) -> None:
+  os.makedirs(os.path.dirname(cached), exist_ok=True)
+  logging.info('Downloading %s to %s', url, cached)
+  # A name of its own: processes downloading into one cache never write one file.
+  partial = f'{cached}.{secrets.token_hex(4)}.partial'
+  try:
+    with urllib.request.urlopen(url, timeout=60) as response, open(partial, 'wb') as out:
+      shutil.copyfileobj(response, out)
+  except OSError as error:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise DataError(f'could not download {url} ({error}); set config.data.path or '
+                    f'${DATA_DIR_ENV} to a local copy') from error
+  digest = file_sha256(partial)
+  expected = KNOWN_SHA256.get(filename)
+  if expected and digest != expected:
+    os.remove(partial)
+    raise DataError(f'checksum mismatch for {url}: got {digest}, expected {expected}')
+  os.replace(partial, cached)
 
 
 def file_sha256(path: str) -> str:

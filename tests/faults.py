@@ -1,0 +1,230 @@
+"""Fault injection on multi-process runs started through `launch/local.sh`: the slow
+tests in tests/test_faults.py and the matrix in benchmarks/fault_matrix.py use it.
+
+Each fault runs the tiny test config on N processes, injects the fault once training
+is past step FAULT_AFTER (a checkpoint at step 20 is committed by then), and measures
+every process's exit code, the seconds from the fault to the last exit, the newest
+complete checkpoint and the steps lost; then it restarts the same command and compares
+the final parameters with an uninterrupted run's, bit for bit.
+"""
+
+import dataclasses
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 60
+FAULT_AFTER = 25
+PEER_TIMEOUT_S = 20
+COLLECTIVE_TIMEOUT_S = 40
+
+
+def flags(workdir, steps=STEPS, *overrides) -> list[str]:
+  return [f'--workdir={workdir}', '--config=tests/tiny_config.py',
+          f'--config.num_train_steps={steps}', '--config.checkpoint_every_steps=10',
+          '--config.log_every_steps=1', '--config.eval_every_steps=1000',
+          '--config.keep_checkpoints=20', '--config.preemption_check_every_steps=5',
+          f'--peer_timeout_s={PEER_TIMEOUT_S}',
+          f'--collective_timeout_s={COLLECTIVE_TIMEOUT_S}', *overrides]
+
+
+def environment(corpus, processes, devices, log_dir) -> dict:
+  env = dict(os.environ, JAXNMT_TEST_CORPUS=corpus, PYTHON=sys.executable,
+             NUM_PROCESSES=str(processes), DEVICES_PER_PROCESS=str(devices),
+             LOG_DIR=str(log_dir))
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def start(workdir, corpus, processes=2, devices=1, steps=STEPS, *overrides):
+  log_dir = f'{workdir}.logs'
+  return subprocess.Popen(['launch/local.sh', *flags(workdir, steps, *overrides)], cwd=ROOT,
+                          env=environment(corpus, processes, devices, log_dir),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+
+
+def finish(launcher, timeout=600) -> tuple[dict[int, int], str]:
+  """Waits for the launcher; returns ({process: exit code}, process 0's stderr)."""
+  _, stderr = launcher.communicate(timeout=timeout)
+  codes = {int(i): int(code) for i, code in
+           re.findall(r'process (\d+) exited with code (\d+)', stderr)}
+  return codes, stderr
+
+
+def run(workdir, corpus, processes=2, devices=1, steps=STEPS, *overrides):
+  codes, stderr = finish(start(workdir, corpus, processes, devices, steps, *overrides))
+  assert set(codes.values()) == {0}, stderr[-3000:]
+  return stderr
+
+
+def pid_of(workdir, process: int) -> int:
+  """The pid of process `process` of the run in `workdir`."""
+  pattern = f'--process_id={process} .*--workdir={workdir}( |$)'
+  for _ in range(100):
+    found = subprocess.run(['pgrep', '-f', '--', pattern], capture_output=True, text=True)
+    if found.stdout.split():
+      return int(found.stdout.split()[0])
+    time.sleep(0.1)
+  raise AssertionError(f'no process {process} for {workdir}')
+
+
+def logged_steps(workdir) -> list[int]:
+  path = os.path.join(workdir, 'train', 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as handle:
+    return [int(m.group(1)) for m in re.finditer(r'"step": (\d+)', handle.read())]
+
+
+def wait_for_step(workdir, step, launcher, timeout=300) -> None:
+  deadline = time.time() + timeout
+  while max(logged_steps(workdir), default=0) < step:
+    if launcher.poll() is not None:
+      raise AssertionError(finish(launcher)[1][-3000:])
+    assert time.time() < deadline, f'step {step} not reached in {timeout} s'
+    time.sleep(0.05)
+
+
+def committed_steps(workdir) -> list[int]:
+  folders = (os.path.basename(os.path.dirname(path)) for path in glob.glob(
+      os.path.join(workdir, 'checkpoints', '*', 'commit_success.txt')))
+  return sorted(int(folder) for folder in folders if folder.isdigit())
+
+
+def final_params(workdir, step):
+  """The parameters and optimizer state of checkpoint `step`, on one device."""
+  # pylint: disable=g-import-not-at-top
+  from jaxnmt import checkpoint as checkpoint_lib
+  from jaxnmt import config_lib, optim, train_state
+  from tests.tiny_config import tiny_config
+  config = tiny_config('')
+  tx, _ = optim.make_optimizer(config.optim, step)
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                            sharding=device),
+                          train_state.abstract_train_state(model_cfg, tx))
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), read_only=True)
+  state, _, _ = checkpointer.restore(step, abstract)
+  checkpointer.close()
+  return jax.tree.leaves(jax.device_get(state))
+
+
+def bitwise_equal(workdir, reference, step) -> bool:
+  return all(np.array_equal(a, b) for a, b in
+             zip(final_params(workdir, step), final_params(reference, step)))
+
+
+@dataclasses.dataclass
+class Outcome:
+  fault: str
+  exit_codes: dict
+  seconds: float | None  # from the fault to the last exit
+  saved: int | None  # newest complete checkpoint after the fault
+  at_fault: int | None  # the last step logged when the fault came
+  restart_resumed: int | None = None
+  bitwise: bool | None = None
+  note: str = ''
+
+  @property
+  def lost(self) -> int | None:
+    if self.saved is None or self.at_fault is None:
+      return None
+    return max(self.at_fault - self.saved, 0)
+
+
+def inject(fault: str, workdir, corpus, processes=2, devices=1) -> Outcome:
+  """Runs to FAULT_AFTER, injects `fault`, waits for every process to exit."""
+  steps = 100_000 if fault == 'time limit' else STEPS
+  overrides = ['--config.train_time_limit_minutes=0.5'] if fault == 'time limit' else []
+  launcher = start(workdir, corpus, processes, devices, steps, *overrides)
+  if fault == 'time limit':
+    wait_for_step(workdir, 1, launcher)
+    began = time.time()
+  else:
+    wait_for_step(workdir, FAULT_AFTER, launcher)
+    began = time.time()
+    target, signum = {'SIGTERM to process 1': (1, signal.SIGTERM),
+                      'SIGINT to process 0': (0, signal.SIGINT),
+                      'kill -9 of process 1': (1, signal.SIGKILL),
+                      'SIGSTOP of process 1 (hung)': (1, signal.SIGSTOP)}[fault]
+    survivor = pid_of(workdir, 0)
+    os.kill(pid_of(workdir, target), signum)
+  at_fault = max(logged_steps(workdir), default=None)
+  if fault.startswith('SIGSTOP'):  # a hung process never exits: time process 0 alone
+    while os.path.exists(f'/proc/{survivor}') and _state(survivor) != 'Z':
+      assert time.time() - began < 600, 'process 0 still waits for the hung process'
+      time.sleep(0.05)
+    seconds = time.time() - began
+    subprocess.run(['pkill', '-KILL', '-f', f'--workdir={workdir}( |$)'], check=False)
+  codes, stderr = finish(launcher)
+  if not fault.startswith('SIGSTOP'):
+    seconds = time.time() - began
+  if fault == 'time limit':
+    at_fault = max(logged_steps(workdir), default=None)
+    seconds = None
+  saved = (committed_steps(workdir) or [None])[-1]
+  outcome = Outcome(fault, codes, seconds, saved, at_fault)
+  outcome.note = next((line[len('error: '):] for line in reversed(stderr.splitlines())
+                       if line.startswith('error: ')), '')
+  return outcome
+
+
+def _state(pid: int) -> str:
+  try:
+    with open(f'/proc/{pid}/stat', encoding='utf-8') as handle:
+      return handle.read().rsplit(')', 1)[1].split()[0]
+  except OSError:
+    return 'gone'
+
+
+def restart(outcome: Outcome, workdir, corpus, reference_of, processes=2,
+            devices=1) -> Outcome:
+  """Reruns the same command to the end; compares with `reference_of(steps)`, the
+  workdir of an uninterrupted run of that many steps."""
+  steps = STEPS if outcome.fault != 'time limit' else outcome.saved + 10
+  stderr = run(workdir, corpus, processes, devices, steps)
+  found = re.search(r'Resumed from checkpoint at step (\d+)', stderr)
+  outcome.restart_resumed = int(found.group(1)) if found else None
+  outcome.bitwise = bitwise_equal(workdir, reference_of(steps), steps)
+  return outcome
+
+
+def corrupt_latest(workdir) -> int:
+  """Truncates the state files of the newest checkpoint; returns its step."""
+  latest = committed_steps(workdir)[-1]
+  for path in glob.glob(os.path.join(workdir, 'checkpoints', str(latest), 'state', '**',
+                                     '*'), recursive=True):
+    if os.path.isfile(path) and os.path.getsize(path) > 64:
+      with open(path, 'r+b') as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+  return latest
+
+
+def coordinator_unreachable(timeout_s=20) -> Outcome:
+  """Process 1 of 2 started alone: nobody serves the coordinator address."""
+  began = time.time()
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', '--coordinator_address=127.0.0.1:9',
+       '--num_processes=2', '--process_id=1', f'--distributed_timeout_s={timeout_s}',
+       '--config=tests/tiny_config.py', '--workdir=/tmp/jaxnmt-unreachable'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+      timeout=timeout_s + 120)
+  lines = result.stderr.strip().splitlines()
+  return Outcome('coordinator unreachable at start', {1: result.returncode},
+                 time.time() - began, None, None,
+                 note=lines[-1][len('error: '):] if lines else '')
+
+
+def copy(source, target) -> None:
+  shutil.copytree(source, target)

@@ -27,9 +27,10 @@ class StopRequests:
     self._started = time.monotonic()
     self._signal = None
     self._previous = {}
+    # Taken over even where inherited as ignored: a shell without job control starts
+    # background processes (launch/local.sh's) with SIGINT ignored, and a stop request
+    # to any one process must reach all of them.
     for signum in _SIGNALS:
-      if signal.getsignal(signum) == signal.SIG_IGN:
-        continue  # ignored on purpose (nohup, background jobs): leave it so
       try:
         self._previous[signum] = signal.signal(signum, self._handle)
       except ValueError:  # not the main thread: signals keep their handlers

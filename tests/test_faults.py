@@ -6,6 +6,7 @@ topology with no pair skipped or seen twice."""
 import json
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -127,3 +128,19 @@ def test_a_checkpoint_of_2x4_resumes_on_1x2_and_4x1_without_skipping_a_pair(
     assert skipped == 0 and duplicated == 0
     np.testing.assert_allclose([got_losses[s] for s in sorted(want_losses)],
                                [want_losses[s] for s in sorted(want_losses)], rtol=2e-4)
+
+
+def test_a_straggler_is_named_at_the_agreement_point_within_the_timeout(tmp_path):
+  env = dict(faults.environment('', 2, 1, tmp_path / 'logs'), JAXNMT_MAIN='tests.agree_run')
+  began = time.time()
+  result = subprocess.run(['launch/local.sh', '--straggle_s=40', '--collective_timeout_s=5',
+                           '--peer_timeout_s=60'], cwd=faults.ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  seconds = time.time() - began
+  assert 'process 0 exited with code 1' in result.stderr, result.stderr[-2000:]
+  assert 'processes 1 did not reach the first stop check within 5 s' in result.stderr
+  # Process 1 learns it from process 0's notice, not by waiting out its sleep.
+  log = (tmp_path / 'logs' / 'process_1.log').read_text()
+  assert 'process 0 failed: processes 1 did not reach' in log
+  assert 'process 1 exited with code 1' in result.stderr
+  assert seconds < 40, seconds

@@ -31,5 +31,12 @@ setuptools.setup(
         'tqdm>=4.66',
         'matplotlib>=3.8',
     ],
-    extras_require={'test': ['pytest>=8.0', 'pytest-xdist>=3.5']},
+    extras_require={
+        # A workdir on Cloud Storage (gs://...): gcsfs, and with it google-cloud-storage,
+        # which Orbax's GCS deletes and tensorboardX's gs:// writer use too.
+        'gcs': ['gcsfs>=2026.10.1'],
+        # The gs:// tests run against a local GCS emulator (tests/gcs_emulator.py).
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'gcsfs>=2026.10.1',
+                 'gcp-storage-emulator>=2026.7.19'],
+    },
 )

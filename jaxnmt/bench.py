@@ -44,6 +44,7 @@ from jaxnmt import model as model_lib
 from jaxnmt import optim
 from jaxnmt import sharding
 from jaxnmt import steps as steps_lib
+from jaxnmt import storage
 from jaxnmt import train_state
 from jaxnmt import translate
 from jaxnmt import workdir as workdir_lib
@@ -129,7 +130,7 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
   config_lib.validate(config)
   config_lib.check_mesh(config, jax.device_count(), jax.process_count())
   mesh, rules = sharding.plan_mesh(config)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   run_inputs = inputs_lib.training_inputs(config, workdir)
   model_cfg = config_lib.model_config(config, run_inputs.tokenizer.vocab_size)
   result = {'config': config.to_dict(), 'devices': jax.device_count(),
@@ -223,8 +224,8 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
                                           state['params'], decode_sentences,
                                           decode_batch_size)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, workdir_lib.BENCH), 'w', encoding='utf-8') as handle:
-      json.dump(result, handle, indent=2)
+    storage.write_text(workdir_lib.path(workdir, workdir_lib.BENCH),
+                       json.dumps(result, indent=2))
     print(format_table(result), flush=True)
   return result
 

@@ -3,14 +3,14 @@ run's metadata (config, tokenizer fingerprint).
 
 Layout: WORKDIR/checkpoints/<step>/{state, data_iterators, metadata}. Saves are
 asynchronous: the train loop hands the arrays to Orbax and goes on; Orbax writes to a
-temporary folder and renames it when complete, so a half-written step is never listed
-or read. A checkpoint that cannot be read is moved aside (never deleted) and the next
+temporary folder and renames it when complete (on gs://, which has no rename, it writes
+in place and marks the step complete with <step>/commit_success.txt last), so a
+half-written step is never listed or read. A checkpoint that cannot be read is moved aside (never deleted) and the next
 older one is used.
 """
 
 import json
 import logging
-import os
 import time
 
 import jax
@@ -18,11 +18,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxnmt import distributed
+from jaxnmt import storage
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.errors import CheckpointError, WorkdirError
 
 # A data-iterator state must fit in this many bytes of JSON to be gathered across hosts.
 MAX_ITERATOR_STATE_BYTES = 1 << 20
+# On gs:// Orbax lists a step only once this object exists in it.
+_COMMIT_MARKER = 'commit_success.txt'
 # The layout of the saved state (the parameter tree); stored in each checkpoint's
 # metadata. 2: one Transformer block for encoder, decoder and LM.
 FORMAT = 2
@@ -48,6 +51,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3, read_only: bool = False):
     self.directory = workdir_lib.checkpoints_dir(workdir)
+    if storage.is_remote(self.directory):
+      storage.configure()  # before Orbax (TensorStore, epath) touches gs://
     # Orbax's own barriers wait as long as jaxnmt's agreement points do.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
@@ -80,9 +85,9 @@ class Checkpointer:
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with
     .sharding). Returns (state, the data-iterator states of every process that saved it
     or None, metadata or None)."""
-    path = os.path.join(self.directory, str(step))
+    path = storage.join(self.directory, str(step))
     try:
-      present = set(os.listdir(path))
+      present = set(storage.listdir(path))
       items = {'state': ocp.args.StandardRestore(abstract_state)}
       for name in ('data_iterators', 'metadata'):
         if name in present:
@@ -107,7 +112,7 @@ class Checkpointer:
               item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True)))
     except Exception as error:  # Orbax raises many types for unreadable files.
-      raise CheckpointError(f'checkpoint {os.path.join(self.directory, str(step))} could '
+      raise CheckpointError(f'checkpoint {storage.join(self.directory, str(step))} could '
                             f'not be read: {type(error).__name__}: '
                             f'{str(error)[:300]}') from error
     params = restored['state']['params']
@@ -115,7 +120,7 @@ class Checkpointer:
                jax.tree_util.tree_leaves_with_path(params)
                if isinstance(leaf, jax.ShapeDtypeStruct)]
     if missing:  # a partial restore leaves what the checkpoint lacks unfilled
-      raise CheckpointError(f'checkpoint {os.path.join(self.directory, str(step))} holds no '
+      raise CheckpointError(f'checkpoint {storage.join(self.directory, str(step))} holds no '
                             f'{missing[0]} (and {len(missing) - 1} more parameters): it was '
                             f'written by another model definition')
     return params
@@ -140,10 +145,14 @@ class Checkpointer:
   def set_aside(self, step: int) -> None:
     """Moves an unreadable step out of Orbax's sight, keeping its files."""
     if jax.process_index() == 0:
-      source = os.path.join(self.directory, str(step))
-      target = os.path.join(self.directory, f'unreadable-{step}-{int(time.time())}')
-      if os.path.exists(source):
-        os.rename(source, target)
+      source = storage.join(self.directory, str(step))
+      target = storage.join(self.directory, f'unreadable-{step}-{int(time.time())}')
+      if storage.exists(source):
+        if storage.is_remote(source):
+          # The move copies object by object: first take the step out of Orbax's list
+          # in one deletion, so a move cut short never leaves a half step listed.
+          storage.remove(storage.join(source, _COMMIT_MARKER))
+        storage.move(source, target)
         logging.warning('Moved unreadable checkpoint %s to %s', source, target)
     distributed.barrier(f'setting aside unreadable checkpoint {step}')
     self._manager.reload()
@@ -163,12 +172,8 @@ class Checkpointer:
 
   def read_metadata(self, step: int) -> dict | None:
     """The run metadata stored with `step` (config, tokenizer fingerprint), if any."""
-    path = os.path.join(self.directory, str(step), 'metadata', 'metadata')
-    try:
-      with open(path, encoding='utf-8') as handle:
-        return json.load(handle)
-    except (OSError, ValueError):
-      return None
+    return storage.read_json(storage.join(self.directory, str(step), 'metadata',
+                                          'metadata'))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -2,9 +2,10 @@
 people without TensorBoard. Reads the `metrics.jsonl` files the trainer and the eval
 worker write next to their TensorBoard events."""
 
-import os
+import io
 
 from jaxnmt import metrics as metrics_lib
+from jaxnmt import storage
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.errors import WorkdirError
 
@@ -47,9 +48,11 @@ def render(workdir: str, output: str | None = None) -> str:
       axes[row][column].set_xlabel(label)
       axes[row][column].set_title(title, fontsize=10)
       axes[row][column].grid(alpha=0.3)
-  figure.suptitle(os.path.abspath(workdir), fontsize=9)
+  figure.suptitle(storage.absolute(workdir), fontsize=9)
   figure.tight_layout()
   output = output or workdir_lib.path(workdir, workdir_lib.CURVES)
-  figure.savefig(output, dpi=100)
+  image = io.BytesIO()  # matplotlib writes local files only; the output may be gs://
+  figure.savefig(image, format='png', dpi=100)
+  storage.write_bytes(output, image.getvalue())
   plt.close(figure)
   return output

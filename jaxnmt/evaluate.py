@@ -30,6 +30,7 @@ from jaxnmt import inference
 from jaxnmt import inputs
 from jaxnmt import metrics as metrics_lib
 from jaxnmt import steps
+from jaxnmt import storage
 from jaxnmt import translate
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.data import pipeline
@@ -138,9 +139,8 @@ class Evaluator:
       hypotheses_name = f'{name}_hypotheses_{step}.txt'
       hypotheses_path = workdir_lib.path(self.workdir, workdir_lib.EVAL, hypotheses_name)
       if jax.process_index() == 0:  # the others write nothing
-        with open(workdir_lib.eval_file(self.workdir, hypotheses_name), 'w',
-                  encoding='utf-8') as handle:
-          handle.writelines(line + '\n' for line in hypotheses)
+        storage.write_text(workdir_lib.eval_file(self.workdir, hypotheses_name),
+                           ''.join(line + '\n' for line in hypotheses))
       scores = bleu.scores(bleu.statistics(hypotheses, references))
       result[f'bleu_{name}'], result[f'chrf_{name}'] = scores['bleu'], scores['chrf']
       if index == 0:
@@ -163,8 +163,7 @@ class LMEvaluator:
   def __init__(self, workdir: str):
     self.workdir = workdir
     self.loaded = None
-    with open(workdir_lib.split_file(workdir, 'valid.txt'), encoding='utf-8') as handle:
-      self.text = handle.read()
+    self.text = storage.read_text(workdir_lib.split_file(workdir, 'valid.txt'))
 
   def score(self, step: int) -> dict:
     if self.loaded is None:

@@ -12,13 +12,13 @@ list of validation batches.
 import dataclasses
 import logging
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
 
 from jaxnmt import distributed
+from jaxnmt import storage
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.data import corpus as corpus_lib
@@ -90,24 +90,23 @@ def _install(manifest: dict, directory: str, workdir: str) -> None:
   """Copies the prepared tokenizer and splits into the workdir, refusing a workdir
   whose model was trained with another tokenizer."""
   target = workdir_lib.tokenizer_path(workdir)
-  if os.path.exists(target):
+  if storage.exists(target):
     found = workdir_lib.file_sha256(target)
     if found != manifest['tokenizer_sha256']:
       raise DataError(f'{target} (sha256 {found[:12]}) is not the tokenizer of the '
                       f'prepared data in {directory} ({manifest["tokenizer_sha256"][:12]}): '
                       f'the model of this workdir needs its own tokenizer; use a new '
                       f'--workdir')
-  else:
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(os.path.join(directory, manifest['tokenizer']), target + '.partial')
-    os.replace(target + '.partial', target)
+  else:  # copied whole, then swapped in (one upload on gs://)
+    storage.copy_file(os.path.join(directory, manifest['tokenizer']), target)
   source_splits = os.path.join(directory, prepare_lib.SPLITS)
   target_splits = workdir_lib.splits_dir(workdir)
-  if os.path.abspath(source_splits) != os.path.abspath(target_splits):
-    os.makedirs(target_splits, exist_ok=True)
+  if storage.absolute(source_splits) != storage.absolute(target_splits):
+    storage.makedirs(target_splits)
     for name in os.listdir(source_splits):
       if not name.endswith('.partial'):
-        shutil.copyfile(os.path.join(source_splits, name), os.path.join(target_splits, name))
+        storage.copy_file(os.path.join(source_splits, name),
+                          storage.join(target_splits, name))
 
 
 def _translation_inputs(config, workdir: str) -> TrainingInputs:
@@ -151,7 +150,7 @@ def _train_or_load_tokenizer(config, workdir: str, training_text):
   # Process 0 trains (SentencePiece training is not bit-reproducible across runs); the
   # others wait for it and load the same file (the workdir is on a shared filesystem).
   def work():
-    if os.path.exists(path):
+    if storage.exists(path):
       return
     if config.tokenizer.model_type == 'char':
       tokenizer_lib.train_chars(training_text(), path)

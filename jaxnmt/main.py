@@ -90,6 +90,8 @@ def _workdir(multi_process: bool) -> str:
   """--workdir, or for train/bench on one process runs/<config file name>."""
   from jaxnmt.errors import UserError  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir:
+    from jaxnmt import storage  # pylint: disable=g-import-not-at-top
+    storage.check_supported(FLAGS.workdir)  # local or gs://
     return FLAGS.workdir
   if FLAGS.mode not in ('train', 'bench', 'prepare') or FLAGS.config is None:
     raise UserError(f'--workdir is required for --mode={FLAGS.mode}')

@@ -1,13 +1,13 @@
 """TensorBoard output (process 0 only) and host-side metric arithmetic."""
 
 import json
-import os
 import time
 
 import jax
 import numpy as np
 import tensorboardX
 
+from jaxnmt import storage
 from jaxnmt import workdir as workdir_lib
 
 
@@ -18,14 +18,18 @@ class Writer:
   `purge_step`: a run resumed from checkpoint step S passes S + 1. The killed run may
   have logged steps after S, which this run logs again: their lines leave
   metrics.jsonl (rewritten whole, then swapped in), and TensorBoard hides their events
-  (tensorboardX writes a restart marker at `purge_step`), so no step appears twice."""
+  (tensorboardX writes a restart marker at `purge_step`), so no step appears twice.
+
+  On a gs:// workdir tensorboardX writes through google-cloud-storage itself (it holds
+  the event file in memory and uploads it whole on each flush), and metrics.jsonl is
+  uploaded whole on each `scalars` call: fine for the few lines a run logs."""
 
   def __init__(self, workdir: str, name: str, purge_step: int | None = None):
     self._writer = self._jsonl = None
     if jax.process_index() == 0:
-      directory = os.path.join(workdir, name)
-      os.makedirs(directory, exist_ok=True)
-      target = os.path.join(directory, workdir_lib.METRICS)
+      directory = storage.join(workdir, name)
+      storage.makedirs(directory)
+      target = storage.join(directory, workdir_lib.METRICS)
       if purge_step is not None:
         _trim_jsonl(target, purge_step)
       # The event file's name holds the second it was opened, and tensorboardX opens
@@ -34,7 +38,7 @@ class Writer:
       # TensorBoard reading the files in the order they were written.
       self._writer = tensorboardX.SummaryWriter(
           directory, purge_step=purge_step, filename_suffix=f'.{time.time_ns()}')
-      self._jsonl = open(target, 'a', encoding='utf-8')
+      self._jsonl = storage.AppendFile(target)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if self._writer is None:
@@ -55,31 +59,49 @@ class Writer:
 
   def close(self) -> None:
     if self._writer is not None:
+      record_writers = _gcs_record_writers(self._writer)
       self._writer.close()
+      for record_writer in record_writers:
+        # tensorboardX's gs:// writer uploads its whole buffer once more when garbage
+        # collected, long after close (retrying for minutes if the store is gone):
+        # everything is uploaded by now.
+        record_writer.flush = lambda: None
       self._jsonl.close()
+
+
+def _gcs_record_writers(writer) -> list:
+  """The gs:// record writers under a tensorboardX SummaryWriter (none for local logs)."""
+  found = []
+  for file_writer in (getattr(writer, 'all_writers', None) or {}).values():
+    events = getattr(getattr(file_writer, 'event_writer', None), '_ev_writer', None)
+    record = getattr(getattr(events, '_py_recordio_writer', None), '_writer', None)
+    if type(record).__name__ == 'GCSRecordWriter':
+      found.append(record)
+  return found
 
 
 def read_jsonl(path: str) -> list[dict]:
   """The records a Writer appended to `path` (a missing file reads as none; a line cut
   short by a crash is skipped)."""
-  if not os.path.exists(path):
+  try:
+    text = storage.read_text(path)
+  except FileNotFoundError:
     return []
   records = []
-  with open(path, encoding='utf-8') as handle:
-    for line in handle:
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        pass
+  for line in text.splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      pass
   return records
 
 
 def _trim_jsonl(path: str, purge_step: int) -> None:
   """Drops the records of steps >= `purge_step` (and a line cut short) from `path`."""
-  if not os.path.exists(path):
+  try:
+    lines = storage.read_text(path).splitlines(keepends=True)
+  except FileNotFoundError:
     return
-  with open(path, encoding='utf-8') as handle:
-    lines = handle.read().splitlines(keepends=True)
   kept = []
   for line in lines:
     try:

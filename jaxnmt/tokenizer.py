@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from jaxnmt import storage
 from jaxnmt.errors import ConfigError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -22,10 +23,12 @@ class Tokenizer:
   """Encodes text to token ids and back."""
 
   def __init__(self, model_path: str):
-    if not os.path.exists(model_path):
+    if not storage.exists(model_path):
       raise FileNotFoundError(f'tokenizer model not found: {model_path}')
     self.model_path = model_path
-    self._processor = spm.SentencePieceProcessor(model_file=model_path)
+    # From the bytes, so the model may lie on gs:// too.
+    self._processor = spm.SentencePieceProcessor(
+        model_proto=storage.read_bytes(model_path))
 
   @property
   def vocab_size(self) -> int:
@@ -63,8 +66,11 @@ def train(sentences: Sequence[str], model_path: str, vocab_size: int,
   sentences = [s for s in sentences if s]
   if max_sentences and len(sentences) > max_sentences:
     sentences = random.Random(seed).sample(sentences, max_sentences)
-  directory = os.path.dirname(os.path.abspath(model_path))
-  os.makedirs(directory, exist_ok=True)
+  # SentencePiece writes local files: into a scratch folder beside the model (or a
+  # local one for a gs:// model), then published whole.
+  directory = None if storage.is_remote(model_path) else storage.dirname(model_path)
+  if directory is not None:
+    os.makedirs(directory, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=directory) as scratch:
     prefix = os.path.join(scratch, 'spm')
     try:
@@ -77,7 +83,10 @@ def train(sentences: Sequence[str], model_path: str, vocab_size: int,
                           ) from None
       raise
     # Atomic publish: a crash never leaves a half-written model at `model_path`.
-    os.replace(prefix + '.model', model_path)
+    if directory is None:
+      storage.copy_file(prefix + '.model', model_path)
+    else:
+      os.replace(prefix + '.model', model_path)
   return Tokenizer(model_path)
 
 
@@ -104,11 +113,10 @@ class CharTokenizer:
   never seen in training map to UNK."""
 
   def __init__(self, model_path: str):
-    if not os.path.exists(model_path):
+    if not storage.exists(model_path):
       raise FileNotFoundError(f'tokenizer model not found: {model_path}')
     self.model_path = model_path
-    with open(model_path, encoding='utf-8') as handle:
-      self.characters = json.load(handle)['characters']
+    self.characters = json.loads(storage.read_text(model_path))['characters']
     self._ids = {char: index + 4 for index, char in enumerate(self.characters)}
 
   @property
@@ -134,11 +142,8 @@ class CharTokenizer:
 
 def train_chars(text: str, model_path: str) -> CharTokenizer:
   """Writes the character vocabulary of `text` to `model_path` (JSON)."""
-  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-  partial = model_path + '.partial'
-  with open(partial, 'w', encoding='utf-8') as handle:
-    json.dump({'characters': sorted(set(text))}, handle, ensure_ascii=False)
-  os.replace(partial, model_path)
+  storage.write_text(model_path, json.dumps({'characters': sorted(set(text))},
+                                            ensure_ascii=False))
   return CharTokenizer(model_path)
 
 

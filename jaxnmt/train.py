@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 
 import jax
@@ -29,6 +28,7 @@ from jaxnmt import optim
 from jaxnmt import sharding
 from jaxnmt import steps
 from jaxnmt import stopping
+from jaxnmt import storage
 from jaxnmt import train_state
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.errors import DataError, TrainingError, WorkdirError
@@ -218,7 +218,11 @@ class _PairTrace:
   pairs in this process's rows, written through (a killed run keeps every line). A
   resumed run first drops the lines of steps after its checkpoint (process 0 also
   from the files of processes this run does not have), so the files tell what the
-  final model was trained on."""
+  final model was trained on. On a gs:// workdir, which has no append, each file is
+  uploaded whole at most every UPLOAD_EVERY_S and at the end: a killed run loses the
+  lines of its last seconds there."""
+
+  UPLOAD_EVERY_S = 10.0
 
   def __init__(self, workdir: str, start: int):
     folder = workdir_lib.path(workdir, workdir_lib.TRAIN_LOGS)
@@ -233,12 +237,11 @@ class _PairTrace:
         kept = [line for line in workdir_lib.read_lines(target)
                 if line.strip() and json.loads(line)['step'] <= start]
         workdir_lib.write_text(target, ''.join(f'{line}\n' for line in kept))
-    os.makedirs(folder, exist_ok=True)
-    self._file = open(workdir_lib.path(folder, mine), 'a', encoding='utf-8',  # pylint: disable=consider-using-with
-                      buffering=1)
+    self._file = storage.AppendFile(workdir_lib.path(folder, mine), self.UPLOAD_EVERY_S)
 
   def write(self, step: int, positions) -> None:
     self._file.write(json.dumps({'step': step, 'positions': positions}) + '\n')
+    self._file.flush()
 
   def __enter__(self):
     return self

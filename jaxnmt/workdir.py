@@ -15,6 +15,10 @@ inference share. Every other module asks this one where things are.
     eval/worker.json         the live eval worker's lease, which is also its heartbeat
     eval/                    also its TensorBoard logs, metrics.jsonl, test hypotheses
     bench.json, curves.png   written by --mode=bench and --mode=curves
+
+WORKDIR may be a local folder or a Cloud Storage path (gs://bucket/run, for the hosts
+of a TPU pod, which share no disk): every access goes through `storage`. The prepared
+data then lives elsewhere, on a local path (see data/prepare.py).
 """
 
 import fcntl
@@ -29,8 +33,8 @@ import time
 import ml_collections
 
 from jaxnmt import errors
+from jaxnmt import storage
 from jaxnmt import tokenizer as tokenizer_lib
-from jaxnmt.data.corpus import file_sha256  # pylint: disable=unused-import
 
 CONFIG = 'config.json'
 TOKENIZER = 'tokenizer.model'
@@ -40,37 +44,33 @@ TRAIN_LOGS, VALID_LOGS, EVAL = 'train', 'valid', 'eval'  # TensorBoard log direc
 METRICS = 'metrics.jsonl'  # in each log directory: every scalar, one JSON line each
 BENCH = 'bench.json'
 CURVES = 'curves.png'
-FINISHED = os.path.join('train', 'finished.json')
+FINISHED = 'train/finished.json'
 LOCK = '.trainer.lock'
-RESULTS = os.path.join(EVAL, 'results.jsonl')
-WORKER = os.path.join(EVAL, 'worker.json')
+RESULTS = f'{EVAL}/results.jsonl'
+WORKER = f'{EVAL}/worker.json'
 # A worker silent for longer is considered gone (and its lease may be taken over).
 HEARTBEAT_TIMEOUT_S = 600
 
 
 def path(workdir: str, *parts: str) -> str:
-  return os.path.join(workdir, *parts)
+  return storage.join(workdir, *parts)
 
 
 def exists(target: str) -> bool:
-  return os.path.exists(target)
+  return storage.exists(target)
+
+
+def file_sha256(target: str) -> str:
+  return storage.sha256(target)
 
 
 def _write_atomically(target: str, text: str) -> None:
   """Readers see the old file or the new one, never a half-written one."""
-  os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-  partial = f'{target}.partial'
-  with open(partial, 'w', encoding='utf-8') as handle:
-    handle.write(text)
-  os.replace(partial, target)
+  storage.write_text(target, text)
 
 
 def _read_json(target: str):
-  try:
-    with open(target, encoding='utf-8') as handle:
-      return json.load(handle)
-  except (OSError, ValueError):
-    return None
+  return storage.read_json(target)
 
 
 # ----------------------------------------------------------------------------- config
@@ -82,7 +82,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   target = path(workdir, CONFIG)
-  if not os.path.exists(target):
+  if not storage.exists(target):
     raise errors.WorkdirError(f'{target} not found: is {workdir} a jaxnmt workdir? (train '
                               f'a model there first)')
   loaded = _read_json(target)
@@ -92,7 +92,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def has_run(workdir: str) -> bool:
-  return os.path.exists(path(workdir, CONFIG))
+  return storage.exists(path(workdir, CONFIG))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -105,7 +105,7 @@ def tokenizer_path(workdir: str) -> str:
 def load_tokenizer(workdir: str, model_type: str):
   """The tokenizer stored in `workdir` (SentencePiece, or a char vocabulary)."""
   target = tokenizer_path(workdir)
-  if not os.path.exists(target):
+  if not storage.exists(target):
     raise errors.WorkdirError(f'{target} not found: train a model in {workdir} first')
   return tokenizer_lib.load(target, model_type)
 
@@ -124,14 +124,14 @@ def split_file(workdir: str, name: str) -> str:
 
 def list_dir(directory: str) -> list[str]:
   """The names in `directory` ([] if it does not exist)."""
-  return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  return storage.listdir(directory)
 
 
 def read_lines(target: str) -> list[str]:
-  if not os.path.exists(target):
-    raise errors.WorkdirError(f'{target} not found')
-  with open(target, encoding='utf-8') as handle:
-    return handle.read().splitlines()
+  try:
+    return storage.read_text(target).splitlines()
+  except FileNotFoundError:
+    raise errors.WorkdirError(f'{target} not found') from None
 
 
 def write_text(target: str, text: str) -> None:
@@ -142,7 +142,7 @@ def write_text(target: str, text: str) -> None:
 
 
 def checkpoints_dir(workdir: str) -> str:
-  return os.path.abspath(path(workdir, CHECKPOINTS))
+  return storage.absolute(path(workdir, CHECKPOINTS))
 
 
 # ----------------------------------------------------------------------------- finished marker
@@ -155,9 +155,7 @@ def write_finished(workdir: str, step: int) -> None:
 
 def clear_finished(workdir: str) -> None:
   """A (re)started run decides its final step anew."""
-  target = path(workdir, FINISHED)
-  if os.path.exists(target):
-    os.remove(target)
+  storage.remove(path(workdir, FINISHED))
 
 
 def finished_step(workdir: str) -> int | None:
@@ -172,9 +170,22 @@ def finished_step(workdir: str) -> int | None:
 
 class TrainerLock:
   """An exclusive lock on the workdir for the life of a training run (taken by process
-  0); the OS drops it when the process dies, however it dies."""
+  0). Local: flock, which the OS drops when the process dies, however it dies. gs://
+  has no flock: there it is a `Lease` on .trainer.lock whose heartbeat a background
+  thread renews, so the lock of a trainer that died lapses after HEARTBEAT_TIMEOUT_S
+  (at once when its host sees its process is gone)."""
 
-  def __init__(self, workdir: str, owner: bool):
+  def __init__(self, workdir: str, owner: bool,
+               heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S):
+    self._handle = self._lease = self._beat = None
+    if storage.is_remote(workdir):
+      if owner:
+        self._lease = Lease(workdir, LOCK, 'trainer', heartbeat_timeout_s)
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat,
+                                      args=(heartbeat_timeout_s / 10,), daemon=True)
+        self._beat.start()
+      return
     os.makedirs(workdir, exist_ok=True)
     self._handle = open(path(workdir, LOCK), 'a+', encoding='utf-8')
     if not owner:
@@ -191,45 +202,63 @@ class TrainerLock:
     self._handle.write(str(os.getpid()))
     self._handle.flush()
 
+  def _heartbeat(self, every: float) -> None:
+    while not self._stop.wait(every):
+      try:
+        self._lease.refresh()
+      except errors.WorkdirError as error:  # taken over: nothing stops the loop from here
+        logging.error('%s', error)
+        return
+      except OSError as error:  # a passing storage fault: try again next beat
+        logging.warning('Could not refresh %s: %s', self._lease.target, error)
+
   def release(self) -> None:
-    self._handle.close()
+    if self._handle is not None:
+      self._handle.close()
+    if self._lease is not None:
+      self._stop.set()
+      self._beat.join(timeout=60)
+      self._lease.release()
 
 
 # ----------------------------------------------------------------------------- leases
 
 
 class Lease:
-  """An exclusive claim on one role in a workdir (the eval worker; later maybe the
+  """An exclusive claim on one role in a workdir (the eval worker; on gs:// also the
   trainer), held as a small JSON file: the owner (host, pid, a random token) and a
   heartbeat time the owner refreshes.
 
-  It is built only from what object stores offer too (gs:// has no flock and no
-  atomic rename): the file is created only if absent (`open(..., 'x')`; a create with
-  if-generation-match=0 there), and rewritten whole. A holder silent for longer than
+  It is built only from what object stores offer too (no flock, no atomic rename): the
+  file is created only if absent, and rewritten whole. A holder silent for longer than
   `timeout_s`, or whose process is gone on this very host, is stale: its lease is
-  taken over, with a warning. Two processes taking over one stale lease can both
-  believe they hold it only within a few instructions; `refresh` then finds the other
-  token in the file and raises, so at most one goes on past its next heartbeat."""
+  taken over, with a warning.
+
+  Locally the file is created with open(..., 'x'); two processes taking over one stale
+  lease can both believe they hold it only within a few instructions, and `refresh`
+  then finds the other token in the file and raises, so at most one goes on past its
+  next heartbeat. On gs:// every step is conditional on the object's generation
+  (create: only if absent; take over and release: delete only the generation read;
+  refresh: rewrite only the generation written last), so of two contenders exactly
+  one wins, and a holder whose lease was taken over learns it at its next refresh.
+  The heartbeat times are the hosts' clocks: keep them roughly in sync (NTP)."""
 
   def __init__(self, workdir: str, name: str, what: str,
                timeout_s: float = HEARTBEAT_TIMEOUT_S):
     self.target = path(workdir, name)
     self._workdir, self._what, self._timeout_s = workdir, what, timeout_s
+    self._remote = storage.is_remote(self.target)
     self._token = secrets.token_hex(8)
     self._since = time.time()
     self._held = False
+    self._generation = None  # gs:// only: the generation of our last write
     self._mutex = threading.Lock()  # refresh (a heartbeat thread) against release
-    os.makedirs(os.path.dirname(os.path.abspath(self.target)), exist_ok=True)
     for _ in range(3):
-      try:
-        with open(self.target, 'x', encoding='utf-8') as handle:
-          handle.write(self._record())
+      if self._create():
         self._held = True
         return
-      except FileExistsError:
-        pass
-      holder = _read_json(self.target)
-      if holder is None and not os.path.exists(self.target):
+      holder, version = self._read()
+      if holder is None and not storage.exists(self.target):
         continue  # released this instant
       stale = self._stale(holder)
       if stale is None:
@@ -239,13 +268,37 @@ class Lease:
             f'heartbeat)')
       logging.warning('Taking over the %s lease %s from %s: %s', what, self.target,
                       _describe(holder), stale)
-      if _read_json(self.target) == holder:  # not taken over by another meanwhile
-        try:
-          os.remove(self.target)
-        except FileNotFoundError:
-          pass
+      self._remove(holder, version)
     raise errors.WorkdirError(f'{workdir}: could not take the {what} lease '
                               f'{self.target}: other processes keep taking it')
+
+  # The four storage steps, local or conditional on the generation (gs://).
+
+  def _create(self) -> bool:
+    if not self._remote:
+      return storage.create_exclusive(self.target, self._record())
+    self._generation = storage.replace_if_generation(
+        self.target, self._record().encode(), 0)
+    return self._generation is not None
+
+  def _read(self):
+    """(the holder's record or None, its generation on gs://)."""
+    if not self._remote:
+      return _read_json(self.target), None
+    found = storage.read_with_generation(self.target)
+    if found is None:
+      return None, None
+    try:
+      return json.loads(found[0]), found[1]
+    except ValueError:
+      return None, found[1]
+
+  def _remove(self, holder, version) -> None:
+    """Deletes the lease file read as (`holder`, `version`) unless it changed since."""
+    if self._remote:
+      storage.remove_if_generation(self.target, version)
+    elif _read_json(self.target) == holder:  # not taken over by another meanwhile
+      storage.remove(self.target)
 
   def _record(self) -> str:
     return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
@@ -259,7 +312,7 @@ class Lease:
     beat = holder.get('heartbeat') if isinstance(holder, dict) else None
     if not isinstance(beat, (int, float)):
       try:
-        beat = os.path.getmtime(self.target)
+        beat = storage.getmtime(self.target)
       except OSError:
         return 'released'
     silent = time.time() - beat
@@ -270,19 +323,28 @@ class Lease:
       return f'its process {holder["pid"]} is gone'
     return None
 
+  def _lost(self, holder) -> errors.WorkdirError:
+    self._held = False
+    return errors.WorkdirError(
+        f'this {self._what} lost its lease on {self._workdir} to {_describe(holder)} '
+        f'(silent for more than {self._timeout_s:.0f} s?); stopping')
+
   def refresh(self) -> None:
     """Renews the heartbeat. A WorkdirError if another process has taken the lease
     over (this holder was silent too long): it must stop without writing more."""
     with self._mutex:
       if not self._held:
         return
+      if self._remote:
+        generation = storage.replace_if_generation(
+            self.target, self._record().encode(), self._generation)
+        if generation is None:
+          raise self._lost(self._read()[0])
+        self._generation = generation
+        return
       holder = _read_json(self.target)
       if not isinstance(holder, dict) or holder.get('token') != self._token:
-        self._held = False
-        raise errors.WorkdirError(
-            f'this {self._what} lost its lease on {self._workdir} to '
-            f'{_describe(holder)} (silent for more than {self._timeout_s:.0f} s?); '
-            f'stopping')
+        raise self._lost(holder)
       _write_atomically(self.target, self._record())
 
   def release(self) -> None:
@@ -291,12 +353,12 @@ class Lease:
       if not self._held:
         return
       self._held = False
+      if self._remote:
+        storage.remove_if_generation(self.target, self._generation)
+        return
       holder = _read_json(self.target)
       if isinstance(holder, dict) and holder.get('token') == self._token:
-        try:
-          os.remove(self.target)
-        except FileNotFoundError:
-          pass
+        storage.remove(self.target)
 
 
 class EvalLock(Lease):
@@ -346,11 +408,10 @@ def read_results(workdir: str) -> list[dict]:
 
 
 def _read_results_text(workdir: str) -> str:
-  target = path(workdir, RESULTS)
-  if not os.path.exists(target):
+  try:
+    return storage.read_text(path(workdir, RESULTS))
+  except FileNotFoundError:
     return ''
-  with open(target, encoding='utf-8') as handle:
-    return handle.read()
 
 
 def _latest(text: str) -> list[dict]:
@@ -375,7 +436,6 @@ def append_result(workdir: str, result: dict) -> None:
   a crash is dropped, both by writing the whole file anew and swapping it in; the
   usual case, a new step, is one appended line."""
   target = path(workdir, RESULTS)
-  os.makedirs(os.path.dirname(target), exist_ok=True)
   line = json.dumps(result, ensure_ascii=False) + '\n'
   text = _read_results_text(workdir)
   earlier = _latest(text)
@@ -385,12 +445,11 @@ def append_result(workdir: str, result: dict) -> None:
         json.dumps(previous, ensure_ascii=False) + '\n' for previous in earlier
         if previous.get('step') != result['step']) + line)
     return
-  with open(target, 'a', encoding='utf-8') as handle:
-    handle.write(line)
+  storage.append_text(target, line)  # on gs:// the object is rewritten whole
 
 
 def eval_file(workdir: str, name: str) -> str:
-  os.makedirs(path(workdir, EVAL), exist_ok=True)
+  storage.makedirs(path(workdir, EVAL))
   return path(workdir, EVAL, name)
 
 

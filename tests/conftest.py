@@ -51,3 +51,50 @@ def trained_workdir(tmp_path_factory, small_corpus) -> str:
   workdir = str(tmp_path_factory.mktemp('trained'))
   train.train_and_evaluate(tiny_config(small_corpus), workdir)
   return workdir
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket(tmp_path_factory):
+  """gs://bucket on a local GCS emulator (tests/gcs_emulator.py) run as a subprocess
+  on a free port, with this process's environment pointed at it; stopped at the end.
+  Skips where the `gcs` extra is not installed."""
+  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('gcsfs')
+  pytest.importorskip('gcp_storage_emulator')
+  import socket
+  import subprocess
+  import sys
+  import time
+  from tests import gcs_emulator
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  log = tmp_path_factory.mktemp('gcs') / 'emulator.log'
+  with open(log, 'w', encoding='utf-8') as output:
+    emulator = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, '-m', 'tests.gcs_emulator', f'--port={port}', '--bucket=bucket'],
+        cwd=os.path.join(os.path.dirname(__file__), '..'), stdout=output,
+        stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 60
+    while True:
+      try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        break
+      except OSError:
+        if emulator.poll() is not None or time.monotonic() > deadline:
+          raise RuntimeError(f'the GCS emulator did not start: {log.read_text()}') from None
+        time.sleep(0.1)
+    saved = {name: os.environ.get(name) for name in gcs_emulator.environment(port)}
+    os.environ.update(gcs_emulator.environment(port))
+    try:
+      yield 'gs://bucket'
+    finally:
+      for name, value in saved.items():
+        if value is None:
+          os.environ.pop(name, None)
+        else:
+          os.environ[name] = value
+  finally:
+    emulator.terminate()
+    emulator.wait(timeout=30)

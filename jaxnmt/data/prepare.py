@@ -33,10 +33,11 @@ import zlib
 import numpy as np
 import tqdm
 
+from jaxnmt import storage
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt.data import corpus as corpus_lib
 from jaxnmt.data import records as records_lib
-from jaxnmt.errors import DataError, UserError
+from jaxnmt.errors import ConfigError, DataError, UserError
 
 MANIFEST = 'manifest.json'
 TOKENIZER = 'tokenizer.model'
@@ -48,7 +49,17 @@ SPREAD = 16  # raw shards filled together (see _RawShards)
 
 
 def prepared_dir(config, workdir: str) -> str:
-  return config.data.prepared_dir or os.path.join(workdir, 'data')
+  """Where the prepared corpus lies: config.data.prepared_dir, else WORKDIR/data. It
+  must be local (ArrayRecord reads local files): with a gs:// workdir, each host
+  prepares into, or holds a copy of, config.data.prepared_dir."""
+  directory = config.data.prepared_dir
+  if storage.is_remote(workdir) and not directory:
+    raise ConfigError(f'--workdir={workdir} is on Cloud Storage: set '
+                      f'config.data.prepared_dir to a local folder on every host')
+  if directory and '://' in directory:
+    raise ConfigError(f'config.data.prepared_dir={directory} must be a local path '
+                      f'(ArrayRecord shards are read from local files)')
+  return directory or os.path.join(workdir, 'data')
 
 
 def corpus_specs(config) -> list[str]:

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from jaxnmt import distributed
 from jaxnmt import storage
 from jaxnmt import workdir as workdir_lib
-from jaxnmt.errors import CheckpointError, WorkdirError
+from jaxnmt.errors import CheckpointError, RuntimeFailure, WorkdirError
 
 # A data-iterator state must fit in this many bytes of JSON to be gathered across hosts.
 MAX_ITERATOR_STATE_BYTES = 1 << 20
@@ -29,6 +29,11 @@ _COMMIT_MARKER = 'commit_success.txt'
 # The layout of the saved state (the parameter tree); stored in each checkpoint's
 # metadata. 2: one Transformer block for encoder, decoder and LM.
 FORMAT = 2
+
+
+class SaveError(RuntimeFailure):
+  """A checkpoint could not be written (disk full, permissions, the store): training
+  stops on every process; complete checkpoints are untouched."""
 
 
 def check_compatible(metadata: dict, where: str, tokenizer_path: str,
@@ -79,7 +84,15 @@ class Checkpointer:
           {'per_process': gather_json(data_iterator_state, step)})
     if metadata is not None:
       items['metadata'] = ocp.args.JsonSave(metadata)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as error:  # pylint: disable=broad-except  # OSError, TensorStore, ...
+      raise self._save_error(f'could not save checkpoint {step}', error) from error
+
+  def _save_error(self, what: str, error: Exception) -> SaveError:
+    return SaveError(f'{what} in {self.directory}: {type(error).__name__}: '
+                     f'{str(error).splitlines()[0][:300] if str(error) else ""}; the '
+                     f'complete checkpoints there are untouched: rerun to resume')
 
   def restore(self, step: int, abstract_state) -> tuple[object, dict | None, dict | None]:
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with
@@ -128,18 +141,46 @@ class Checkpointer:
   def restore_latest(self, abstract_state):
     """(step, state, iterator states, metadata) of the newest readable checkpoint, or
     None when there is none. Unreadable ones are reported and moved aside; if none is
-    readable this raises rather than letting training silently start over."""
-    steps = self.all_steps()
+    readable this raises rather than letting training silently start over. Every
+    decision is agreed: process 0's list of steps, and whether each step could be read
+    on every process."""
+    steps = distributed.gather_json(self.all_steps(), 'listing the checkpoints')[0]
     for step in reversed(steps):
-      try:
-        return (step, *self.restore(step, abstract_state))
-      except CheckpointError as error:
-        logging.warning('%s; falling back to an older checkpoint', error)
-        self.set_aside(step)
+      problem = self._unreadable_files(step)
+      if not distributed.agree([problem is not None], f'checking checkpoint {step}')[0]:
+        try:
+          restored = self.restore(step, abstract_state)
+        except CheckpointError as error:
+          problem = str(error)
+        if not distributed.agree([problem is not None], f'restoring checkpoint {step}')[0]:
+          return (step, *restored)
+      logging.warning('%s; falling back to an older checkpoint',
+                      problem or f'checkpoint {step} could not be read on another process')
+      self.set_aside(step)
     if steps:
       raise CheckpointError(f'none of the checkpoints {steps} in {self.directory} could be '
                             f'read (moved to {self.directory}/unreadable-*); not starting '
                             f'over: remove them to train from scratch')
+    return None
+
+  def _unreadable_files(self, step: int) -> str | None:
+    """What is wrong with the JSON files of checkpoint `step` (None: they parse). Every
+    process reads the same files, so all reach the same verdict before Orbax's restore,
+    which is collective: a restore that fails on one process alone leaves the others
+    waiting inside Orbax until the collective timeout."""
+    base = storage.join(self.directory, str(step))
+    names = ['_CHECKPOINT_METADATA', 'state/_METADATA', 'state/_sharding',
+             'metadata/metadata', 'data_iterators/metadata']
+    names += [f'state/array_metadatas/{name}' for name in
+              storage.listdir(storage.join(base, 'state', 'array_metadatas'))]
+    for name in names:
+      target = storage.join(base, *name.split('/'))
+      try:
+        if storage.exists(target):
+          json.loads(storage.read_text(target))
+      except (OSError, ValueError) as error:
+        return (f'checkpoint {base} could not be read: {name}: {type(error).__name__}: '
+                f'{str(error)[:200]}')
     return None
 
   def set_aside(self, step: int) -> None:
@@ -176,10 +217,14 @@ class Checkpointer:
                                           'metadata'))
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; raises SaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except  # from Orbax's save thread
+      raise self._save_error('could not finish saving a checkpoint', error) from error
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

@@ -210,3 +210,27 @@ def test_sharded_checkpoint_restores_on_one_device_and_translates(tmp_path, smal
   leaf = jax.tree.leaves(translator.loaded.params)[0]
   assert len(leaf.sharding.device_set) == 1
   assert len(translator.translate(['Hello.', 'Thank you.'])) == 2
+
+
+def test_a_failed_save_is_a_clear_error_and_keeps_the_complete_checkpoints(tmp_path):
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path))
+  state = {'w': jax.numpy.arange(8.0)}
+  checkpointer.save(1, state)
+  checkpointer.wait()
+  # The store breaks under the run (root ignores permissions, so: a file where the
+  # checkpoint folder was; the complete checkpoint is kept aside meanwhile).
+  folder = tmp_path / 'checkpoints'
+  folder.rename(tmp_path / 'aside')
+  folder.write_text('not a folder')
+  with pytest.raises(checkpoint_lib.SaveError, match='could not .*save.* checkpoint.*'
+                     'untouched: rerun to resume'):
+    checkpointer.save(2, state)
+    checkpointer.wait()
+  folder.unlink()
+  (tmp_path / 'aside').rename(folder)
+  reader = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
+  assert reader.all_steps() == [1]
+  restored, _, _ = reader.restore(1, jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
+      state))
+  np.testing.assert_array_equal(restored['w'], state['w'])

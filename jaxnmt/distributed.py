@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -61,6 +62,8 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id)
     where = f'coordinator {coordinator_address}'
+    if process_id != 0:  # JAX's client aborts the process when it cannot register
+      _wait_for_coordinator(coordinator_address, timeout_s)
   else:
     if cluster is None:
       return
@@ -82,6 +85,25 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   if jax.process_count() > 1:
     PeerWatch(_client(), jax.process_index(), jax.process_count(),
               timeout_s=peer_timeout_s).start()
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Waits until something accepts connections at `address` (process 0 serves JAX's
+  coordination service there), or raises a RuntimeFailure after `timeout_s`: JAX's own
+  client would abort this process from C++ instead (exit 134, no message of ours)."""
+  host, _, port = address.rpartition(':')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host.strip('[]'), int(port)), timeout=2).close()
+      return
+    except (OSError, ValueError) as error:
+      if isinstance(error, ValueError) or time.monotonic() > deadline:
+        raise RuntimeFailure(
+            f'could not join the job through the coordinator {address} within '
+            f'{timeout_s:.0f}s: nothing answers there ({error}); is process 0 running, '
+            f'and is the address right?') from error
+      time.sleep(0.5)
 
 
 def _client():

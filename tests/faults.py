@@ -166,7 +166,8 @@ def inject(fault: str, workdir, corpus, processes=2, devices=1) -> Outcome:
       assert time.time() - began < 600, 'process 0 still waits for the hung process'
       time.sleep(0.05)
     seconds = time.time() - began
-    subprocess.run(['pkill', '-KILL', '-f', '--', f'--workdir={workdir}( |$)'], check=False)
+    subprocess.run(['pkill', '-KILL', '-f', '--',
+                    f'--process_id=[0-9]+ .*--workdir={workdir}( |$)'], check=False)
   codes, stderr = finish(launcher)
   if not fault.startswith('SIGSTOP'):
     seconds = time.time() - began

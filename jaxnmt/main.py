@@ -212,6 +212,7 @@ def main(argv) -> None:
   except errors.UserError as error:  # the user can fix it: one line, no traceback
     _exit(errors.EXIT_USER_ERROR, str(error))
   except errors.RuntimeFailure as error:
+    _await_lost_peer(error)
     _exit(errors.EXIT_RUNTIME_FAILURE, str(error))
   except KeyboardInterrupt:  # training: a second Ctrl-C; other modes: the first
     _exit(130, 'interrupted')
@@ -219,10 +220,22 @@ def main(argv) -> None:
     if not _joined_a_job():
       raise
     traceback.print_exc()
-    if 'JaxRuntimeError' in type(error).__name__:  # e.g. gloo: "connection reset by peer"
-      from jaxnmt import distributed  # pylint: disable=g-import-not-at-top
-      distributed.await_lost_peer()
+    _await_lost_peer(error)
     _exit(errors.EXIT_RUNTIME_FAILURE, f'{type(error).__name__}: {str(error)[:300]}')
+
+
+# A collective failed because another process went away (gloo on CPUs, NCCL on GPUs).
+_PEER_LOST_SIGNS = ('Gloo', 'gloo', 'NCCL', 'Connection reset', 'Connection closed',
+                    'UNAVAILABLE')
+
+
+def _await_lost_peer(error: Exception) -> None:
+  """When `error` came from a collective that another process left (a save or a step
+  failing with "connection reset by peer"), gives the peer watch the time to name that
+  process: its message, not this symptom, is what every process then reports."""
+  if _joined_a_job() and any(sign in str(error) for sign in _PEER_LOST_SIGNS):
+    from jaxnmt import distributed  # pylint: disable=g-import-not-at-top
+    distributed.await_lost_peer()
 
 
 def _exit(code: int, message: str) -> None:

@@ -18,7 +18,6 @@ Nothing here waits without a bound:
   (exit 134, "the JAX distributed service detected fatal errors").
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -117,33 +116,6 @@ def _client():
 
 def collective_timeout_s() -> float:
   return _settings['collective_timeout_s']
-
-
-@contextlib.contextmanager
-def deadline(what: str, timeout_s: float | None = None):
-  """Bounds a blocking call that needs the other processes (fetching a step's results
-  waits on its collectives): past `timeout_s` (default --collective_timeout_s) every
-  process is told and this one exits with code 1. A no-op in a single process."""
-  if _watch is None:
-    yield
-    return
-  timeout_s = _settings['collective_timeout_s'] if timeout_s is None else timeout_s
-  message = (f'{what} did not finish within {timeout_s:.0f} s: another process is stuck '
-             f'or lost; ending the job (rerun the command to resume from the last '
-             f'complete checkpoint)')
-
-  def expire():
-    post_failure(1, message)
-    time.sleep(2 * _watch._interval_s)  # pylint: disable=protected-access
-    _exit_now(1, message)
-
-  timer = threading.Timer(timeout_s, expire)
-  timer.daemon = True
-  timer.start()
-  try:
-    yield
-  finally:
-    timer.cancel()
 
 
 def joined() -> bool:

@@ -19,7 +19,6 @@ import tqdm
 
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import config_lib
-from jaxnmt import distributed
 from jaxnmt import feeding
 from jaxnmt import inputs as inputs_lib
 from jaxnmt import memory_fit
@@ -114,14 +113,12 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       if stopped is not None:
         saving = logging_now = True
         evaluating = stopped != 'signal'
-      if logging_now:
-        with distributed.deadline(f'fetching the results of step {step}'):
-          log.write(step)  # the losses: a non-finite one stops before any save
+      if logging_now:  # every process has dispatched this step: its results will come
+        log.write(step)  # the losses: a non-finite one stops before any save
       if saving:  # first: a preemption's grace period is short
         saver.save(step, state, feeder.iterator_state())
       if evaluating:
-        with distributed.deadline(f'the validation at step {step}'):
-          last_eval = steps.evaluate_loss(eval_fn, state['params'], rest, valid_batches)
+        last_eval = steps.evaluate_loss(eval_fn, state['params'], rest, valid_batches)
         log.validation(step, last_eval)
     if stopped == 'signal':
       logging.warning('Stopped at step %d on a signal; checkpoint saved, run the same '

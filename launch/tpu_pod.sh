@@ -6,9 +6,11 @@
 #       launch/tpu_pod.sh
 #
 # Assumes the repository is checked out at the same path on every worker
-# (REPO_DIR, default ~/jaxnmt) with its virtualenv at REPO_DIR/.venv, and that WORKDIR
-# is a POSIX path every worker shares (e.g. a Filestore/NFS mount; gs:// is not
-# supported yet). DRY_RUN=1 prints the gcloud command and the command each worker
+# (REPO_DIR, default ~/jaxnmt) with its virtualenv at REPO_DIR/.venv (installed with
+# the gcs extra for a gs:// WORKDIR), and that WORKDIR is a path every worker reaches:
+# gs://bucket/run, or a shared mount (Filestore/NFS). With gs://, pass
+# --config.data.prepared_dir=<a local path holding the same prepared data on every
+# worker> (README.md, "Workdir on Cloud Storage"). DRY_RUN=1 prints the gcloud command and the command each worker
 # runs, and starts nothing (it needs no gcloud).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME, the TPU VM pod name}"

@@ -6,7 +6,7 @@ translations under WORKDIR/eval plus a JSON-lines results file.
 
 It never slows the trainer: it runs on its own devices (or the CPU), restores each
 checkpoint onto them, and tolerates checkpoints the trainer deletes under it. One
-worker per workdir: it holds a lease (eval/worker.json, workdir.EvalLock) that is also
+worker per workdir: it holds a lease (eval/worker.json, locks.EvalLock) that is also
 its heartbeat, by which the trainer keeps the checkpoints it has not scored.
 
 With several processes, every process scores the checkpoints process 0 picks, in the
@@ -32,6 +32,7 @@ from jaxnmt import metrics as metrics_lib
 from jaxnmt import steps
 from jaxnmt import storage
 from jaxnmt import translate
+from jaxnmt import locks
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.data import pipeline
 from jaxnmt.errors import CheckpointError, WorkdirError
@@ -43,7 +44,7 @@ class _Heartbeat:
   worker. Should another worker have taken the lease over (this one was silent too
   long), `check` raises in the main thread. `lease` None (processes > 0): a no-op."""
 
-  def __init__(self, lease: workdir_lib.Lease | None, every: float = 30.0):
+  def __init__(self, lease: locks.Lease | None, every: float = 30.0):
     self._stop = threading.Event()
     self._lost = self._thread = None
     if lease is None:
@@ -251,13 +252,13 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
   return written
 
 
-def _take_lease(workdir: str) -> workdir_lib.EvalLock | None:
+def _take_lease(workdir: str) -> locks.EvalLock | None:
   """The workdir's eval lease, taken by process 0 (None on the others); if another
   worker holds it, every process raises process 0's WorkdirError."""
   lease = error = None
   if jax.process_index() == 0:
     try:
-      lease = workdir_lib.EvalLock(workdir)
+      lease = locks.EvalLock(workdir)
     except WorkdirError as raised:
       error = raised
   message = _from_process_zero(error and str(error), 'taking the eval lease')

@@ -13,7 +13,7 @@ What an object store lacks, and what this module does instead:
     copies then deletes, so it is only for moves nothing reads concurrently (setting
     an unreadable checkpoint aside).
   * no flock: `create_exclusive` (an upload with ifGenerationMatch=0) and the
-    generation-conditional rewrite and delete below, from which workdir.Lease is built.
+    generation-conditional rewrite and delete below, from which locks.Lease is built.
 
 Needs the `gcs` extra (pip install 'jaxnmt[gcs]') for gs:// paths only.
 """

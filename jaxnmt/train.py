@@ -29,6 +29,7 @@ from jaxnmt import steps
 from jaxnmt import stopping
 from jaxnmt import storage
 from jaxnmt import train_state
+from jaxnmt import locks
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.errors import DataError, TrainingError, WorkdirError
 
@@ -42,7 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh, rules = sharding.plan_mesh(config)
   logging.info('Mesh %s over %d devices in %d processes', dict(mesh.shape),
                jax.device_count(), jax.process_count())
-  lock = workdir_lib.TrainerLock(workdir, owner=jax.process_index() == 0)
+  lock = locks.TrainerLock(workdir, owner=jax.process_index() == 0)
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=None)  # see _Saver
   try:
     _check_resumable(checkpointer, config, workdir)

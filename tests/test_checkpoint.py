@@ -20,6 +20,7 @@ from jaxnmt import optim
 from jaxnmt import train
 from jaxnmt import train_state
 from jaxnmt import translate
+from jaxnmt import locks
 from jaxnmt import workdir as workdir_lib
 from tests.tiny_config import tiny_config
 
@@ -141,10 +142,10 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, small_corpus
 
 def test_second_trainer_on_a_live_workdir_refuses(tmp_path, small_corpus):
   workdir = tmp_path / 'busy'
-  held = workdir_lib.TrainerLock(str(workdir), owner=True)  # a live trainer's lock
+  held = locks.TrainerLock(str(workdir), owner=True)  # a live trainer's lock
   try:
     with pytest.raises(errors.WorkdirError, match=f'pid {os.getpid()}'):
-      workdir_lib.TrainerLock(str(workdir), owner=True)
+      locks.TrainerLock(str(workdir), owner=True)
     second = subprocess.run(command(workdir), cwd=ROOT, env=environment(small_corpus),
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 2, second.stderr[-2000:]
@@ -153,7 +154,7 @@ def test_second_trainer_on_a_live_workdir_refuses(tmp_path, small_corpus):
     assert not os.path.exists(workdir / 'checkpoints')  # refused before any work
   finally:
     held.release()
-  workdir_lib.TrainerLock(str(workdir), owner=True).release()  # free once released
+  locks.TrainerLock(str(workdir), owner=True).release()  # free once released
 
 
 @pytest.mark.slow

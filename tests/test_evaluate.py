@@ -20,6 +20,7 @@ from jaxnmt import errors
 from jaxnmt import evaluate
 from jaxnmt import train
 from jaxnmt import translate
+from jaxnmt import locks
 from jaxnmt import workdir as workdir_lib
 from tests.tiny_config import tiny_config
 
@@ -149,7 +150,7 @@ def _lease(workdir: str, **holder) -> None:
 
 
 def test_a_second_eval_worker_refuses_while_one_runs(workdir_copy):
-  first = workdir_lib.EvalLock(workdir_copy)  # a live worker: this process, this host
+  first = locks.EvalLock(workdir_copy)  # a live worker: this process, this host
   try:
     with pytest.raises(errors.WorkdirError) as raised:
       evaluate.run_eval_worker(workdir_copy, checkpoint_step=20, options=OPTIONS)
@@ -181,7 +182,7 @@ def test_a_stale_eval_lease_is_taken_over(tmp_path, caplog, host, pid, silent_s,
   workdir = str(tmp_path)
   _lease(workdir, host=host, pid=pid or _exited_pid(), heartbeat=time.time() - silent_s)
   with caplog.at_level(logging.WARNING):
-    lease = workdir_lib.EvalLock(workdir)
+    lease = locks.EvalLock(workdir)
   assert any('Taking over the eval worker lease' in r.getMessage() and why in r.getMessage()
              for r in caplog.records)
   taken = json.load(open(os.path.join(workdir, workdir_lib.WORKER)))
@@ -202,13 +203,13 @@ def test_a_live_lease_on_another_host_is_respected_and_a_lost_one_noticed(tmp_pa
   _lease(workdir, host='elsewhere', pid=1, heartbeat=time.time())
   with pytest.raises(errors.WorkdirError, match='in use by another eval worker '
                      r'\(pid 1 on elsewhere, last heartbeat 0 s ago\)'):
-    workdir_lib.EvalLock(workdir)
+    locks.EvalLock(workdir)
   os.remove(os.path.join(workdir, workdir_lib.WORKER))
   # A holder silent longer than the timeout loses its lease to the next worker; its
   # next refresh says so, and its release leaves the new holder's lease alone.
-  first = workdir_lib.EvalLock(workdir, timeout_s=0.05)
+  first = locks.EvalLock(workdir, timeout_s=0.05)
   time.sleep(0.1)
-  second = workdir_lib.EvalLock(workdir, timeout_s=0.05)
+  second = locks.EvalLock(workdir, timeout_s=0.05)
   with pytest.raises(errors.WorkdirError, match='lost its lease'):
     first.refresh()
   first.release()
@@ -230,7 +231,7 @@ def _snapshot(directory: str) -> dict:
 
 
 def test_processes_other_than_zero_score_but_write_nothing(workdir_copy, monkeypatch):
-  holder = workdir_lib.EvalLock(workdir_copy)  # process 0 holds the lease
+  holder = locks.EvalLock(workdir_copy)  # process 0 holds the lease
   try:
     before = _snapshot(workdir_copy)
     monkeypatch.setattr(jax, 'process_index', lambda *unused, **unused_kw: 1)

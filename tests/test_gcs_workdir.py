@@ -13,6 +13,7 @@ import pytest
 
 from jaxnmt import errors
 from jaxnmt import storage
+from jaxnmt import locks
 from jaxnmt import workdir as workdir_lib
 from tests.tiny_config import tiny_config
 
@@ -103,31 +104,31 @@ def test_generation_preconditions_hold(gcs_dir):
 
 
 def test_lease_on_gcs(gcs_dir):
-  lease = workdir_lib.EvalLock(gcs_dir)
+  lease = locks.EvalLock(gcs_dir)
   with pytest.raises(errors.WorkdirError, match='in use by another eval worker'):
-    workdir_lib.EvalLock(gcs_dir)
+    locks.EvalLock(gcs_dir)
   lease.refresh()
   assert workdir_lib.worker_alive(gcs_dir)
   time.sleep(0.2)
   # A contender that finds the holder silent past its timeout takes the lease over
   # (deleting only the generation it read); the old holder learns it at its refresh.
-  taker = workdir_lib.Lease(gcs_dir, workdir_lib.WORKER, 'eval worker', timeout_s=0.1)
+  taker = locks.Lease(gcs_dir, workdir_lib.WORKER, 'eval worker', timeout_s=0.1)
   with pytest.raises(errors.WorkdirError, match='lost its lease'):
     lease.refresh()
   lease.release()  # no longer ours: leaves the taker's file alone
   assert storage.exists(storage.join(gcs_dir, workdir_lib.WORKER))
   taker.release()
   assert not storage.exists(storage.join(gcs_dir, workdir_lib.WORKER))
-  workdir_lib.EvalLock(gcs_dir).release()  # free again
+  locks.EvalLock(gcs_dir).release()  # free again
 
 
 def test_trainer_lock_on_gcs(gcs_dir):
-  lock = workdir_lib.TrainerLock(gcs_dir, owner=True)
+  lock = locks.TrainerLock(gcs_dir, owner=True)
   with pytest.raises(errors.WorkdirError, match='in use by another trainer'):
-    workdir_lib.TrainerLock(gcs_dir, owner=True)
-  workdir_lib.TrainerLock(gcs_dir, owner=False).release()  # other processes take nothing
+    locks.TrainerLock(gcs_dir, owner=True)
+  locks.TrainerLock(gcs_dir, owner=False).release()  # other processes take nothing
   lock.release()
-  workdir_lib.TrainerLock(gcs_dir, owner=True).release()
+  locks.TrainerLock(gcs_dir, owner=True).release()
 
 
 def test_gcs_workdir_needs_local_prepared_dir(gcs_dir, small_corpus):

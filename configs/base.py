@@ -37,6 +37,17 @@ def get_config():
   config.keep_checkpoints = 3
   # ... and, while an eval worker runs, also those it has not scored, unless True.
   config.delete_unscored_checkpoints = False
+  # Exponential moving average of the parameters, updated every step with this decay
+  # (0 = off; 0.999 to 0.9999 are usual): saved in each checkpoint beside the
+  # parameters, and the weights translate, eval and serve use by default when present.
+  # Early on the decay is min(ema_decay, (1 + step) / (10 + step)).
+  config.ema_decay = 0.0
+  # Stop training once this many consecutive checkpoints scored by the eval worker
+  # have not raised the best validation BLEU (0 = never; needs a running eval worker).
+  config.early_stopping_patience = 0
+  # At each validation the trainer greedily translates this many fixed validation
+  # sentences into TensorBoard's text tab (0 = none).
+  config.num_text_samples = 4
   # On SIGTERM (preemption) every process saves at the same step and exits 0; with
   # several processes they agree on that step every this many steps.
   config.preemption_check_every_steps = 10

@@ -114,11 +114,11 @@ class Checkpointer:
       iterator_states = restored['data_iterators']['per_process']
     return restored['state'], iterator_states, restored.get('metadata')
 
-  def restore_params(self, step: int, abstract_params):
-    """The parameters of checkpoint `step` alone, onto the shardings of
-    `abstract_params` (ShapeDtypeStructs with .sharding): the optimizer state stored
-    beside them is never read or allocated."""
-    item = {'params': abstract_params}
+  def restore_params(self, step: int, abstract_params, which: str = 'params'):
+    """The parameters of checkpoint `step` alone ('params', or 'ema': their moving
+    average), onto the shardings of `abstract_params` (ShapeDtypeStructs with
+    .sharding): the optimizer state stored beside them is never read or allocated."""
+    item = {which: abstract_params}
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
@@ -128,7 +128,10 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint {storage.join(self.directory, str(step))} could '
                             f'not be read: {type(error).__name__}: '
                             f'{str(error)[:300]}') from error
-    params = restored['state']['params']
+    params = restored['state'].get(which)
+    if params is None:
+      raise CheckpointError(f'checkpoint {storage.join(self.directory, str(step))} holds no '
+                            f'{which!r} weights')
     missing = [jax.tree_util.keystr(path) for path, leaf in
                jax.tree_util.tree_leaves_with_path(params)
                if isinstance(leaf, jax.ShapeDtypeStruct)]

@@ -74,6 +74,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _fraction(config, 'model.dropout_rate', 0.0, 1.0)
   _fraction(config, 'model.attention_dropout_rate', 0.0, 1.0)
   _fraction(config, 'optim.label_smoothing', 0.0, 1.0)
+  _fraction(config, 'ema_decay', 0.0, 1.0)
+  _positive_int(config, 'early_stopping_patience', allow_zero=True)
+  _positive_int(config, 'num_text_samples', allow_zero=True)
   _fraction(config, 'optim.b1', 0.0, 1.0)
   _fraction(config, 'optim.b2', 0.0, 1.0)
   _fraction(config, 'optim.weight_decay', 0.0, float('inf'))
@@ -242,9 +245,11 @@ def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     if old == new:
       continue
     line = f'{field}: {old!r} -> {new!r}'
-    clipping_toggled = field == 'optim.grad_clip_norm' and (bool(old) != bool(new))
+    # Clipping on/off changes the optimizer state; the parameter average is part of the
+    # saved state: neither can appear or vanish on resume.
+    toggled = field in ('optim.grad_clip_norm', 'ema_decay') and bool(old) != bool(new)
     breaks_shapes = field.startswith(_BREAKING_PREFIXES) and field not in _HARMLESS_FIELDS
-    if breaks_shapes or clipping_toggled:
+    if breaks_shapes or toggled:
       breaking.append(line)
     else:
       harmless.append(line)

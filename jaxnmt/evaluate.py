@@ -1,8 +1,12 @@
 """The eval worker (`--mode=eval`): a separate process that follows a training workdir,
-scores each new checkpoint once — validation loss, then beam search over the held-out
-test split and every named test set (config.data.test_sets), scored by sacrebleu
-BLEU/chrF against the untouched references — and writes TensorBoard scalars and sample
-translations under WORKDIR/eval plus a JSON-lines results file.
+scores each new checkpoint once — validation loss and BLEU, then beam search over the
+held-out test split and every named test set (config.data.test_sets), scored by
+sacrebleu BLEU/chrF against the untouched references — and writes TensorBoard scalars
+and sample translations under WORKDIR/eval plus a JSON-lines results file. It scores
+the weights inference uses (`--weights`, by default a checkpoint's moving average
+where the run kept one) and keeps eval/best.json, the checkpoint with the best
+validation BLEU so far, which the trainer's retention never deletes and by which it
+may stop early (config.early_stopping_patience).
 
 It never slows the trainer: it runs on its own devices (or the CPU), restores each
 checkpoint onto them, and tolerates checkpoints the trainer deletes under it. One
@@ -16,6 +20,7 @@ lease and writes: results, hypotheses, TensorBoard.
 
 import contextlib
 import functools
+import json
 import logging
 import threading
 import time
@@ -23,6 +28,7 @@ import time
 import jax
 import numpy as np
 
+from jaxnmt import averaging
 from jaxnmt import bleu
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import distributed
@@ -92,8 +98,10 @@ class Evaluator:
   sample translations."""
 
   def __init__(self, workdir: str, options: translate.DecodeOptions, batch_size: int = 64,
-               max_test_sentences: int = 0, num_samples: int = 8):
+               max_test_sentences: int = 0, num_samples: int = 8, weights: str = 'auto',
+               max_valid_sentences: int = 0):
     self.workdir = workdir
+    self.weights = weights
     self.batch_size = batch_size
     self.num_samples = num_samples
     self.sets = {name: (sources[:max_test_sentences or None],
@@ -107,6 +115,7 @@ class Evaluator:
     self.translator = None
     self.options = options
     self._valid_pairs = valid
+    self._valid_bleu_pairs = valid[:max_valid_sentences or None]
     self._valid_batches = None
     self._eval_fn = None
 
@@ -114,7 +123,8 @@ class Evaluator:
     """Evaluates checkpoint `step`; CheckpointError if it is gone or unreadable."""
     if self.translator is None:
       self.translator = translate.Translator(
-          inference.load(self.workdir, step, devices=jax.local_devices()), self.options)
+          inference.load(self.workdir, step, devices=jax.local_devices(),
+                         weights=self.weights), self.options)
       config = self.translator.config
       self._valid_batches = list(pipeline.make_eval_batches(
           self._valid_pairs, self.translator.tokenizer,
@@ -124,20 +134,28 @@ class Evaluator:
       self._eval_fn = jax.jit(functools.partial(steps.eval_step,
                                                 self.translator.loaded.graphdef))
     else:
-      self.translator.loaded.reload(self.workdir, step)
+      self.translator.loaded.reload(self.workdir, step, self.weights)
     loaded = self.translator.loaded
     validation = steps.evaluate_loss(self._eval_fn, loaded.params, loaded.rest,
                                      self._valid_batches)
-    result = {'step': step, 'time': time.time(), 'valid_loss': validation['loss'],
-              'valid_perplexity': validation['perplexity'],
-              'strategy': self.options.strategy, 'beam_size': self.options.beam_size}
+    result = {'step': step, 'time': time.time(), 'weights': loaded.weights,
+              'valid_loss': validation['loss'], 'valid_perplexity': validation['perplexity'],
+              'strategy': self.options.strategy, 'beam_size': self.options.beam_size,
+              'length_penalty': self.options.length_penalty}
+    samples = []  # the first validation sentences (as the trainer's greedy ones)
+    if self._valid_bleu_pairs:
+      sources, references = map(list, zip(*self._valid_bleu_pairs))
+      hypotheses = self.translator.translate(sources, self.batch_size)
+      result['valid_bleu'] = bleu.scores(bleu.statistics(hypotheses, references))['bleu']
+      samples = _samples(sources, references, hypotheses, self.num_samples)
     # The first set ('test' when the corpus has a held-out test split) gives the plain
     # bleu/chrf keys; every set also gives bleu_<name>/chrf_<name>.
     for index, (name, (sources, references)) in enumerate(self.sets.items()):
       started = time.time()
       hypotheses = self.translator.translate(sources, self.batch_size)
       seconds = time.time() - started
-      hypotheses_name = f'{name}_hypotheses_{step}.txt'
+      tag = step if loaded.weights in averaging.RESERVED else loaded.weights
+      hypotheses_name = f'{name}_hypotheses_{tag}.txt'
       hypotheses_path = workdir_lib.path(self.workdir, workdir_lib.EVAL, hypotheses_name)
       if jax.process_index() == 0:  # the others write nothing
         storage.write_text(workdir_lib.eval_file(self.workdir, hypotheses_name),
@@ -152,23 +170,27 @@ class Evaluator:
             sentences=len(sources), decode_seconds=seconds,
             sentences_per_sec=len(sources) / max(seconds, 1e-9),
             hypotheses=hypotheses_path,
-            samples=[{'source': s, 'reference': r, 'hypothesis': h} for s, r, h in zip(
-                sources[:self.num_samples], references[:self.num_samples],
-                hypotheses[:self.num_samples])])
+            samples=samples or _samples(sources, references, hypotheses, self.num_samples))
     return result
+
+
+def _samples(sources, references, hypotheses, count: int) -> list[dict]:
+  return [{'source': s, 'reference': r, 'hypothesis': h}
+          for s, r, h in zip(sources[:count], references[:count], hypotheses[:count])]
 
 
 class LMEvaluator:
   """Scores language-model checkpoints: validation loss, perplexity, bits per char."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, weights: str = 'auto'):
     self.workdir = workdir
+    self.weights = weights
     self.loaded = None
     self.text = storage.read_text(workdir_lib.split_file(workdir, 'valid.txt'))
 
   def score(self, step: int) -> dict:
     if self.loaded is None:
-      self.loaded = inference.load(self.workdir, step)
+      self.loaded = inference.load(self.workdir, step, weights=self.weights)
       config, tokenizer = self.loaded.config, self.loaded.tokenizer
       self.batches = inputs.lm_valid_batches(tokenizer, self.text,
                                              config.data.max_target_length,
@@ -177,7 +199,7 @@ class LMEvaluator:
       self.chars_per_token = len(self.text) / max(len(tokenizer.encode(self.text)), 1)
       self._eval_fn = jax.jit(functools.partial(steps.eval_step, self.loaded.graphdef))
     else:
-      self.loaded.reload(self.workdir, step)
+      self.loaded.reload(self.workdir, step, self.weights)
     validation = steps.evaluate_loss(self._eval_fn, self.loaded.params, self.loaded.rest,
                                      self.batches)
     return {'step': self.loaded.step, 'time': time.time(), 'valid_loss': validation['loss'],
@@ -189,7 +211,8 @@ class LMEvaluator:
 def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int | None = None,
                     options: translate.DecodeOptions = translate.DecodeOptions(),
                     batch_size: int = 64, poll_seconds: float = 10.0,
-                    max_test_sentences: int = 0) -> list[dict]:
+                    max_test_sentences: int = 0, weights: str = 'auto',
+                    max_valid_sentences: int = 0) -> list[dict]:
   """Scores every checkpoint of `workdir` not scored yet, then waits for new ones; stops
   once the trainer's final checkpoint is scored (never, with `follow`), or after
   `checkpoint_step` alone. A WorkdirError at once if another eval worker holds the
@@ -197,6 +220,9 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
   if not follow and not workdir_lib.has_run(workdir):
     raise WorkdirError(f'{workdir} holds no training run (no {workdir_lib.CONFIG}); '
                        f'start the trainer first or pass --follow to wait for it')
+  if weights not in averaging.RESERVED:
+    return [_score_averaged(workdir, weights, options, batch_size, max_test_sentences,
+                            max_valid_sentences)]
   with contextlib.ExitStack() as cleanup:  # closed in reverse order, however we leave
     lease = _take_lease(workdir)
     if lease is not None:
@@ -205,9 +231,10 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
     cleanup.callback(heartbeat.stop)
     _wait_for_run(workdir, poll_seconds)
     if workdir_lib.load_config(workdir).get('task') == 'lm':
-      evaluator = LMEvaluator(workdir)
+      evaluator = LMEvaluator(workdir, weights)
     else:
-      evaluator = Evaluator(workdir, options, batch_size, max_test_sentences)
+      evaluator = Evaluator(workdir, options, batch_size, max_test_sentences,
+                            weights=weights, max_valid_sentences=max_valid_sentences)
     checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
     cleanup.callback(checkpointer.close)
     scored, written = workdir_lib.scored_steps(workdir), []
@@ -238,10 +265,7 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
           _write_result(writer, workdir, result)
         scored.add(step)
         written.append(result)
-        logging.info('step %d: %s', step, ', '.join(
-            f'{key} {value:.4g}' if isinstance(value, float) else f'{key} {value}'
-            for key, value in result.items()
-            if key not in ('samples', 'time', 'step', 'hypotheses', 'bleu_text')))
+        logging.info('step %d: %s', step, _summary(result))
       if checkpoint_step is not None:
         break
       final = workdir_lib.finished_step(workdir)
@@ -250,6 +274,27 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
         break
       time.sleep(poll_seconds)
   return written
+
+
+def _score_averaged(workdir: str, name: str, options, batch_size: int,
+                    max_test_sentences: int, max_valid_sentences: int) -> dict:
+  """Scores the averaged weights `name` once, into eval/averaged_<name>.json (not the
+  per-checkpoint results: they belong to no single checkpoint)."""
+  evaluator = Evaluator(workdir, options, batch_size, max_test_sentences, weights=name,
+                        max_valid_sentences=max_valid_sentences)
+  result = evaluator.score(None)
+  result['averaged_steps'] = averaging.restore_info(workdir, name)['steps']
+  if jax.process_index() == 0:
+    workdir_lib.write_text(workdir_lib.eval_file(workdir, f'averaged_{name}.json'),
+                           json.dumps(result, indent=2, ensure_ascii=False) + '\n')
+  logging.info('%s: %s', name, _summary(result))
+  return result
+
+
+def _summary(result: dict) -> str:
+  return ', '.join(f'{key} {value:.4g}' if isinstance(value, float) else f'{key} {value}'
+                   for key, value in result.items()
+                   if key not in ('samples', 'time', 'step', 'hypotheses', 'bleu_text'))
 
 
 def _take_lease(workdir: str) -> locks.EvalLock | None:
@@ -287,7 +332,8 @@ def _wait_for_run(workdir: str, poll_seconds: float) -> None:
 def _write_result(writer, workdir: str, result: dict) -> None:
   step = result['step']
   names = {'bleu': 'bleu', 'chrf': 'chrf', 'valid_loss': 'loss',
-           'valid_perplexity': 'perplexity', 'bits_per_char': 'bits_per_char'}
+           'valid_perplexity': 'perplexity', 'bits_per_char': 'bits_per_char',
+           'valid_bleu': 'valid_bleu'}
   names.update({key: key.replace('_', '/', 1) for key in result
                 if key.startswith(('bleu_', 'chrf_')) and key not in (
                     'bleu_signature', 'chrf_signature', 'bleu_text')})
@@ -299,3 +345,8 @@ def _write_result(writer, workdir: str, result: dict) -> None:
     writer.text(step, 'samples', table)
   writer.flush()
   workdir_lib.append_result(workdir, result)
+  best = workdir_lib.best_result(workdir)
+  if best is not None:
+    workdir_lib.write_text(workdir_lib.eval_file(workdir, 'best.json'), json.dumps(
+        {key: best[key] for key in ('step', 'weights', 'valid_bleu', 'bleu', 'chrf')
+         if key in best}, indent=2) + '\n')

@@ -17,12 +17,12 @@ from jaxnmt.errors import UserError
 
 class Generator:
 
-  def __init__(self, workdir: str, step: int | None = None):
+  def __init__(self, workdir: str, step: int | None = None, weights: str = 'auto'):
     task = workdir_lib.load_config(workdir).get('task', 'translation')
     if task != 'lm':
       raise GenerateError(f'{workdir} holds a {task} model; --mode=generate needs a '
                           f'language model (task lm)')
-    loaded = inference.load(workdir, step)
+    loaded = inference.load(workdir, step, weights=weights)
     self.config, self.tokenizer = loaded.config, loaded.tokenizer
     self.model_config, self.step, self.params = loaded.model_config, loaded.step, loaded.params
     self._sample = jax.jit(

@@ -1,9 +1,16 @@
-"""The one way to load a trained model: `load(workdir, step=None, devices=None)`.
+"""The one way to load a trained model: `load(workdir, step=None, devices=None,
+weights='auto')`.
 
 Translate, the eval worker, generate and bench all start here, never from the
 trainer. Only the parameters are restored (no optimizer state is read or allocated),
 replicated over `devices` (default: this process's first device), whatever mesh wrote
 them. The checkpoint must have been trained with the workdir's tokenizer.
+
+Which weights (`weights`, the --weights flag): 'auto' (the default) takes a
+checkpoint's moving average of the parameters when the run kept one
+(config.ema_decay > 0), else its parameters; 'raw' always the parameters; 'ema' the
+average (an error if there is none); any other name the averaged weights
+`--mode=average` wrote under that name (no checkpoint step then).
 """
 
 import dataclasses
@@ -13,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxnmt import averaging
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import config_lib
 from jaxnmt import model as model_lib
@@ -33,15 +41,18 @@ class LoadedModel:
   step: int | None  # None: parameters not from a checkpoint
   abstract_params: object = None  # shapes with their shardings, to restore onto
   tokenizer_sha256: str | None = None
+  weights: str = 'raw'  # what `params` are: 'raw', 'ema' or an averaged set's name
 
-  def reload(self, workdir: str, step: int | None = None) -> None:
+  def reload(self, workdir: str, step: int | None = None, weights: str = 'auto') -> None:
     """Swaps in the parameters of another checkpoint of the same run."""
-    self.step, self.params = _restore(workdir, step, self.abstract_params,
-                                      self.tokenizer, self.tokenizer_sha256)
+    self.step, self.weights, self.params = _restore(
+        workdir, step, weights, self.abstract_params, self.tokenizer, self.tokenizer_sha256)
 
 
-def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
-  """The model of checkpoint `step` of `workdir` (default: the latest)."""
+def load(workdir: str, step: int | None = None, devices=None,
+         weights: str = 'auto') -> LoadedModel:
+  """The model of checkpoint `step` of `workdir` (default: the latest), or of the
+  averaged weights named `weights`."""
   config = workdir_lib.load_config(workdir)
   tokenizer = workdir_lib.load_tokenizer(workdir, config.tokenizer.model_type)
   model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
@@ -50,9 +61,10 @@ def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
   graphdef, abstract_params, rest = train_state.inference_model(model_cfg, where)
   abstract_params = train_state.with_shardings(abstract_params, where)
   tokenizer_sha256 = workdir_lib.file_sha256(tokenizer.model_path)
-  step, params = _restore(workdir, step, abstract_params, tokenizer, tokenizer_sha256)
+  step, weights, params = _restore(workdir, step, weights, abstract_params, tokenizer,
+                                   tokenizer_sha256)
   return LoadedModel(config, tokenizer, model_cfg, mesh, graphdef, rest, params, step,
-                     abstract_params, tokenizer_sha256)
+                     abstract_params, tokenizer_sha256, weights)
 
 
 def from_params(config, tokenizer, model_cfg: model_lib.ModelConfig, params,
@@ -70,8 +82,18 @@ def _mesh(devices) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices), ('data',))
 
 
-def _restore(workdir: str, step: int | None, abstract_params, tokenizer,
-             tokenizer_sha256: str):
+def _restore(workdir: str, step: int | None, weights: str, abstract_params, tokenizer,
+             tokenizer_sha256: str) -> tuple[int | None, str, object]:
+  """(step, which weights, parameters)."""
+  if weights not in averaging.RESERVED:
+    if step is not None:
+      raise CheckpointError(f'--weights={weights} names averaged weights, which belong to '
+                            f'no single checkpoint: drop --checkpoint_step')
+    info, params = averaging.restore(workdir, weights, abstract_params,
+                                     tokenizer.model_path, tokenizer_sha256)
+    logging.info('Loaded the averaged weights %r (checkpoints %s) from %s', weights,
+                 info['steps'], workdir)
+    return info['steps'][-1], weights, params
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
     step = checkpointer.latest_step() if step is None else step
@@ -83,8 +105,14 @@ def _restore(workdir: str, step: int | None, abstract_params, tokenizer,
                             f'no metadata')
     checkpoint_lib.check_compatible(metadata, checkpointer.directory,
                                     tokenizer.model_path, tokenizer_sha256)
-    params = checkpointer.restore_params(step, abstract_params)
+    has_ema = (metadata.get('config') or {}).get('ema_decay', 0.0) > 0
+    if weights == 'ema' and not has_ema:
+      raise CheckpointError(f'checkpoint {step} in {checkpointer.directory} holds no moving '
+                            f'average (the run had config.ema_decay=0): use --weights=raw')
+    which = 'ema' if weights == 'ema' or (weights == 'auto' and has_ema) else 'raw'
+    params = checkpointer.restore_params(step, abstract_params,
+                                         'ema' if which == 'ema' else 'params')
   finally:
     checkpointer.close()
-  logging.info('Loaded the parameters of checkpoint %d from %s', step, workdir)
-  return step, params
+  logging.info('Loaded the %s weights of checkpoint %d from %s', which, step, workdir)
+  return step, which, params

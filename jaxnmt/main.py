@@ -5,6 +5,7 @@
   python -m jaxnmt.main --mode=translate --workdir=runs/tiny < english.txt
   python -m jaxnmt.main --mode=eval --workdir=runs/tiny            # BLEU eval worker
   python -m jaxnmt.main --mode=curves --workdir=runs/tiny          # curves.png
+  python -m jaxnmt.main --mode=average --workdir=runs/tiny         # averaged/last5
   python -m jaxnmt.main --mode=bench --config=configs/tiny.py --workdir=runs/bench
   python -m jaxnmt.main --mode=generate --workdir=runs/lm_char --prompt=ROMEO:
   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh --config=configs/tiny.py --workdir=runs/mp
@@ -25,11 +26,13 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'prepare', 'translate', 'eval', 'generate', 'curves', 'bench'],
+                  ['train', 'prepare', 'translate', 'eval', 'generate', 'curves', 'bench',
+                   'average'],
                   'train; prepare: only prepare the data (training does it when needed); '
                   'translate stdin/--input; eval: the eval worker; generate: sample '
                   'from a language model; curves: render WORKDIR/curves.png; bench: '
-                  'measure training and decoding speed, write WORKDIR/bench.json.')
+                  'measure training and decoding speed, write WORKDIR/bench.json; '
+                  'average: average the last checkpoints into WORKDIR/averaged/<name>.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer and logs '
                     '(train/bench default: runs/<config file name>).')
 # Host settings (CPU backends only; README.md, "Host settings").
@@ -72,11 +75,23 @@ flags.DEFINE_bool('decode_cache', True, 'translate/eval: decode with the KV cach
 flags.DEFINE_string('prompt', '\n', 'generate: text to continue.')
 flags.DEFINE_integer('num_tokens', 300, 'generate: tokens to sample.')
 flags.DEFINE_integer('num_samples', 1, 'generate: independent samples.')
+flags.DEFINE_string('weights', 'auto', 'translate/eval/generate: which weights: auto (a '
+                    "checkpoint's moving average when the run kept one, else its "
+                    'parameters), raw, ema, or the name of averaged weights '
+                    '(--mode=average).')
+# Averaging.
+flags.DEFINE_integer('average_last', 5, 'average: how many of the newest checkpoints.')
+flags.DEFINE_string('average_name', None, 'average: name of the result (default '
+                    'last<N>), for --weights=<name>.')
+flags.DEFINE_enum('average_weights', 'raw', ['raw', 'ema'], 'average: average the '
+                  'parameters (raw) or their moving averages (ema).')
 # Eval worker.
 flags.DEFINE_bool('follow', False, 'eval: keep following new checkpoints forever.')
 flags.DEFINE_integer('checkpoint_step', None, 'eval: score this checkpoint only, then exit.')
 flags.DEFINE_float('poll_seconds', 10.0, 'eval: how often to look for new checkpoints.')
 flags.DEFINE_integer('max_test_sentences', 0, 'eval: score only the first N test pairs.')
+flags.DEFINE_integer('max_valid_sentences', 0, 'eval: validation BLEU (which picks the '
+                     'best checkpoint) on the first N validation pairs (0 = all).')
 # Bench.
 flags.DEFINE_integer('bench_steps', 20, 'bench: timed training steps.')
 flags.DEFINE_integer('bench_warmup', 3, 'bench: untimed steps first (>= 1).')
@@ -169,9 +184,15 @@ def _run(workdir: str, cluster: str | None) -> None:
     from jaxnmt import translate
     translate.run(workdir, FLAGS.input, batch_size=FLAGS.batch_size,
                   options=_decode_options())
+  elif FLAGS.mode == 'average':
+    from jaxnmt import averaging
+    info = averaging.average(workdir, FLAGS.average_last, FLAGS.average_name,
+                             FLAGS.average_weights)
+    print(f'averaged the {info["weights"]} weights of checkpoints {info["steps"]}: use '
+          f'--weights={info["name"]}')
   elif FLAGS.mode == 'generate':
     from jaxnmt import generate
-    generator = generate.Generator(workdir)
+    generator = generate.Generator(workdir, weights=FLAGS.weights)
     for text in generator.generate(FLAGS.prompt, FLAGS.num_tokens,
                                    temperature=FLAGS.temperature or 1.0, top_k=FLAGS.top_k,
                                    top_p=FLAGS.top_p, seed=FLAGS.decode_seed,
@@ -183,7 +204,9 @@ def _run(workdir: str, cluster: str | None) -> None:
                              checkpoint_step=FLAGS.checkpoint_step,
                              options=_decode_options(), batch_size=FLAGS.batch_size,
                              poll_seconds=FLAGS.poll_seconds,
-                             max_test_sentences=FLAGS.max_test_sentences)
+                             max_test_sentences=FLAGS.max_test_sentences,
+                             weights=FLAGS.weights,
+                             max_valid_sentences=FLAGS.max_valid_sentences)
 
 
 def main(argv) -> None:

@@ -33,7 +33,7 @@ def compile_train_step(config, model_cfg: model_lib.ModelConfig, mesh, rules, ro
   """The train step compiled ahead of time for batches of `rows` rows, from shapes
   alone (nothing is allocated): its `memory_analysis()` is the step's footprint."""
   tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  abstract = train_state.abstract_train_state(model_cfg, tx)
+  abstract = train_state.abstract_train_state(model_cfg, tx, config.get('ema_decay', 0.0) > 0)
   shardings = sharding.state_shardings(abstract, mesh, rules)
   graphdef, _, rest = train_state.abstract_model(model_cfg, config.seed)
   step_fn, _ = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)

@@ -18,8 +18,9 @@ from jaxnmt import sharding
 
 def train_step(graphdef, tx, label_smoothing: float, seed: int, accumulate: int,
                state: dict, rest, batch: dict, rng_impl: str = 'threefry2x32',
-               loss_chunks: int = 0):
-  """One update. state: {'params', 'opt_state', 'step'}; returns (state, metric sums).
+               loss_chunks: int = 0, ema_decay: float = 0.0):
+  """One update. state: {'params', 'opt_state', 'step'} (+ 'ema' with `ema_decay`);
+  returns (state, metric sums).
   Dropout draws from fold_in(key(seed), step): a pure function of the state.
 
   With `accumulate` > 1 the batch's rows are split into that many micro-batches (rows
@@ -70,7 +71,19 @@ def train_step(graphdef, tx, label_smoothing: float, seed: int, accumulate: int,
   sums['grad_norm'] = optax.global_norm(grads)
   sums['source_tokens'] = ((batch['inputs_segment_ids'] > 0).sum().astype(jnp.float32)
                            if 'inputs_segment_ids' in batch else jnp.float32(0))
-  return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, sums
+  new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
+  if 'ema' in state:
+    new_state['ema'] = update_ema(state['ema'], params, state['step'], ema_decay)
+  return new_state, sums
+
+
+def update_ema(ema, params, step, decay: float):
+  """ema <- d * ema + (1 - d) * params with d = min(decay, (1 + step) / (10 + step)):
+  the early, fast-moving parameters are not averaged in with weight `decay`."""
+  step = step.astype(jnp.float32)
+  rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda old, new: (rate * old + (1.0 - rate) * new).astype(old.dtype),
+                      ema, params)
 
 
 def eval_step(graphdef, params, rest, batch: dict) -> dict:
@@ -88,7 +101,8 @@ def compile_steps(graphdef, tx, config, mesh, rules, shardings):
       functools.partial(train_step, graphdef, tx, config.optim.label_smoothing, config.seed,
                         config.optim.grad_accum_steps,
                         rng_impl=config_lib.dropout_rng(config.dropout_rng, mesh.size),
-                        loss_chunks=config.optim.loss_chunks),
+                        loss_chunks=config.optim.loss_chunks,
+                        ema_decay=config.get('ema_decay', 0.0)),
       in_shardings=(shardings, replicated, batch), out_shardings=(shardings, replicated),
       donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, graphdef),

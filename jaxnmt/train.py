@@ -19,11 +19,13 @@ import tqdm
 
 from jaxnmt import checkpoint as checkpoint_lib
 from jaxnmt import config_lib
+from jaxnmt import distributed
 from jaxnmt import feeding
 from jaxnmt import inputs as inputs_lib
 from jaxnmt import memory_fit
 from jaxnmt import metrics as metrics_lib
 from jaxnmt import optim
+from jaxnmt import samples as samples_lib
 from jaxnmt import sharding
 from jaxnmt import steps
 from jaxnmt import stopping
@@ -37,7 +39,7 @@ from jaxnmt.errors import DataError, TrainingError, WorkdirError
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`, writing TensorBoard logs, config, tokenizer and checkpoints
   to `workdir`; resumes from its latest readable checkpoint. Returns final metrics:
-  {'step', 'stopped': None | 'signal' | 'time limit', 'valid_*'}."""
+  {'step', 'stopped': None | 'signal' | 'time limit' | 'early stopping', 'valid_*'}."""
   config_lib.validate(config)
   config_lib.check_mesh(config, jax.device_count(), jax.process_count())
   mesh, rules = sharding.plan_mesh(config)
@@ -64,7 +66,7 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
     run_inputs = _fit_batch(config, workdir, model_cfg, mesh, rules, run_inputs)
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   graphdef, state, rest, shardings = train_state.create_train_state(
-      model_cfg, tx, config.seed, mesh, rules)
+      model_cfg, tx, config.seed, mesh, rules, ema=config.ema_decay > 0)
   logging.info('Model: %s parameters; %d rows per batch, %d per process',
                f'{train_state.count_params(state["params"]):,}', config.data.batch_size,
                config.data.batch_size // jax.process_count())
@@ -96,6 +98,10 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
         config.train_time_limit_minutes, config.preemption_check_every_steps))
     trace = (cleanup.enter_context(_PairTrace(workdir, start=int(state['step'])))
              if config.data.get('trace_pairs') else None)
+    text_samples = None
+    if config.num_text_samples and config.task == 'translation':
+      text_samples = samples_lib.TextSamples(workdir, config, run_inputs.tokenizer, graphdef,
+                                             rest, mesh, config.num_text_samples)
 
     # ----------------------------------------------------------- the loop
     step, total, stopped, last_eval = int(state['step']), config.num_train_steps, None, {}
@@ -111,6 +117,8 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       evaluating = step % config.eval_every_steps == 0 or step == total
       # Before anything that waits on the other processes: a missing one is named here.
       stopped = stops.check(step, force=logging_now or evaluating)
+      if stopped is None and evaluating and config.early_stopping_patience:
+        stopped = _early_stop(workdir, config.early_stopping_patience, step)
       if stopped is not None:
         saving = logging_now = True
         evaluating = stopped != 'signal'
@@ -120,7 +128,12 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
         saver.save(step, state, feeder.iterator_state())
       if evaluating:
         last_eval = steps.evaluate_loss(eval_fn, state['params'], rest, valid_batches)
+        if 'ema' in state:
+          last_eval.update({f'ema_{key}': value for key, value in steps.evaluate_loss(
+              eval_fn, state['ema'], rest, valid_batches).items()})
         log.validation(step, last_eval)
+        if text_samples is not None:  # by the weights inference uses by default
+          log.text(step, text_samples.table(state.get('ema', state['params'])))
     if stopped == 'signal':
       logging.warning('Stopped at step %d on a signal; checkpoint saved, run the same '
                       'command to resume', step)
@@ -131,10 +144,25 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       if stopped == 'time limit':
         logging.info('Time limit of %.1f minutes reached at step %d',
                      config.train_time_limit_minutes, step)
+      elif stopped == 'early stopping':
+        best = workdir_lib.best_result(workdir)
+        logging.info('Early stopping at step %d: the best validation BLEU is %.2f, at '
+                     'step %d', step, best['valid_bleu'], best['step'])
   logging.info('Finished at step %d after %.1f minutes; model in %s', step,
                log.minutes(), workdir)
   return {'step': step, 'stopped': stopped,
           **{f'valid_{key}': value for key, value in last_eval.items()}}
+
+
+def _early_stop(workdir: str, patience: int, step: int) -> str | None:
+  """'early stopping' once `patience` checkpoints scored by the eval worker after the
+  best one (by validation BLEU) have not beaten it. Process 0 reads the results and
+  every process acts on its verdict (collective)."""
+  exhausted = (jax.process_index() == 0 and
+               workdir_lib.checkpoints_since_best(workdir) >= patience)
+  if distributed.agree([exhausted], f'the early-stopping check after step {step}')[0]:
+    return 'early stopping'
+  return None
 
 
 def _fit_batch(config, workdir, model_cfg, mesh, rules, run_inputs):
@@ -184,7 +212,8 @@ def _check_same_data(metadata: dict | None, manifest_sha256: str | None,
 @dataclasses.dataclass
 class _Saver:
   """Saves checkpoints (never of a non-finite state) and applies retention: the newest
-  `keep_checkpoints`, plus any a live eval worker has not scored yet."""
+  `keep_checkpoints`, plus the best by validation BLEU (eval/results.jsonl) and any a
+  live eval worker has not scored yet."""
   config: ml_collections.ConfigDict
   workdir: str
   checkpointer: checkpoint_lib.Checkpointer
@@ -203,10 +232,12 @@ class _Saver:
       return
     metadata = self._metadata
     self.checkpointer.save(step, state, iterator_state, metadata)
-    protected = set()
+    results = workdir_lib.read_results(self.workdir)
+    best = workdir_lib.best_result(self.workdir, results)
+    protected = set() if best is None else {best['step']}  # the best checkpoint stays
     if not self.config.delete_unscored_checkpoints and workdir_lib.worker_alive(
         self.workdir):
-      protected = set(self.checkpointer.all_steps()) - workdir_lib.scored_steps(self.workdir)
+      protected |= set(self.checkpointer.all_steps()) - {r.get('step') for r in results}
     self.checkpointer.prune(self.config.keep_checkpoints, protected, saving=step)
     self.last_saved = step
 
@@ -289,6 +320,11 @@ class _Log:
       logging.info('step %d: validation loss %.4f, accuracy %.3f', step, results['loss'],
                    results['accuracy'])
     self._interval_start = time.time()  # validation time is not training throughput
+
+  def text(self, step: int, table: str) -> None:
+    if table:
+      self._valid.text(step, 'samples', table)
+      self._valid.flush()
 
   def minutes(self) -> float:
     return (time.time() - self._started) / 60

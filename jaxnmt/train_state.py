@@ -1,6 +1,7 @@
 """The train state and where its arrays live.
 
-A train state is `{'params', 'opt_state', 'step'}`; the model's non-parameter
+A train state is `{'params', 'opt_state', 'step'}`, plus `'ema'` (an exponential moving
+average of the parameters, sharded like them) when config.ema_decay > 0; the model's non-parameter
 variables (dropout RNG streams) travel beside it as `rest`. Everything starts from an
 *abstract* state (shapes and dtypes, nothing allocated): its shardings come from the
 parameters' logical axes, initialisation runs under `jax.jit` straight into them, and a
@@ -37,11 +38,18 @@ def abstract_params(model_cfg: model_lib.ModelConfig):
       lambda: nnx.state(model_lib.build(model_cfg, rngs=_rngs(0)), nnx.Param))
 
 
-def abstract_train_state(model_cfg: model_lib.ModelConfig, tx) -> dict:
+def _new_state(params, tx, ema: bool) -> dict:
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
+  if ema:
+    state['ema'] = jax.tree.map(jnp.copy, params)
+  return state
+
+
+def abstract_train_state(model_cfg: model_lib.ModelConfig, tx, ema: bool = False) -> dict:
   """Shapes of the train state, e.g. as the target of a checkpoint restore."""
   def build():
-    params = nnx.state(model_lib.build(model_cfg, rngs=_rngs(0)), nnx.Param)
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
+    return _new_state(nnx.state(model_lib.build(model_cfg, rngs=_rngs(0)), nnx.Param), tx,
+                      ema)
   return jax.eval_shape(build)
 
 
@@ -56,10 +64,12 @@ def with_shardings(abstract_tree, shardings):
                       abstract_tree, shardings)
 
 
-def create_train_state(model_cfg: model_lib.ModelConfig, tx, seed: int, mesh, rules):
-  """Initialises the model and optimizer directly into their shardings (no host ever
-  holds the whole model). Returns (graphdef, state, rest, state_shardings)."""
-  abstract = abstract_train_state(model_cfg, tx)
+def create_train_state(model_cfg: model_lib.ModelConfig, tx, seed: int, mesh, rules,
+                       ema: bool = False):
+  """Initialises the model and optimizer (and with `ema` the parameter average)
+  directly into their shardings (no host ever holds the whole model). Returns
+  (graphdef, state, rest, state_shardings)."""
+  abstract = abstract_train_state(model_cfg, tx, ema)
   shardings = sharding.state_shardings(abstract, mesh, rules)
   graphdef, _, _ = abstract_model(model_cfg, seed)
 
@@ -67,7 +77,7 @@ def create_train_state(model_cfg: model_lib.ModelConfig, tx, seed: int, mesh, ru
   def init():
     model = model_lib.build(model_cfg, rngs=_rngs(seed))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}, rest
+    return _new_state(params, tx, ema), rest
 
   total, per_device = sharding.planned_bytes(abstract, shardings)
   logging.info('Parameters + optimizer state: %.1f MB in all, %.1f MB per device',

@@ -8,6 +8,9 @@ inference share. Every other module asks this one where things are.
     splits/                  held-out data: {valid,test}.{src,ref}, test_<name>.{src,ref}
                              (named test sets), or valid.txt (LM)
     checkpoints/<step>/      Orbax checkpoints (see checkpoint.py)
+    averaged/<name>/         averaged weights (--mode=average): params/ (Orbax) and
+                             info.json; never resumed from, never pruned
+    eval/best.json           the checkpoint with the best validation BLEU so far
     train/, valid/           TensorBoard logs + metrics.jsonl of the trainer
     train/finished.json      the final step, once training has ended (not preempted)
     .trainer.lock            held by the live trainer (process 0)
@@ -34,6 +37,7 @@ CONFIG = 'config.json'
 TOKENIZER = 'tokenizer.model'
 SPLITS = 'splits'
 CHECKPOINTS = 'checkpoints'
+AVERAGED = 'averaged'
 TRAIN_LOGS, VALID_LOGS, EVAL = 'train', 'valid', 'eval'  # TensorBoard log directories
 METRICS = 'metrics.jsonl'  # in each log directory: every scalar, one JSON line each
 BENCH = 'bench.json'
@@ -139,6 +143,11 @@ def checkpoints_dir(workdir: str) -> str:
   return storage.absolute(path(workdir, CHECKPOINTS))
 
 
+def averaged_dir(workdir: str, name: str = '') -> str:
+  """Where --mode=average writes the weights called `name` (none: the folder of all)."""
+  return storage.absolute(path(workdir, AVERAGED, *([name] if name else [])))
+
+
 # ----------------------------------------------------------------------------- finished marker
 
 
@@ -214,6 +223,27 @@ def append_result(workdir: str, result: dict) -> None:
         if previous.get('step') != result['step']) + line)
     return
   storage.append_text(target, line)  # on gs:// the object is rewritten whole
+
+
+def best_result(workdir: str, results: list[dict] | None = None) -> dict | None:
+  """The scored checkpoint with the highest validation BLEU (the earliest of equals),
+  or None before any has one."""
+  results = read_results(workdir) if results is None else results
+  scored = [result for result in results if isinstance(result.get('valid_bleu'), (int, float))
+            and isinstance(result.get('step'), int)]
+  return max(scored, key=lambda result: (result['valid_bleu'], -result['step']),
+             default=None)
+
+
+def checkpoints_since_best(workdir: str) -> int:
+  """How many checkpoints scored after the best one (by validation BLEU) have not
+  beaten it: what early stopping's patience counts."""
+  results = read_results(workdir)
+  best = best_result(workdir, results)
+  if best is None:
+    return 0
+  return sum(1 for result in results if isinstance(result.get('valid_bleu'), (int, float))
+             and isinstance(result.get('step'), int) and result['step'] > best['step'])
 
 
 def eval_file(workdir: str, name: str) -> str:

@@ -3,6 +3,7 @@
   python -m jaxnmt.main --config=configs/tiny.py                  # trains in runs/tiny
   python -m jaxnmt.main --mode=prepare --config=configs/big.py     # data only (once)
   python -m jaxnmt.main --mode=translate --workdir=runs/tiny < english.txt
+  python -m jaxnmt.main --mode=serve --workdir=runs/tiny --port=8080  # HTTP translation
   python -m jaxnmt.main --mode=eval --workdir=runs/tiny            # BLEU eval worker
   python -m jaxnmt.main --mode=curves --workdir=runs/tiny          # curves.png
   python -m jaxnmt.main --mode=average --workdir=runs/tiny         # averaged/last5
@@ -27,12 +28,13 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('mode', 'train',
                   ['train', 'prepare', 'translate', 'eval', 'generate', 'curves', 'bench',
-                   'average'],
+                   'average', 'serve'],
                   'train; prepare: only prepare the data (training does it when needed); '
                   'translate stdin/--input; eval: the eval worker; generate: sample '
                   'from a language model; curves: render WORKDIR/curves.png; bench: '
                   'measure training and decoding speed, write WORKDIR/bench.json; '
-                  'average: average the last checkpoints into WORKDIR/averaged/<name>.')
+                  'average: average the last checkpoints into WORKDIR/averaged/<name>; '
+                  'serve: translate over HTTP (--port).')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer and logs '
                     '(train/bench default: runs/<config file name>).')
 # Host settings (CPU backends only; README.md, "Host settings").
@@ -62,8 +64,19 @@ flags.DEFINE_integer('collective_timeout_s', 300,
                      'the ones missing and exits with code 1.')
 # Inference.
 flags.DEFINE_string('input', None, 'translate: file of source lines (default: stdin).')
-flags.DEFINE_integer('batch_size', 64, 'translate/eval: sentences decoded together.')
-flags.DEFINE_integer('beam_size', 4, 'translate/eval: beam size (1 = greedy).')
+flags.DEFINE_integer('batch_size', 64, 'translate/eval/serve: sentences decoded together '
+                     '(at most).')
+flags.DEFINE_integer('batch_tokens', 4096, 'translate/serve: source tokens (padding '
+                     'included) decoded together (at most).')
+flags.DEFINE_integer('nbest', 0, 'translate: 0 writes one translation per line; K >= 1 '
+                     'writes the K best (K <= --beam_size) as TSV rows '
+                     'line_index<TAB>rank<TAB>score<TAB>translation.')
+flags.DEFINE_string('host', '127.0.0.1', 'serve: address to listen on.')
+flags.DEFINE_integer('port', 8080, 'serve: port to listen on (0: any free port).')
+flags.DEFINE_integer('max_request_sentences', 64, 'serve: most sentences in one request.')
+flags.DEFINE_integer('max_sentence_tokens', 256, 'serve: longest sentence accepted, in '
+                     'tokens (and 8x that in characters).')
+flags.DEFINE_integer('beam_size', 4, 'translate/eval/serve: beam size (1 = greedy).')
 flags.DEFINE_float('length_penalty', 0.6, 'translate/eval: GNMT length penalty alpha.')
 flags.DEFINE_float('temperature', 0.0, 'translate: > 0 samples at this temperature '
                    '(generate: 0 means 1.0).')
@@ -87,7 +100,8 @@ flags.DEFINE_enum('average_weights', 'raw', ['raw', 'ema'], 'average: average th
                   'parameters (raw) or their moving averages (ema).')
 # Eval worker.
 flags.DEFINE_bool('follow', False, 'eval: keep following new checkpoints forever.')
-flags.DEFINE_integer('checkpoint_step', None, 'eval: score this checkpoint only, then exit.')
+flags.DEFINE_integer('checkpoint_step', None, 'eval: score this checkpoint only, then exit; '
+                     'translate/serve: use this checkpoint (default: the latest).')
 flags.DEFINE_float('poll_seconds', 10.0, 'eval: how often to look for new checkpoints.')
 flags.DEFINE_integer('max_test_sentences', 0, 'eval: score only the first N test pairs.')
 flags.DEFINE_integer('max_valid_sentences', 0, 'eval: validation BLEU (which picks the '
@@ -183,7 +197,14 @@ def _run(workdir: str, cluster: str | None) -> None:
   elif FLAGS.mode == 'translate':
     from jaxnmt import translate
     translate.run(workdir, FLAGS.input, batch_size=FLAGS.batch_size,
-                  options=_decode_options())
+                  options=_decode_options(), nbest=FLAGS.nbest, step=FLAGS.checkpoint_step,
+                  batch_tokens=FLAGS.batch_tokens, weights=FLAGS.weights)
+  elif FLAGS.mode == 'serve':
+    from jaxnmt import serve
+    serve.run(workdir, FLAGS.host, FLAGS.port, _decode_options(), step=FLAGS.checkpoint_step,
+              weights=FLAGS.weights, batch_size=FLAGS.batch_size,
+              batch_tokens=FLAGS.batch_tokens,
+              limits=serve.Limits(FLAGS.max_request_sentences, FLAGS.max_sentence_tokens))
   elif FLAGS.mode == 'average':
     from jaxnmt import averaging
     info = averaging.average(workdir, FLAGS.average_last, FLAGS.average_name,

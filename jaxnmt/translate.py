@@ -1,15 +1,31 @@
 """`--mode=translate`: a checkpoint translates lines of text.
 
-Lines are sorted by length and decoded in batches of a few padded shapes (beam search
-by default, or greedy, or sampling), split over this process's devices, then written
-back in input order: one output line per input line, empty for empty.
+Stdin is streamed like fairseq-interactive or Marian: a reader thread queues lines, and
+the decode loop blocks for the first, takes only what is already queued (up to a token
+budget), decodes it and writes and flushes its translations at once, so it works
+interactively and in pipes. `--input=FILE` reads the whole file first.
+
+Batches are planned by tokens: sentences sorted by length, grouped into length buckets
+(`length_bucket`), as many per batch as fit `batch_tokens` source tokens and
+`batch_size` sentences, with the batch dimension padded to the device count times a
+power of two (or, with `fixed_rows`, always to the bucket's full row count, so that a
+sentence's result never depends on the sentences decoded with it: the server's mode).
+Sentences are split over all the devices of the loaded model's 1-D 'data' mesh.
+
+Nothing is truncated: the encoder reads the whole source (sinusoidal and RoPE positions
+extrapolate; a learned position table covers `model.max_length` positions, and a longer
+line is refused with a `UserError` naming it), and each output may run to
+`decode.max_length_ratio` x source tokens + `decode.max_length_offset` tokens. Lines
+longer than those trained on are counted and logged once, since quality may suffer.
 """
 
 import dataclasses
 import functools
 import logging
 import math
+import queue
 import sys
+import threading
 from typing import Sequence, TextIO
 
 import jax
@@ -23,7 +39,20 @@ from jaxnmt import inference
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt.errors import UserError
 
-LENGTH_BUCKET = 16  # sources are padded to a multiple of this: few compiled shapes
+BATCH_TOKENS = 4096  # default source tokens (padding included) per decode batch
+
+
+def length_bucket(length: int) -> int:
+  """The padded length of `length` tokens: a multiple of 16 up to 64, then 2^k or
+  1.5 * 2^k (96, 128, 192, 256, 384, ...), so that few shapes are ever compiled."""
+  if length <= 64:
+    return 16 * max(1, math.ceil(length / 16))
+  size = 64
+  while True:
+    for candidate in (size * 3 // 2, size * 2):
+      if candidate >= length:
+        return candidate
+    size *= 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,79 +72,195 @@ class DecodeOptions:
       return 'sample'
     return 'beam' if self.beam_size > 1 else 'greedy'
 
+  @property
+  def max_nbest(self) -> int:
+    """How many hypotheses per sentence this strategy gives."""
+    return self.beam_size if self.strategy == 'beam' else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Hypothesis:
+  text: str
+  score: float  # log p(text + EOS | source) / GNMT length penalty; NaN: not computed
+
 
 class Translator:
-  """A loaded model (`inference.load`) and a jitted batched decoder on its devices
-  (parameters replicated, sentences split over the devices)."""
+  """A loaded model (`inference.load`) and jitted batched decoders on its devices
+  (parameters replicated, sentences split over the devices). Not thread-safe: one
+  thread decodes (the server has one decode worker)."""
 
-  def __init__(self, loaded: inference.LoadedModel, options: DecodeOptions = DecodeOptions()):
+  def __init__(self, loaded: inference.LoadedModel, options: DecodeOptions = DecodeOptions(),
+               batch_tokens: int = BATCH_TOKENS):
     if loaded.config.get('task') == 'lm':
       raise UserError('this workdir holds a language model: use --mode=generate')
-    self.loaded, self.options = loaded, options
+    self.loaded, self.options, self.batch_tokens = loaded, options, batch_tokens
     self.config, self.tokenizer = loaded.config, loaded.tokenizer
     self.mesh = loaded.mesh
-    self._decode = jax.jit(functools.partial(_decode_batch, loaded.graphdef, loaded.rest,
-                                             options),
-                           static_argnames=('max_length',))
+    self.long_lines = 0  # lines seen longer than the training length
+    self._decoders = {}
+    self._batches = 0  # decode batches run so far: the sampling key of the next one
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,
-                   options: DecodeOptions = DecodeOptions(), devices=None) -> 'Translator':
-    return cls(inference.load(workdir, step, devices), options)
+                   options: DecodeOptions = DecodeOptions(), devices=None,
+                   weights: str = 'auto', batch_tokens: int = BATCH_TOKENS) -> 'Translator':
+    """Checkpoint `step` (default: the latest) of `workdir`, on `devices` (default:
+    this process's first device); `weights` as in `inference.load`."""
+    return cls(inference.load(workdir, step, devices, weights=weights), options, batch_tokens)
 
   @property
   def step(self) -> int | None:
     return self.loaded.step
 
+  @property
+  def devices(self) -> int:
+    return self.mesh.devices.size
+
+  @property
+  def max_source_tokens(self) -> int | None:
+    """The longest source (EOS included) the model can read: a learned position table
+    has model.max_length rows; sinusoidal and RoPE positions have no limit (None)."""
+    model = self.loaded.model_config
+    return model.max_length if model.position_embedding == 'learned' else None
+
+  def output_cap(self, source_tokens: int) -> int:
+    """The longest output (EOS included) of a source of `source_tokens` tokens."""
+    decode_config = self.config.decode
+    cap = max(1, int(decode_config.max_length_ratio * source_tokens
+                     + decode_config.max_length_offset))
+    return cap if self.max_source_tokens is None else min(cap, self.max_source_tokens)
+
   def translate(self, lines: Sequence[str], batch_size: int = 64,
                 progress: bool = False) -> list[str]:
     """Translations of `lines`, in order ('' for blank lines)."""
-    data = self.config.data
-    max_source = data.max_source_length
-    devices = self.mesh.devices.size
-    batch_size = devices * math.ceil(batch_size / devices)
-    encoded, truncated = {}, 0
-    for index, line in enumerate(lines):
-      if line.strip():
-        ids = self.tokenizer.encode(line.strip())
-        if len(ids) > max_source - 1:
-          truncated += 1
-          ids = ids[:max_source - 1]
-        encoded[index] = ids + [tokenizer_lib.EOS_ID]
-    if truncated:
-      logging.warning('%d input lines are longer than %d tokens and were truncated',
-                      truncated, max_source - 1)
-    outputs = [''] * len(lines)
-    order = sorted(encoded, key=lambda i: len(encoded[i]))
-    starts = range(0, len(order), batch_size)
+    return [hypotheses[0].text for hypotheses in self.translate_nbest(
+        lines, 1, batch_size, progress, scores=False)]
+
+  def translate_nbest(self, lines: Sequence[str], nbest: int = 1, batch_size: int = 64,
+                      progress: bool = False, options: DecodeOptions | None = None,
+                      scores: bool = True) -> list[list[Hypothesis]]:
+    """Up to `nbest` hypotheses per line, best first, with their scores (blank lines:
+    `nbest` empty ones scored 0). nbest <= beam_size for beam search, else 1."""
+    return self.decode_encoded(self.encode(lines), nbest, batch_size, options,
+                               progress=progress, scores=scores)
+
+  def encode(self, lines: Sequence[str], first_line: int = 0) -> list[list[int] | None]:
+    """Token ids of each line with its EOS (None for a blank line). A line longer than
+    a learned position table is a UserError naming it (line numbers from
+    `first_line` + 1); lines longer than the training length are counted and
+    logged the first time."""
+    encoded, long_lines = [], 0
+    trained = self.config.data.max_source_length
+    for number, line in enumerate(lines, first_line + 1):
+      ids = self.tokenizer.encode(line.strip()) + [tokenizer_lib.EOS_ID] if (
+          line.strip()) else None
+      if ids and self.max_source_tokens and len(ids) > self.max_source_tokens:
+        raise UserError(
+            f'input line {number} has {len(ids)} tokens, more than the {self.max_source_tokens} '
+            f'positions of the learned position table (model.max_length): split it '
+            f'into sentences')
+      long_lines += bool(ids and len(ids) > trained)
+      encoded.append(ids)
+    if long_lines and not self.long_lines:
+      logging.warning(
+          '%d input line(s) are longer than the %d tokens the model was trained on: they '
+          'are translated whole (not truncated), but quality may suffer', long_lines,
+          trained)
+    self.long_lines += long_lines
+    return encoded
+
+  def decode_encoded(self, encoded: Sequence[list[int] | None], nbest: int = 1,
+                     batch_size: int = 64, options: DecodeOptions | None = None,
+                     fixed_rows: bool = False, progress: bool = False,
+                     scores: bool = True) -> list[list[Hypothesis]]:
+    """`translate_nbest` of already encoded lines (`encode`). fixed_rows: every batch
+    of a length bucket has the same shape (results independent of the batch mates)."""
+    options = options or self.options
+    if not 1 <= nbest <= options.max_nbest:
+      raise UserError(f'nbest must be in [1, {options.max_nbest}] for '
+                      f'{options.strategy} decoding, got {nbest}')
+    results = [[Hypothesis('', 0.0)] * nbest if ids is None else None for ids in encoded]
+    plan = self.plan([len(ids) if ids else 0 for ids in encoded], batch_size, fixed_rows)
     if progress:
       import tqdm  # pylint: disable=g-import-not-at-top
-      starts = tqdm.tqdm(starts, desc='translate', unit='batch')
+      plan = tqdm.tqdm(plan, desc='translate', unit='batch')
     rows_sharding = NamedSharding(self.mesh, PartitionSpec('data'))
-    for batch_number, start in enumerate(starts):
-      rows = order[start:start + batch_size]
-      length = min(max_source, LENGTH_BUCKET * math.ceil(
-          max(len(encoded[i]) for i in rows) / LENGTH_BUCKET))
-      inputs = np.zeros((batch_size, length), np.int32)
-      max_lengths = np.ones((batch_size,), np.int32)
-      for row, index in enumerate(rows):
+    decoder = self._decoder(options, scores and options.strategy != 'beam')
+    for source_length, rows, indices in plan:
+      inputs = np.zeros((rows, source_length), np.int32)
+      caps = np.ones((rows,), np.int32)  # padding rows end at once
+      for row, index in enumerate(indices):
         inputs[row, :len(encoded[index])] = encoded[index]
-        max_lengths[row] = min(data.max_target_length, int(
-            self.config.decode.max_length_ratio * len(encoded[index])
-            + self.config.decode.max_length_offset))
-      key = jax.random.fold_in(jax.random.key(self.options.seed), batch_number)
-      tokens = self._decode(self.loaded.params, jax.device_put(inputs, rows_sharding),
-                            jax.device_put(max_lengths, rows_sharding), key,
-                            max_length=data.max_target_length)
-      tokens = np.asarray(tokens)
-      for row, index in enumerate(rows):
-        outputs[index] = self.tokenizer.decode(tokens[row])
-    return outputs
+        caps[row] = self.output_cap(len(encoded[index]))
+      key = jax.random.fold_in(jax.random.key(options.seed), self._batches)
+      self._batches += 1
+      tokens, batch_scores = decoder(
+          self.loaded.params, jax.device_put(inputs, rows_sharding),
+          jax.device_put(caps, rows_sharding), key,
+          max_length=self._output_length(source_length))
+      tokens, batch_scores = np.asarray(tokens), np.asarray(batch_scores)
+      for row, index in enumerate(indices):
+        kept = [k for k in range(nbest) if batch_scores[row, k] > decode.NEG_INF / 2] or [0]
+        results[index] = [Hypothesis(self.tokenizer.decode(tokens[row, k]),
+                                     float(batch_scores[row, k])) for k in kept]
+    return results
+
+  def plan(self, lengths: Sequence[int], batch_size: int = 64,
+           fixed_rows: bool = False) -> list[tuple[int, int, list[int]]]:
+    """Decode batches for sentences of `lengths` tokens (0: blank, skipped):
+    [(padded source length, rows, sentence indices)], shortest sentences first.
+    A length bucket's full batch has as many rows as fit `batch_tokens` and
+    `batch_size`, rounded down to the device count times a power of two; its last
+    batch is padded to the smallest such row count that holds it (or, fixed_rows, to
+    the full count)."""
+    order = sorted((i for i, length in enumerate(lengths) if length),
+                   key=lambda i: lengths[i])
+    buckets = {}
+    for index in order:
+      buckets.setdefault(self._source_length(lengths[index]), []).append(index)
+    batches = []
+    for source_length, indices in buckets.items():
+      full = self._rows(source_length, batch_size)
+      for start in range(0, len(indices), full):
+        chunk = indices[start:start + full]
+        rows = self.devices
+        while rows < len(chunk) and not fixed_rows:
+          rows *= 2
+        batches.append((source_length, full if fixed_rows else min(rows, full), chunk))
+    return batches
+
+  def _rows(self, source_length: int, batch_size: int) -> int:
+    """Rows of a full batch of sources padded to `source_length`."""
+    fit = max(1, min(batch_size, self.batch_tokens // source_length) // self.devices)
+    return self.devices * 2 ** int(math.log2(fit))
+
+  def _source_length(self, tokens: int) -> int:
+    """The padded source length of a `tokens`-token line (within a learned table)."""
+    limit = self.max_source_tokens
+    return length_bucket(tokens) if limit is None else min(length_bucket(tokens), limit)
+
+  def _output_length(self, source_length: int) -> int:
+    """The decode loop's length for sources padded to `source_length`: the longest
+    output cap of the bucket, rounded up to a bucket (per-sentence caps end earlier)."""
+    cap = self.output_cap(source_length)
+    limit = self.max_source_tokens
+    return length_bucket(cap) if limit is None else min(length_bucket(cap), limit)
+
+  def _decoder(self, options: DecodeOptions, scores: bool):
+    """The jitted `_decode_batch` for `options` (scores: compute them for greedy and
+    sampled outputs too); one per options, compiled once per shape."""
+    if (options, scores) not in self._decoders:
+      self._decoders[options, scores] = jax.jit(
+          functools.partial(_decode_batch, self.loaded.graphdef, self.loaded.rest, options,
+                            scores), static_argnames=('max_length',))
+    return self._decoders[options, scores]
 
 
-def _decode_batch(graphdef, rest, options: DecodeOptions, params, inputs, max_lengths, key,
-                  *, max_length: int):
-  """inputs: int32 [B, S] (0 = pad) -> best output tokens int32 [B, max_length]."""
+def _decode_batch(graphdef, rest, options: DecodeOptions, scores: bool, params, inputs,
+                  max_lengths, key, *, max_length: int):
+  """inputs: int32 [B, S] (0 = pad); max_lengths: int32 [B] -> (tokens int32 [B, K, L],
+  scores float32 [B, K]) best first; K = beam size for beam search, else 1 (scores NaN
+  unless `scores`)."""
   model = nnx.merge(graphdef, params, rest)
   segment_ids = (inputs != 0).astype(jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
@@ -127,28 +272,120 @@ def _decode_batch(graphdef, rest, options: DecodeOptions, params, inputs, max_le
     step_fn = model.decode_step_uncached
   batch = inputs.shape[0]
   bos, eos = tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID
-  if options.strategy == 'sample':
-    return decode.sample(step_fn, cache, batch, max_length, bos, eos, key,
-                         options.temperature, options.top_k, options.top_p, max_lengths)
   if options.strategy == 'beam':
-    tokens, _ = decode.beam_search(step_fn, cache, batch, options.beam_size, max_length,
-                                   bos, eos, options.length_penalty, max_lengths)
-    return tokens[:, 0]
-  return decode.greedy(step_fn, cache, batch, max_length, bos, eos, max_lengths)
+    return decode.beam_search(step_fn, cache, batch, options.beam_size, max_length, bos,
+                              eos, options.length_penalty, max_lengths)
+  if options.strategy == 'sample':
+    tokens = decode.sample(step_fn, cache, batch, max_length, bos, eos, key,
+                           options.temperature, options.top_k, options.top_p, max_lengths)
+  else:
+    tokens = decode.greedy(step_fn, cache, batch, max_length, bos, eos, max_lengths)
+  if scores:
+    score = _teacher_forced_scores(model, encoded, segment_ids, tokens,
+                                   options.length_penalty)
+  else:
+    score = jnp.full((batch,), jnp.nan)
+  return tokens[:, None], score[:, None]
+
+
+def _teacher_forced_scores(model, encoded, segment_ids, tokens, alpha: float):
+  """tokens: int32 [B, L], each row ending in EOS then 0s -> its log-probability over
+  the length penalty (beam search's score) [B]."""
+  eos = tokenizer_lib.EOS_ID
+  is_eos = (tokens == eos).astype(jnp.int32)
+  valid = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0  # up to and including the EOS
+  decoder_inputs = jnp.concatenate(
+      [jnp.full_like(tokens[:, :1], tokenizer_lib.BOS_ID), tokens[:, :-1]], axis=1)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  logits = model.decode(encoded, segment_ids, decoder_inputs, jnp.ones_like(tokens),
+                        positions, deterministic=True)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+  total = jnp.where(valid, picked, 0.0).sum(axis=1)
+  return total / decode.length_penalty(valid.sum(axis=1), alpha)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def format_nbest(line_index: int, hypotheses: Sequence[Hypothesis]) -> str:
+  """TSV rows `line_index<TAB>rank<TAB>score<TAB>translation` (0-based index and rank)."""
+  return ''.join(f'{line_index}\t{rank}\t{h.score:.4f}\t{h.text.replace(chr(9), " ")}\n'
+                 for rank, h in enumerate(hypotheses))
 
 
 def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
-        batch_size: int = 64, options: DecodeOptions = DecodeOptions()) -> None:
-  """Reads lines from `input_path` (or stdin), writes translations to `output`."""
+        batch_size: int = 64, options: DecodeOptions = DecodeOptions(), nbest: int = 0,
+        step: int | None = None, batch_tokens: int = BATCH_TOKENS, weights: str = 'auto',
+        source: TextIO | None = None, devices=None) -> None:
+  """Translates the lines of `input_path` (else streams `source`, default stdin) to
+  `output`: one translation per line, or with nbest >= 1 that many TSV rows
+  (`format_nbest`). Decodes on all local devices unless `devices` says otherwise."""
+  if batch_tokens < 1:
+    raise UserError(f'--batch_tokens must be >= 1, got {batch_tokens}')
+  if not 0 <= nbest <= options.max_nbest:
+    raise UserError(f'--nbest must be in [0, {options.max_nbest}] for {options.strategy} '
+                    f'decoding (beam search gives at most --beam_size), got {nbest}')
+  lines = None
   if input_path:
     try:
       with open(input_path, encoding='utf-8', errors='replace') as handle:
         lines = handle.read().splitlines()
     except OSError as error:
       raise UserError(f'--input={input_path}: {error.strerror}') from None
-  translator = Translator.from_workdir(workdir, options=options)
-  if not input_path:
-    lines = sys.stdin.read().splitlines()
-  for line in translator.translate(lines, batch_size=batch_size, progress=bool(input_path)):
-    output.write(line + '\n')
+  translator = Translator.from_workdir(workdir, step, options,
+                                       devices or jax.local_devices(), weights, batch_tokens)
+  if lines is not None:
+    results = translator.decode_encoded(translator.encode(lines), max(nbest, 1), batch_size,
+                                        progress=True, scores=nbest > 0)
+    _write(output, results, 0, nbest)
+  else:
+    stream(translator, sys.stdin if source is None else source, output, nbest, batch_size)
+  if translator.long_lines:
+    logging.info('%d line(s) were longer than the training length', translator.long_lines)
+
+
+def stream(translator: Translator, source: TextIO, output: TextIO, nbest: int = 0,
+           batch_size: int = 64) -> None:
+  """Translates `source` line by line as it arrives: each round blocks for one line,
+  adds the lines already queued (up to 4 x batch_tokens tokens, never waiting for
+  more), decodes them together and writes and flushes their translations."""
+  lines = queue.Queue()
+
+  def read():
+    try:
+      for line in iter(source.readline, ''):
+        lines.put(line.rstrip('\r\n'))
+    finally:
+      lines.put(None)  # end of input (or a read error, which ends it too)
+
+  threading.Thread(target=read, name='translate-stdin', daemon=True).start()
+  done, count = False, 0
+  while not done:
+    line = lines.get()
+    if line is None:
+      break
+    chunk = [line]
+    encoded = translator.encode(chunk, count)
+    tokens = len(encoded[0] or ())
+    while tokens < 4 * translator.batch_tokens:
+      try:
+        line = lines.get_nowait()
+      except queue.Empty:
+        break
+      if line is None:
+        done = True
+        break
+      encoded += translator.encode([line], count + len(encoded))
+      tokens += len(encoded[-1] or ())
+    results = translator.decode_encoded(encoded, max(nbest, 1), batch_size,
+                                        scores=nbest > 0)
+    _write(output, results, count, nbest)
+    count += len(encoded)
+
+
+def _write(output: TextIO, results: list[list[Hypothesis]], first_index: int,
+           nbest: int) -> None:
+  for index, hypotheses in enumerate(results, first_index):
+    output.write(format_nbest(index, hypotheses) if nbest else hypotheses[0].text + '\n')
   output.flush()

@@ -73,7 +73,7 @@ def test_translate_command_reads_stdin_and_keeps_lines(trained_workdir):
   assert outputs[-1] == '' and len(outputs) == len(lines) + 1  # one line each, in order
   assert outputs[1] == ''
   assert 'truncated' in result.stderr  # the over-long line is reported
-  assert 'Loaded the parameters of checkpoint 20' in result.stderr  # logs on stderr, not stdout
+  assert 'Loaded the raw weights of checkpoint 20' in result.stderr  # logs on stderr, not stdout
   assert 'Loaded checkpoint' not in result.stdout
 
 
@@ -114,7 +114,8 @@ def test_non_finite_loss_is_a_runtime_failure_exit_1(small_corpus, tmp_path):
 
 
 def test_inference_restores_the_parameters_alone(trained_workdir):
-  before = {id(array) for array in jax.live_arrays()}
+  alive = jax.live_arrays()  # held, so no new array can reuse the id of a freed one
+  before = {id(array) for array in alive}
   loaded = inference.load(trained_workdir)
   params_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(loaded.params))
   new_bytes = sum(array.nbytes for array in jax.live_arrays() if id(array) not in before)

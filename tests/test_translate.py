@@ -1,0 +1,191 @@
+"""`--mode=translate`: streaming stdin, n-best TSV, --checkpoint_step, token batching,
+and inputs of any length translated whole."""
+
+import dataclasses
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnmt import inference
+from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt import translate
+from jaxnmt.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEAM2 = translate.DecodeOptions(beam_size=2)
+
+
+@pytest.fixture(scope='module')
+def loaded(trained_workdir):
+  return inference.load(trained_workdir, devices=jax.local_devices())
+
+
+@pytest.fixture(scope='module')
+def test_sources(trained_workdir):
+  with open(os.path.join(trained_workdir, 'splits', 'test.src'), encoding='utf-8') as handle:
+    return handle.read().splitlines()
+
+
+def _main(workdir, *flags):
+  return [sys.executable, '-m', 'jaxnmt.main', '--mode=translate', f'--workdir={workdir}',
+          *flags]
+
+
+def _lines_of(pipe) -> queue.Queue:
+  """A queue the lines of `pipe` arrive on (None at its end)."""
+  lines = queue.Queue()
+
+  def read():
+    for line in iter(pipe.readline, ''):
+      lines.put(line)
+    lines.put(None)
+
+  threading.Thread(target=read, daemon=True).start()
+  return lines
+
+
+def test_stdin_is_streamed_line_by_line(trained_workdir, loaded):
+  expected = translate.Translator(loaded, BEAM2).translate(['Hello.', 'Where is the station?'])
+  process = subprocess.Popen(  # pylint: disable=consider-using-with
+      _main(trained_workdir, '--beam_size=2'), cwd=ROOT, stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+  try:
+    outputs = _lines_of(process.stdout)
+    # Each translation comes back while stdin is still open.
+    process.stdin.write('Hello.\n')
+    process.stdin.flush()
+    assert outputs.get(timeout=240) == expected[0] + '\n'
+    process.stdin.write('\nWhere is the station?\n')
+    process.stdin.flush()
+    assert outputs.get(timeout=60) == '\n'  # a blank line stays a blank line
+    assert outputs.get(timeout=60) == expected[1] + '\n'
+    process.stdin.close()
+    assert outputs.get(timeout=60) is None
+    assert process.wait(timeout=60) == 0
+  finally:
+    process.kill()
+
+
+def test_nbest_tsv_from_a_file_and_checkpoint_step(trained_workdir, loaded, tmp_path):
+  lines = ['Good morning.', '', 'Tom is here.']
+  source = tmp_path / 'in.txt'
+  source.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  result = subprocess.run(
+      _main(trained_workdir, f'--input={source}', '--beam_size=3', '--nbest=2',
+            '--checkpoint_step=10'), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'weights of checkpoint 10' in result.stderr
+  rows = [line.split('\t') for line in result.stdout.splitlines()]
+  assert [(int(r[0]), int(r[1])) for r in rows] == [(i, k) for i in range(3) for k in range(2)]
+  assert all(len(row) == 4 for row in rows)
+  scores = np.array([float(row[2]) for row in rows]).reshape(3, 2)
+  assert (scores[[0, 2], 0] >= scores[[0, 2], 1]).all() and (scores[[0, 2]] < 0).all()
+  assert [row[3] for row in rows[2:4]] == ['', '']  # the blank line
+  # The same as the library on checkpoint 10.
+  at_10 = translate.Translator.from_workdir(trained_workdir, 10, dataclasses.replace(
+      BEAM2, beam_size=3), devices=jax.local_devices())
+  assert at_10.step == 10
+  expected = at_10.translate_nbest(lines, 2)
+  assert [row[3] for row in rows] == [h.text for hs in expected for h in hs]
+  np.testing.assert_allclose(scores, [[h.score for h in hs] for hs in expected], atol=1e-3)
+
+
+def test_nbest_beyond_the_beam_is_a_user_error(trained_workdir):
+  with pytest.raises(UserError, match='--nbest must be in'):
+    translate.run(trained_workdir, None, nbest=3, options=BEAM2)
+  result = subprocess.run(_main(trained_workdir, '--nbest=2', '--beam_size=1'), cwd=ROOT,
+                          input='Hello.\n', capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and 'error: --nbest must be in [0, 1]' in result.stderr
+
+
+def test_token_batching_gives_the_one_by_one_results(loaded, test_sources):
+  translator = translate.Translator(loaded, BEAM2, batch_tokens=256)
+  sources = test_sources[:14] + ['', 'Hi.']
+  batched = translator.translate_nbest(sources, 2, batch_size=16)
+  plan = translator.plan([len(ids or ()) for ids in translator.encode(sources)], 16)
+  assert len(plan) > 1 and sorted(i for _, _, rows in plan for i in rows) == [
+      i for i, line in enumerate(sources) if line]
+  devices = translator.devices
+  for length, rows, indices in plan:
+    assert rows % devices == 0 and len(indices) <= rows <= 16
+    assert rows * length <= 256 or rows == devices
+  for line, hypotheses in zip(sources, batched):
+    alone = translator.translate_nbest([line], 2)[0]
+    assert [h.text for h in hypotheses] == [h.text for h in alone]
+    np.testing.assert_allclose([h.score for h in hypotheses], [h.score for h in alone],
+                               atol=1e-4)
+  assert translator.translate(sources, 16) == [hs[0].text for hs in batched]
+
+
+def test_greedy_hypotheses_carry_their_score(loaded):
+  translator = translate.Translator(loaded, translate.DecodeOptions(beam_size=1))
+  [[hypothesis]] = translator.translate_nbest(['Good morning.'])
+  assert np.isfinite(hypothesis.score) and hypothesis.score < 0
+
+
+def _never_ending(loaded):
+  """`loaded` with the EOS logit pushed far down: every output runs to its cap."""
+  params = jax.tree.map(lambda x: x, loaded.params)
+  norm = params['decoder_norm']
+  norm['scale'].value = norm['scale'].value.at[0].set(0.0)
+  norm['bias'].value = norm['bias'].value.at[0].set(1.0)  # feature 0 is always 1
+  embedding = params['source_embed']['embedding']  # tied with the output layer
+  embedding.value = embedding.value.at[tokenizer_lib.EOS_ID, 0].set(-1e4)
+  return dataclasses.replace(loaded, params=params)
+
+
+def test_long_inputs_are_translated_whole(loaded, caplog):
+  translator = translate.Translator(_never_ending(loaded), translate.DecodeOptions(beam_size=1))
+  data = translator.config.data
+  long_line = ' '.join(['the cat sleeps on the sofa and the dog barks'] * 12)
+  source_tokens = len(translator.tokenizer.encode(long_line)) + 1
+  assert source_tokens >= 3 * data.max_source_length
+  calls = []
+  jitted = translator._decoder  # pylint: disable=protected-access
+
+  def spy(options, scores):
+    def decode(params, inputs, max_lengths, key, *, max_length):
+      tokens, batch_scores = jitted(options, scores)(params, inputs, max_lengths, key,
+                                                     max_length=max_length)
+      calls.append((np.asarray(inputs), np.asarray(max_lengths), max_length,
+                    np.asarray(tokens)))
+      return tokens, batch_scores
+    return decode
+
+  translator._decoder = spy  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING):
+    [output] = translator.translate([long_line])
+    translator.translate([long_line, long_line])
+  [inputs, caps, max_length, tokens] = calls[0]
+  assert (inputs[0] != 0).sum() == source_tokens  # the whole source reaches the encoder
+  cap = translator.output_cap(source_tokens)
+  assert cap == int(1.5 * source_tokens + 10) > 2 * data.max_target_length
+  assert caps[0] == cap and max_length >= cap
+  end = list(tokens[0, 0]).index(tokenizer_lib.EOS_ID)
+  assert end + 1 == cap  # ran to its cap, far past max_target_length
+  assert output
+  warnings = [r.getMessage() for r in caplog.records if 'not truncated' in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].startswith('1 input line')  # once per run
+  assert translator.long_lines == 3
+
+
+def test_a_line_beyond_a_learned_position_table_is_refused_by_name(loaded):
+  learned = dataclasses.replace(loaded, model_config=dataclasses.replace(
+      loaded.model_config, position_embedding='learned', max_length=40))
+  translator = translate.Translator(learned)
+  assert translator.max_source_tokens == 40 and translator.output_cap(30) == 40
+  with pytest.raises(UserError, match='input line 2 has .* tokens, more than the 40'):
+    translator.translate(['Hello.', 'word ' * 50])
+
+
+def test_length_buckets_are_few():
+  assert [translate.length_bucket(n) for n in (1, 16, 17, 64, 65, 97, 129, 200, 300)] == [
+      16, 16, 32, 64, 96, 128, 192, 256, 384]
+  assert len({translate.length_bucket(n) for n in range(1, 1025)}) == 12

@@ -223,8 +223,8 @@ def get_config():
 
   # ---------------------------------------------------------------- decoding
   config.decode = ml_collections.ConfigDict()
-  # Longest translation, in tokens: max_length_ratio * source tokens + max_length_offset,
-  # capped at data.max_target_length.
+  # Longest translation, in tokens: max_length_ratio * source tokens + max_length_offset
+  # (for any source length: inputs longer than the training length are not truncated).
   config.decode.max_length_ratio = 1.5
   config.decode.max_length_offset = 10
 

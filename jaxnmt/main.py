@@ -77,7 +77,8 @@ flags.DEFINE_integer('max_request_sentences', 64, 'serve: most sentences in one 
 flags.DEFINE_integer('max_sentence_tokens', 256, 'serve: longest sentence accepted, in '
                      'tokens (and 8x that in characters).')
 flags.DEFINE_integer('beam_size', 4, 'translate/eval/serve: beam size (1 = greedy).')
-flags.DEFINE_float('length_penalty', 0.6, 'translate/eval: GNMT length penalty alpha.')
+flags.DEFINE_float('length_penalty', 1.0, 'translate/eval/serve: GNMT length penalty alpha '
+                   '(chosen by a sweep on validation: BUILD_NOTES.md, "Output length").')
 flags.DEFINE_float('temperature', 0.0, 'translate: > 0 samples at this temperature '
                    '(generate: 0 means 1.0).')
 flags.DEFINE_integer('top_k', 0, 'translate: sample among the k most likely (0 = all).')

@@ -59,7 +59,7 @@ def length_bucket(length: int) -> int:
 class DecodeOptions:
   """beam_size > 1: beam search; temperature > 0: sampling; else greedy."""
   beam_size: int = 4
-  length_penalty: float = 0.6
+  length_penalty: float = 1.0  # GNMT alpha; BUILD_NOTES.md, "Output length"
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0

@@ -38,5 +38,7 @@ setuptools.setup(
         # The gs:// tests run against a local GCS emulator (tests/gcs_emulator.py).
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'gcsfs>=2026.10.1',
                  'gcp-storage-emulator>=2026.7.19'],
+        # benchmarks/ct2_compare.py: decoding speed against CTranslate2 on the same weights.
+        'bench': ['ctranslate2>=4.8'],
     },
 )

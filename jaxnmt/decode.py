@@ -3,32 +3,109 @@
 `step_fn(cache, tokens [B], index) -> (logits [B, V], cache)` is any cached decoder
 (every cache array has the batch as its leading axis). All strategies run under
 `lax.while_loop` with static shapes and stop as soon as every sequence has ended.
-Shapes: B batch, K beams, L max output length, V vocabulary.
+Shapes: B batch, K beams, L max output length, V vocabulary, W window.
+
+Two conventions make the search cheap without knowing the model:
+
+* Position slots. A cache array stored under a dict key in `SLOT_NAMES` ('keys',
+  'values': a self-attention KV cache) holds one slot per output position on its
+  axis 1, [rows, L, ...], slot i written at step i. The loop runs in segments over
+  growing windows (16, 32, 64, ... positions; `window`): while decoding positions
+  < W the step function is handed those arrays cut to their first W slots, so early
+  steps attend over (and beam search reorders) W slots instead of L. The step
+  function must take its length from the cache it is given (the models' do).
+* Untouched arrays. An array the step function returns unchanged (the very traced
+  value it was given, e.g. the encoder's cross-attention keys) is the same for every
+  beam of a sentence, so beam search never reorders it.
 """
 
 import jax
 import jax.numpy as jnp
 
 NEG_INF = -1.0e7
+SLOT_NAMES = ('keys', 'values')
+WINDOW = 16  # the first window of position slots; each next one is twice as long
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def window_ends(max_length: int, start: int = 0, window: int | None = WINDOW) -> list[int]:
+  """Where the loop's segments end: window, 2 window, 4 window, ... < max_length, then
+  max_length; only ends beyond `start` (the first position decoded). No `window`: one
+  segment."""
+  ends = []
+  while window and window < max_length:
+    if window > start:
+      ends.append(window)
+    window *= 2
+  return ends + [max_length]
+
+
+def _is_slot(path) -> bool:
+  key = path[-1]
+  return isinstance(key, jax.tree_util.DictKey) and key.key in SLOT_NAMES
+
+
+def resize_slots(cache, length: int):
+  """`cache` with every position-slot array cut, or zero-padded, to `length` slots."""
+  def resize(path, array):
+    if not _is_slot(path) or array.shape[1] == length:
+      return array
+    if array.shape[1] > length:
+      return array[:, :length]
+    padding = [(0, 0), (0, length - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+    return jnp.pad(array, padding)
+  return jax.tree_util.tree_map_with_path(resize, cache)
+
+
+def _segmented_loop(not_done, body, state: dict, ends: list[int], finish):
+  """`finish(lax.while_loop(not_done, body, state))`, run as one while_loop per
+  window: the segment ending at `ends[i]` hands `body` the position slots of
+  `state['cache']` cut to ends[i]. A later segment (and its growing of the slots)
+  runs only if the search is not done."""
+  def run(state, segment):
+    end = ends[segment]
+    state = {**state, 'cache': resize_slots(state['cache'], end)}
+    state = jax.lax.while_loop(lambda s: (s['index'] < end) & not_done(s), body, state)
+    if segment + 1 == len(ends):
+      return finish(state)
+    return jax.lax.cond(not_done(state), lambda s: run(s, segment + 1), finish, state)
+  return run(state, 0)
 
 
 # ----------------------------------------------------------------------------- greedy, sampling
 
 
 def greedy(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id: int,
-           max_lengths: jax.Array | None = None) -> jax.Array:
+           max_lengths: jax.Array | None = None, *,
+           window: int | None = WINDOW) -> jax.Array:
   """Most likely token at every step -> int32 [B, L] (EOS, then 0s, after the end).
 
   max_lengths: optional int32 [B]; sequence b is ended (EOS forced) at that length.
+  window: the first window of position slots (module docstring); None: all L slots.
   """
-  return _token_loop(step_fn, cache, lambda logits, key: logits.argmax(-1), batch_size,
-                     max_length, bos_id, eos_id, max_lengths, jax.random.key(0))
+  return _token_loop(step_fn, cache, lambda logits, key: argmax(logits), batch_size,
+                     max_length, bos_id, eos_id, max_lengths, jax.random.key(0),
+                     window=window)
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+  """logits [..., V] -> int32 [...]: the index of the largest logit (the first of
+  equal ones), as `jnp.argmax`, but as two plain reductions (the max, then the least
+  index holding it), which XLA:CPU vectorises: ~6x faster than its fused (value,
+  index) reduction over a [256, 6000] batch."""
+  vocab = logits.shape[-1]
+  best = logits.max(axis=-1, keepdims=True)
+  first = jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab).min(axis=-1)
+  return jnp.minimum(first, vocab - 1)  # NaN logits match nothing
 
 
 def sample(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id: int,
            key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            max_lengths: jax.Array | None = None, start_index: int = 0,
-           first_tokens: jax.Array | None = None) -> jax.Array:
+           first_tokens: jax.Array | None = None, *,
+           window: int | None = WINDOW) -> jax.Array:
   """Ancestral sampling from the temperature-scaled distribution, restricted to the
   `top_k` most likely tokens (0 = all) and to the nucleus of mass `top_p` -> [B, L].
 
@@ -39,7 +116,7 @@ def sample(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id
     filtered = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
     return jax.random.categorical(step_key, filtered, axis=-1)
   return _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
-                     max_lengths, key, start_index, first_tokens)
+                     max_lengths, key, start_index, first_tokens, window=window)
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -60,33 +137,33 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
 
 
 def _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
-                max_lengths, key, start_index: int = 0, first_tokens=None):
+                max_lengths, key, start_index: int = 0, first_tokens=None, *, window):
   """Feeds each chosen token back in, from position `start_index`; output [B, L - start]."""
   if max_lengths is None:
     max_lengths = jnp.full((batch_size,), max_length, jnp.int32)
-  tokens = jnp.zeros((batch_size, max_length - start_index), jnp.int32)
-  finished = jnp.zeros((batch_size,), bool)
   previous = (jnp.full((batch_size,), bos_id, jnp.int32) if first_tokens is None
               else first_tokens.astype(jnp.int32))
+  state = dict(index=jnp.int32(start_index), previous=previous, cache=cache,
+               tokens=jnp.zeros((batch_size, max_length - start_index), jnp.int32),
+               finished=jnp.zeros((batch_size,), bool))
 
-  def not_done(carry):
-    index, _, finished, _, _ = carry
-    return (index < max_length) & ~finished.all()
+  def not_done(state):
+    return (state['index'] < max_length) & ~state['finished'].all()
 
-  def body(carry):
-    index, tokens, finished, previous, cache = carry
-    logits, cache = step_fn(cache, previous, index)
+  def body(state):
+    index = state['index']
+    logits, cache = step_fn(state['cache'], state['previous'], index)
     chosen = select(logits.astype(jnp.float32), jax.random.fold_in(key, index))
     chosen = chosen.astype(jnp.int32)
     chosen = jnp.where(index + 1 >= max_lengths, eos_id, chosen)
-    chosen = jnp.where(finished, 0, chosen)
-    tokens = tokens.at[:, index - start_index].set(chosen)
-    finished = finished | (chosen == eos_id)
-    return index + 1, tokens, finished, chosen, cache
+    chosen = jnp.where(state['finished'], 0, chosen)
+    return dict(index=index + 1, previous=chosen, cache=cache,
+                tokens=state['tokens'].at[:, index - start_index].set(chosen),
+                finished=state['finished'] | (chosen == eos_id))
 
-  _, tokens, _, _, _ = jax.lax.while_loop(
-      not_done, body, (jnp.int32(start_index), tokens, finished, previous, cache))
-  return tokens
+  return _segmented_loop(not_done, body, state,
+                         window_ends(max_length, start_index, window),
+                         lambda state: state['tokens'])
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -99,8 +176,113 @@ def length_penalty(length, alpha: float):
 
 def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int,
                 bos_id: int, eos_id: int, alpha: float = 0.6,
-                max_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                max_lengths: jax.Array | None = None, *,
+                window: int | None = WINDOW) -> tuple[jax.Array, jax.Array]:
   """Beam search -> (tokens int32 [B, K, L], scores float32 [B, K]), best first.
+
+  A hypothesis that emits EOS is finished: it is kept (scored log p / length_penalty)
+  and never extended. The search stops when no live beam can beat the finished ones.
+  `cache` is for B rows. Same hypotheses as `beam_search_reference`, for less work:
+
+  * the first step runs on the B rows (every beam starts from the same BOS); only then
+    is the cache repeated for the K beams;
+  * position slots grow in windows, untouched arrays are never reordered (module
+    docstring);
+  * the 2K best candidates of each beam (top-k over V), then the 2K best of those
+    K x 2K: the same 2K as a top-k over all K x V candidates;
+  * a sentence is settled once no live beam can beat its finished ones even at its
+    own `max_lengths` (alpha >= 0), rather than at the global max_length.
+
+  window: the first window of position slots (module docstring); None: all L slots.
+  """
+  k = beam_size
+  if max_lengths is None:
+    max_lengths = jnp.full((batch_size,), max_length, jnp.int32)
+  ends = window_ends(max_length, 0, window)
+  logits, cache = step_fn(resize_slots(cache, ends[0]),
+                          jnp.full((batch_size,), bos_id, jnp.int32), jnp.int32(0))
+  start = dict(live_tokens=jnp.zeros((batch_size, 1, max_length), jnp.int32),
+               live_logprobs=jnp.zeros((batch_size, 1)),
+               finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
+               finished_scores=jnp.full((batch_size, k), NEG_INF))
+  state, _ = _extend(start, logits, 0, k, max_lengths, eos_id, alpha)
+  state.update(index=jnp.int32(1),
+               cache=jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache))  # [B*K, ...]
+
+  def not_done(state):
+    best_possible = state['live_logprobs'][:, 0] / length_penalty(max_lengths, alpha)
+    improvable = (best_possible > state['finished_scores'].min(axis=1)).any()
+    return (state['index'] < max_length) & improvable
+
+  def body(state):
+    index = state['index']
+    previous = state['live_tokens'][:, :, index - 1]                     # [B, K]
+    logits, cache = step_fn(state['cache'], previous.reshape(-1), index)  # [B*K, V]
+    new_state, source_beam = _extend(state, logits, index, k, max_lengths, eos_id, alpha)
+    # Row b*K + j continues row b*K + source_beam[b, j]; rows are in range by construction.
+    rows = (jnp.arange(batch_size)[:, None] * k + source_beam).reshape(-1)
+    reorder = lambda old, new: new if new is old else jnp.take(new, rows, axis=0,
+                                                                mode='clip')
+    new_state.update(index=index + 1, cache=jax.tree.map(reorder, state['cache'], cache))
+    return new_state
+
+  def finish(state):
+    # A batch row with no finished hypothesis (cannot happen with a forced EOS) keeps
+    # its live beams.
+    none_finished = (state['finished_scores'] <= NEG_INF / 2).all(axis=1)
+    tokens = jnp.where(none_finished[:, None, None], state['live_tokens'],
+                       state['finished_tokens'])
+    scores = jnp.where(none_finished[:, None], state['live_logprobs'],
+                       state['finished_scores'])
+    return tokens, scores
+
+  return _segmented_loop(not_done, body, state, ends, finish)
+
+
+def _extend(state: dict, logits, index, k: int, max_lengths, eos_id: int, alpha: float):
+  """One step of beam search from the K' live beams of `state` (K' = 1 at the first
+  step) with their next-token logits [B*K', V] -> (the new live and finished
+  hypotheses, K of each, and for each new live beam the old one it extends [B, K])."""
+  batch, beams = state['live_logprobs'].shape
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  vocab = log_probs.shape[-1]
+  log_probs = log_probs.reshape(batch, beams, vocab)                     # [B, K', V]
+  must_end = (index + 1 >= max_lengths)[:, None, None]
+  eos_only = jnp.full((vocab,), NEG_INF).at[eos_id].set(0.0)
+  log_probs = jnp.where(must_end, jnp.maximum(log_probs + eos_only, NEG_INF), log_probs)
+  candidates = state['live_logprobs'][:, :, None] + log_probs
+  # 2K candidates always leave K that do not end in EOS. A candidate outside its own
+  # beam's best 2K is outside the best 2K overall, so two small top-ks find those.
+  beam_best, beam_token = jax.lax.top_k(candidates, 2 * k)              # [B, K', 2K]
+  top_logprobs, top_index = jax.lax.top_k(beam_best.reshape(batch, -1), 2 * k)  # [B, 2K]
+  beam_of = top_index // (2 * k)
+  token_of = jnp.take_along_axis(beam_token.reshape(batch, -1), top_index, axis=1)
+  sequences = jnp.take_along_axis(state['live_tokens'], beam_of[:, :, None], axis=1)
+  sequences = sequences.at[:, :, index].set(token_of)                    # [B, 2K, L]
+  is_eos = token_of == eos_id
+
+  # Finished: merge new EOS hypotheses with the old finished ones, keep the best K.
+  real_eos = is_eos & (top_logprobs > NEG_INF / 2)  # not a forced end of a dead beam
+  new_scores = jnp.where(real_eos, top_logprobs / length_penalty(index + 1, alpha), NEG_INF)
+  all_scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)
+  all_tokens = jnp.concatenate([state['finished_tokens'], sequences], axis=1)
+  finished_scores, keep = jax.lax.top_k(all_scores, k)
+  finished_tokens = jnp.take_along_axis(all_tokens, keep[:, :, None], axis=1)
+
+  # Live: the best K candidates that did not end.
+  live_logprobs, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logprobs), k)
+  live_tokens = jnp.take_along_axis(sequences, keep[:, :, None], axis=1)  # [B, K, L]
+  source_beam = jnp.take_along_axis(beam_of, keep, axis=1)               # [B, K]
+  return dict(live_tokens=live_tokens, live_logprobs=live_logprobs,
+              finished_tokens=finished_tokens, finished_scores=finished_scores), source_beam
+
+
+def beam_search_reference(step_fn, cache, batch_size: int, beam_size: int, max_length: int,
+                bos_id: int, eos_id: int, alpha: float = 0.6,
+                max_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The plain beam search `beam_search` is tested against (same contract): every
+  step runs all B*K rows over all max_length cache slots, takes the top 2K of the
+  K*V candidates and gathers the whole cache.
 
   A hypothesis that emits EOS is finished: it is kept (scored log p / length_penalty)
   and never extended. The search stops when no live beam can beat the finished ones.

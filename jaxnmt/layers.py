@@ -213,6 +213,28 @@ class Attention(nnx.Module):
       attended = jnp.einsum('BNQK,BKNH->BQNH', weights, values)
     return jnp.einsum('BQNH,NHD->BQD', attended, self.out[...].astype(self.dtype))
 
+  def attend_one(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
+                 mask: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
+    """Cached decoding, one query per row: hidden [B, 1, D]; keys/values [B, K, N, H]
+    (a KV cache); mask bool [B, 1, 1, K] -> [B, 1, D].
+
+    The same function as `__call__` without dropout (float32 scores and softmax), for
+    either kind, written as products summed over H and then over K: XLA reads the
+    cache once where it lies, where the einsum's batched matmul over (B, N) would
+    first transpose the whole cache to [B, N, K, H], at every step and layer."""
+    assert hidden.shape[1] == 1, f'one query per row, got {hidden.shape}'
+    hidden = hidden.astype(self.dtype)
+    query = jnp.einsum('BQD,DNH->BQNH', hidden, self.query[...].astype(self.dtype))
+    if query_positions is not None:
+      query = apply_rope(query, query_positions)
+    query = query.astype(jnp.float32) * (query.shape[-1] ** -0.5)       # [B, 1, N, H]
+    logits = jnp.sum(query * keys.astype(jnp.float32), axis=-1)          # [B, K, N]
+    logits = jnp.where(mask[:, 0, 0, :, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=1)
+    attended = jnp.sum(weights[..., None] * values.astype(jnp.float32), axis=1)  # [B, N, H]
+    return jnp.einsum('BNH,NHD->BD', attended.astype(self.dtype),
+                      self.out[...].astype(self.dtype))[:, None, :]
+
 
 class FeedForward(nnx.Module):
   """Position-wise MLP. 'relu' or 'gelu': act(x W_in + b_in) W_out + b_out; 'swiglu':

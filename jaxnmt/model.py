@@ -74,16 +74,22 @@ class Block(nnx.Module):
                cache: dict | None = None, index=None):
     """hidden: [B, T, D]; positions: int32 [B, T]; self_mask: bool [B, 1, T, T or T_max];
     cross (layers with cross-attention): (keys, values [B, S, N, H], mask [B, 1, T, S]).
-    With `cache` ({'keys', 'values'}: [B, T_max, N, H]) the step's keys and values are
-    written at position `index`. Returns (hidden [B, T, D], updated cache or None)."""
+    With `cache` ({'keys', 'values'}: [B, T_max, N, H]; cached decoding, T = 1) the
+    step's keys and values are written at position `index` and both attentions take
+    the one-query path (`Attention.attend_one`). Returns (hidden [B, T, D], updated
+    cache or None)."""
     attended, new_cache = self._self_attend(
         self._sublayer_input(hidden, self.self_attention_norm), positions, self_mask, cache,
         index, deterministic)
     hidden = self._residual(hidden, attended, self.self_attention_norm, deterministic)
     if self.cross_attention is not None:
       keys, values, mask = cross
-      attended = self.cross_attention(self._sublayer_input(hidden, self.cross_attention_norm),
-                                      keys, values, mask, deterministic=deterministic)
+      inputs = self._sublayer_input(hidden, self.cross_attention_norm)
+      if cache is None:
+        attended = self.cross_attention(inputs, keys, values, mask,
+                                        deterministic=deterministic)
+      else:
+        attended = self.cross_attention.attend_one(inputs, keys, values, mask)
       hidden = self._residual(hidden, attended, self.cross_attention_norm, deterministic)
     transformed = self.mlp(self._sublayer_input(hidden, self.mlp_norm),
                            deterministic=deterministic)
@@ -95,14 +101,14 @@ class Block(nnx.Module):
     keys, values = self.self_attention.project_kv(inputs)  # [B, T, N, H]
     if self.rope:
       keys = layers.apply_rope(keys, positions)
-    new_cache = None
-    if cache is not None:
-      keys = jax.lax.dynamic_update_slice_in_dim(cache['keys'], keys, index, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(cache['values'], values, index, axis=1)
-      new_cache = {'keys': keys, 'values': values}  # [B, T_max, N, H]
-    attended = self.self_attention(inputs, keys, values, mask, deterministic=deterministic,
-                                   query_positions=positions if self.rope else None)
-    return attended, new_cache
+    query_positions = positions if self.rope else None
+    if cache is None:
+      return self.self_attention(inputs, keys, values, mask, deterministic=deterministic,
+                                 query_positions=query_positions), None
+    keys = jax.lax.dynamic_update_slice_in_dim(cache['keys'], keys, index, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache['values'], values, index, axis=1)
+    attended = self.self_attention.attend_one(inputs, keys, values, mask, query_positions)
+    return attended, {'keys': keys, 'values': values}  # [B, T_max, N, H]
 
   def _sublayer_input(self, hidden, norm):
     """What a sublayer reads: the normalised residual stream under pre-LN."""
@@ -148,7 +154,8 @@ def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
   """One step of `model.decoder_layers`: tokens int32 [B] at position `index`; caches:
   one dict per layer, {'keys', 'values'} [B, T_max, N, H] (plus 'cross_keys',
   'cross_values' [B, S, N, H] with cross_mask [B, 1, 1, S] for cross-attention)
-  -> (logits [B, V], updated caches)."""
+  -> (logits [B, V], updated caches). T_max is read from the cache: decode.py hands
+  in windows of the slots (any T_max > index) and leaves the cross arrays untouched."""
   batch, max_length = caches[0]['keys'].shape[:2]
   positions = jnp.full((batch, 1), index, jnp.int32)
   hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],

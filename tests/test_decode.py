@@ -158,3 +158,99 @@ def test_cached_and_uncached_decoding_agree(encoded_batch):
                                                       3, 4, 12, BOS, EOS)
   np.testing.assert_array_equal(beam_cached[:, 0], beam_uncached[:, 0])
   np.testing.assert_allclose(scores_cached, scores_uncached, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- optimised vs plain
+
+
+def greedy_reference(step_fn, cache, batch_size, max_length, max_lengths):
+  """The plainest greedy decoder: a Python loop over all max_length steps on the full
+  cache -> int32 [B, L] (EOS, then 0s, after the end)."""
+  step_fn = jax.jit(step_fn)
+  previous = jnp.full((batch_size,), BOS, jnp.int32)
+  tokens = np.zeros((batch_size, max_length), np.int32)
+  finished = np.zeros((batch_size,), bool)
+  for index in range(max_length):
+    logits, cache = step_fn(cache, previous, index)
+    chosen = np.asarray(logits).argmax(-1)
+    chosen = np.where(index + 1 >= np.asarray(max_lengths), EOS, chosen)
+    chosen = np.where(finished, 0, chosen)
+    tokens[:, index] = chosen
+    finished |= chosen == EOS
+    previous = jnp.asarray(chosen, jnp.int32)
+  return tokens
+
+
+@pytest.fixture(scope='module')
+def eager_eos_model():
+  """A small random model, 5 source rows, whose EOS logit grows with the position (and
+  after some tokens) so that hypotheses end at many lengths, many before their cap."""
+  model = small_model()
+  inputs = jnp.asarray(np.random.default_rng(1).integers(4, 30, (5, 6)), jnp.int32)
+  inputs = inputs.at[1, 3:].set(0)
+  segments = (inputs > 0).astype(jnp.int32)
+  encoded = model.encode(inputs, segments, jnp.broadcast_to(jnp.arange(6), (5, 6)))
+
+  def step_fn(cache, tokens, index):
+    logits, cache = model.decode_step(cache, tokens, index)
+    eos_bias = -3.0 + 0.4 * index + jnp.where(tokens % 3 == 0, 1.0, 0.0)
+    return logits.at[:, EOS].add(eos_bias), cache
+  return step_fn, model.init_cache(encoded, segments, 20)
+
+
+@pytest.mark.parametrize('window', [8, 4])
+@pytest.mark.parametrize('alpha', [0.6, 1.5])
+def test_beam_search_returns_the_reference_hypotheses(eager_eos_model, window, alpha):
+  step_fn, cache = eager_eos_model
+  max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
+  args = (step_fn, cache, 5, 4, 20, BOS, EOS, alpha, max_lengths)
+  tokens, scores = decode.beam_search(*args, window=window)
+  expected_tokens, expected_scores = decode.beam_search_reference(*args)
+  np.testing.assert_array_equal(tokens, expected_tokens)
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+  # The case is not trivial: hypotheses of many lengths, some ended before their cap,
+  # and rows decoded past the first window.
+  lengths = np.argmax(np.asarray(tokens) == EOS, axis=-1) + 1       # [B, K]
+  assert (lengths < np.asarray(max_lengths)[:, None]).sum() >= 5, lengths
+  assert len(np.unique(lengths)) >= 4 and lengths.max() > window, lengths
+  assert (np.asarray(scores)[:, :-1] >= np.asarray(scores)[:, 1:]).all()
+
+
+def test_greedy_returns_the_reference_tokens(eager_eos_model):
+  step_fn, cache = eager_eos_model
+  max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
+  expected = greedy_reference(step_fn, cache, 5, 20, max_lengths)
+  for window in (16, 4, None):
+    tokens = decode.greedy(step_fn, cache, 5, 20, BOS, EOS, max_lengths, window=window)
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_windows_cover_the_positions_to_decode():
+  assert decode.window_ends(64) == [16, 32, 64]
+  assert decode.window_ends(20, window=4) == [4, 8, 16, 20]
+  assert decode.window_ends(20, start=9, window=4) == [16, 20]
+  assert decode.window_ends(12) == [12]
+  assert decode.window_ends(64, window=None) == [64]
+
+
+def test_sampling_a_continuation_is_the_same_in_windows():
+  config = model_lib.ModelConfig(vocab_size=30, num_decoder_layers=2, d_model=32,
+                                 num_heads=4, d_ff=64, dropout_rate=0.0,
+                                 attention_dropout_rate=0.0, kind='decoder_lm')
+  model = model_lib.DecoderLM(config, rngs=nnx.Rngs(params=5, dropout=6))
+  prompt = jnp.asarray(np.random.default_rng(2).integers(4, 30, (3, 6)), jnp.int32)
+  cache = model.init_cache(3, 24)
+  for index in range(5):
+    _, cache = model.decode_step(cache, prompt[:, index], index)
+  run = lambda window: decode.sample(model.decode_step, cache, 3, 24, BOS, EOS,
+                                     jax.random.key(7), max_lengths=jnp.full((3,), 99),
+                                     start_index=5, first_tokens=prompt[:, 5],
+                                     window=window)
+  np.testing.assert_array_equal(run(4), run(None))
+
+
+def test_argmax_takes_the_first_of_equal_maxima():
+  logits = jnp.array([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-2.0, -1.0, -7.0, -1.5]])
+  np.testing.assert_array_equal(decode.argmax(logits), [1, 0, 1])
+  noise = jax.random.normal(jax.random.key(0), (64, 300))
+  np.testing.assert_array_equal(decode.argmax(noise), jnp.argmax(noise, -1))

@@ -71,6 +71,9 @@ flags.DEFINE_integer('batch_tokens', 4096, 'translate/serve: source tokens (padd
 flags.DEFINE_integer('nbest', 0, 'translate: 0 writes one translation per line; K >= 1 '
                      'writes the K best (K <= --beam_size) as TSV rows '
                      'line_index<TAB>rank<TAB>score<TAB>translation.')
+flags.DEFINE_integer('serve_batch_size', 8, 'serve: rows of every decode batch (each '
+                     'batch is padded to it: fewer rows answer a lone request sooner, more '
+                     'serve more concurrent ones per batch; BUILD_NOTES.md, "Server").')
 flags.DEFINE_string('host', '127.0.0.1', 'serve: address to listen on.')
 flags.DEFINE_integer('port', 8080, 'serve: port to listen on (0: any free port).')
 flags.DEFINE_integer('max_request_sentences', 64, 'serve: most sentences in one request.')
@@ -148,8 +151,9 @@ def _check_flags() -> None:
     raise UserError('--bench_steps and --bench_warmup must be >= 1, '
                     '--bench_decode_sentences >= 0')
   if FLAGS.beam_size < 1 or FLAGS.temperature < 0 or not 0 < FLAGS.top_p <= 1 or \
-      FLAGS.top_k < 0 or FLAGS.batch_size < 1:
-    raise UserError('--beam_size and --batch_size must be >= 1, --temperature >= 0, '
+      FLAGS.top_k < 0 or FLAGS.batch_size < 1 or FLAGS.serve_batch_size < 1:
+    raise UserError('--beam_size, --batch_size and --serve_batch_size must be >= 1, '
+                    '--temperature >= 0, '
                     '--top_k >= 0 and --top_p in (0, 1]')
 
 
@@ -203,7 +207,7 @@ def _run(workdir: str, cluster: str | None) -> None:
   elif FLAGS.mode == 'serve':
     from jaxnmt import serve
     serve.run(workdir, FLAGS.host, FLAGS.port, _decode_options(), step=FLAGS.checkpoint_step,
-              weights=FLAGS.weights, batch_size=FLAGS.batch_size,
+              weights=FLAGS.weights, batch_size=FLAGS.serve_batch_size,
               batch_tokens=FLAGS.batch_tokens,
               limits=serve.Limits(FLAGS.max_request_sentences, FLAGS.max_sentence_tokens))
   elif FLAGS.mode == 'average':

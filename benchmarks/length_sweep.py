@@ -20,7 +20,8 @@ from absl import app
 from absl import flags
 
 flags.DEFINE_string('workdir', None, 'A trained translation workdir.', required=True)
-flags.DEFINE_string('split', 'valid', 'valid or test (WORKDIR/splits/<split>.src/.ref).')
+flags.DEFINE_string('split', 'valid', 'valid, test or any <split> with '
+                    'WORKDIR/splits/<split>.src and .ref.')
 flags.DEFINE_string('weights', 'auto', 'auto, raw, ema or an averaged name.')
 flags.DEFINE_list('alphas', ['0', '0.6', '1.0', '1.5'], 'Length penalties for beam search.')
 flags.DEFINE_integer('beam_size', 4, 'Beam size.')
@@ -34,7 +35,10 @@ def main(_):
   # pylint: disable=g-import-not-at-top
   import sacrebleu
   from jaxnmt import inference, translate
-  loaded = inference.load(FLAGS.workdir, weights=FLAGS.weights)
+  try:
+    loaded = inference.load(FLAGS.workdir, weights=FLAGS.weights)
+  except TypeError:  # a jaxnmt from before --weights
+    loaded = inference.load(FLAGS.workdir)
   splits = os.path.join(FLAGS.workdir, 'splits')
   with open(os.path.join(splits, f'{FLAGS.split}.src'), encoding='utf-8') as handle:
     sources = handle.read().splitlines()[:FLAGS.sentences or None]

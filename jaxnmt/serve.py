@@ -58,7 +58,7 @@ class _Job:
 
   @property
   def tokens(self) -> int:
-    return sum(len(ids or ()) for ids in self.encoded)
+    return sum(translate.source_tokens(ids) for ids in self.encoded)
 
 
 class DecodeWorker:
@@ -166,8 +166,9 @@ def parse_request(body: bytes, translator: translate.Translator, limits: Limits,
   except UserError as error:  # longer than a learned position table
     raise BadRequest(400, str(error)) from None
   for index, ids in enumerate(encoded):
-    if ids and len(ids) > max_tokens:
-      raise BadRequest(400, f'sentence {index} has {len(ids)} tokens: at most {max_tokens}')
+    if translate.source_tokens(ids) > max_tokens:
+      raise BadRequest(400, f'sentence {index} has {translate.source_tokens(ids)} tokens: '
+                            f'at most {max_tokens}')
   return _Job(encoded, options, nbest), 'nbest' in request
 
 

@@ -12,11 +12,15 @@ power of two (or, with `fixed_rows`, always to the bucket's full row count, so t
 sentence's result never depends on the sentences decoded with it: the server's mode).
 Sentences are split over all the devices of the loaded model's 1-D 'data' mesh.
 
-Nothing is truncated: the encoder reads the whole source (sinusoidal and RoPE positions
-extrapolate; a learned position table covers `model.max_length` positions, and a longer
-line is refused with a `UserError` naming it), and each output may run to
-`decode.max_length_ratio` x source tokens + `decode.max_length_offset` tokens. Lines
-longer than those trained on are counted and logged once, since quality may suffer.
+Nothing is truncated. A line longer than the training length (data.max_source_length)
+that holds several sentences is split into them (`split_sentences`), each is translated,
+and the translations are joined: a model trained on single sentences ends its output
+after the first sentence of a long line. Whatever is still longer is encoded whole
+(sinusoidal and RoPE positions extrapolate; a learned position table covers
+`model.max_length` positions, and a longer line is refused with a `UserError` naming
+it), and each output may run to `decode.max_length_ratio` x source tokens +
+`decode.max_length_offset` tokens. Such sentences are counted and logged once, since
+quality may suffer.
 """
 
 import dataclasses
@@ -24,6 +28,7 @@ import functools
 import logging
 import math
 import queue
+import re
 import sys
 import threading
 from typing import Sequence, TextIO
@@ -40,6 +45,33 @@ from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt.errors import UserError
 
 BATCH_TOKENS = 4096  # default source tokens (padding included) per decode batch
+
+
+# A sentence ends at . ! ? (or their full-width forms), possibly followed by closing
+# quotes or brackets, before white space and an opening quote, bracket, inverted mark,
+# capital letter or digit; not after an initial or a common title (Mr. Dr. ...).
+_SENTENCE_END = re.compile(
+    r'(?<=[.!?\u3002\uff01\uff1f])(?<!\b[A-Z]\.)(?<!\b(?:Mr|Ms|Dr|St)\.)'
+    r'(?<!\bMrs\.)([\'")\]\u201d\u2019\u00bb]*)\s+'
+    r'(?=[\'"(\[\u201c\u2018\u00ab\u00bf\u00a1]*[^\W\d_a-z]|\d)')
+
+
+def split_sentences(text: str) -> list[str]:
+  """`text` cut after each sentence end (see _SENTENCE_END); [text] if none."""
+  pieces, start = [], 0
+  for match in _SENTENCE_END.finditer(text):
+    pieces.append(text[start:match.start() + len(match.group(1))].strip())
+    start = match.end()
+  pieces.append(text[start:].strip())
+  return [piece for piece in pieces if piece]
+
+
+def source_tokens(ids) -> int:
+  """Tokens of an encoded line (`Translator.encode`): None, ids, or a tuple of the ids
+  of its sentences."""
+  if not ids:
+    return 0
+  return sum(map(len, ids)) if isinstance(ids, tuple) else len(ids)
 
 
 def length_bucket(length: int) -> int:
@@ -144,22 +176,27 @@ class Translator:
     return self.decode_encoded(self.encode(lines), nbest, batch_size, options,
                                progress=progress, scores=scores)
 
-  def encode(self, lines: Sequence[str], first_line: int = 0) -> list[list[int] | None]:
-    """Token ids of each line with its EOS (None for a blank line). A line longer than
-    a learned position table is a UserError naming it (line numbers from
-    `first_line` + 1); lines longer than the training length are counted and
-    logged the first time."""
+  def encode(self, lines: Sequence[str], first_line: int = 0) -> list:
+    """Token ids of each line with its EOS (None for a blank line); a line longer than
+    the training length that holds several sentences gives a tuple of the ids of
+    each. A sentence longer than a learned position table is a UserError naming its
+    line (numbers from `first_line` + 1); sentences longer than the training length
+    are counted and logged the first time."""
     encoded, long_lines = [], 0
     trained = self.config.data.max_source_length
     for number, line in enumerate(lines, first_line + 1):
-      ids = self.tokenizer.encode(line.strip()) + [tokenizer_lib.EOS_ID] if (
-          line.strip()) else None
-      if ids and self.max_source_tokens and len(ids) > self.max_source_tokens:
-        raise UserError(
-            f'input line {number} has {len(ids)} tokens, more than the {self.max_source_tokens} '
-            f'positions of the learned position table (model.max_length): split it '
-            f'into sentences')
-      long_lines += bool(ids and len(ids) > trained)
+      ids = self._ids(line)
+      if ids and len(ids) > trained:
+        sentences = split_sentences(line.strip())
+        if len(sentences) > 1:
+          ids = tuple(self._ids(sentence) for sentence in sentences)
+      for sentence in (ids if isinstance(ids, tuple) else [ids]):
+        if sentence and self.max_source_tokens and len(sentence) > self.max_source_tokens:
+          raise UserError(
+              f'input line {number} has a sentence of {len(sentence)} tokens, more than '
+              f'the {self.max_source_tokens} positions of the learned position table '
+              f'(model.max_length): split it into sentences')
+        long_lines += bool(sentence and len(sentence) > trained)
       encoded.append(ids)
     if long_lines and not self.long_lines:
       logging.warning(
@@ -169,12 +206,40 @@ class Translator:
     self.long_lines += long_lines
     return encoded
 
-  def decode_encoded(self, encoded: Sequence[list[int] | None], nbest: int = 1,
+  def _ids(self, text: str) -> list[int] | None:
+    text = text.strip()
+    return self.tokenizer.encode(text) + [tokenizer_lib.EOS_ID] if text else None
+
+  def decode_encoded(self, encoded: Sequence, nbest: int = 1,
                      batch_size: int = 64, options: DecodeOptions | None = None,
                      fixed_rows: bool = False, progress: bool = False,
                      scores: bool = True) -> list[list[Hypothesis]]:
     """`translate_nbest` of already encoded lines (`encode`). fixed_rows: every batch
-    of a length bucket has the same shape (results independent of the batch mates)."""
+    of a length bucket has the same shape (results independent of the batch mates).
+    A line split into sentences gets, at rank r, the rank-r translations of its
+    sentences joined (a sentence with fewer gives its last), scored by their sum."""
+    flat, owners = [], []
+    for index, ids in enumerate(encoded):
+      for sentence in (ids if isinstance(ids, tuple) else [ids]):
+        flat.append(sentence)
+        owners.append(index)
+    results = self._decode_sentences(flat, nbest, batch_size, options, fixed_rows,
+                                     progress, scores)
+    if len(flat) == len(encoded):
+      return results
+    merged = [[] for _ in encoded]
+    for owner, hypotheses in zip(owners, results):
+      merged[owner].append(hypotheses)
+    return [parts[0] if len(parts) == 1 else [
+        Hypothesis(' '.join(part[min(rank, len(part) - 1)].text for part in parts),
+                   sum(part[min(rank, len(part) - 1)].score for part in parts))
+        for rank in range(max(map(len, parts)))] for parts in merged]
+
+  def _decode_sentences(self, encoded: Sequence[list[int] | None], nbest: int,
+                        batch_size: int, options: DecodeOptions | None,
+                        fixed_rows: bool, progress: bool,
+                        scores: bool) -> list[list[Hypothesis]]:
+    """`decode_encoded` of single sentences."""
     options = options or self.options
     if not 1 <= nbest <= options.max_nbest:
       raise UserError(f'nbest must be in [1, {options.max_nbest}] for '
@@ -367,7 +432,7 @@ def stream(translator: Translator, source: TextIO, output: TextIO, nbest: int = 
       break
     chunk = [line]
     encoded = translator.encode(chunk, count)
-    tokens = len(encoded[0] or ())
+    tokens = source_tokens(encoded[0])
     while tokens < 4 * translator.batch_tokens:
       try:
         line = lines.get_nowait()
@@ -377,7 +442,7 @@ def stream(translator: Translator, source: TextIO, output: TextIO, nbest: int = 
         done = True
         break
       encoded += translator.encode([line], count + len(encoded))
-      tokens += len(encoded[-1] or ())
+      tokens += source_tokens(encoded[-1])
     results = translator.decode_encoded(encoded, max(nbest, 1), batch_size,
                                         scores=nbest > 0)
     _write(output, results, count, nbest)

@@ -189,3 +189,30 @@ def test_length_buckets_are_few():
   assert [translate.length_bucket(n) for n in (1, 16, 17, 64, 65, 97, 129, 200, 300)] == [
       16, 16, 32, 64, 96, 128, 192, 256, 384]
   assert len({translate.length_bucket(n) for n in range(1, 1025)}) == 12
+
+
+def test_sentences_are_split_where_they_end():
+  assert translate.split_sentences('Tom is here. He is tired! Is he? "Yes." 10 came.') == [
+      'Tom is here.', 'He is tired!', 'Is he?', '"Yes."', '10 came.']
+  assert translate.split_sentences('I met Mr. Smith. Pi is 3.14 here.') == [
+      'I met Mr. Smith.', 'Pi is 3.14 here.']
+  assert translate.split_sentences('¿Dónde está? ¡Aquí!') == ['¿Dónde está?', '¡Aquí!']
+  assert translate.split_sentences('no end at all') == ['no end at all']
+
+
+def test_a_long_line_of_sentences_is_translated_sentence_by_sentence(loaded, test_sources):
+  translator = translate.Translator(loaded, BEAM2)
+  trained = translator.config.data.max_source_length
+  sentences = [s for s in test_sources if s.rstrip().endswith(('.', '?', '!'))
+               and s[:1].isupper()][:8]
+  long_line = ' '.join(sentences)
+  assert len(translator.tokenizer.encode(long_line)) > trained
+  short_line = sentences[0]
+  [encoded_long, encoded_short] = translator.encode([long_line, short_line])
+  assert isinstance(encoded_long, tuple) and len(encoded_long) == len(sentences)
+  assert isinstance(encoded_short, list)  # short lines are never split
+  one_by_one = translator.translate_nbest(sentences)
+  [joined, short] = translator.translate_nbest([long_line, short_line])
+  assert joined[0].text == ' '.join(h[0].text for h in one_by_one)
+  np.testing.assert_allclose(joined[0].score, sum(h[0].score for h in one_by_one), rtol=1e-4)
+  assert short[0].text == one_by_one[0][0].text

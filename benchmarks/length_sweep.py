@@ -51,7 +51,7 @@ def main(_):
   settings += [(f'beam{FLAGS.beam_size} alpha={alpha}',
                 translate.DecodeOptions(beam_size=FLAGS.beam_size, length_penalty=float(alpha)))
                for alpha in FLAGS.alphas]
-  print(f'{FLAGS.workdir} step {loaded.step} ({loaded.weights} weights), {FLAGS.split} '
+  print(f'{FLAGS.workdir} step {loaded.step} ({getattr(loaded, "weights", "raw")} weights), {FLAGS.split} '
         f'split, {len(sources)} sentences')
   for name, options in settings:
     hypotheses = translate.Translator(loaded, options).translate(sources, FLAGS.batch_size)

@@ -120,7 +120,7 @@ def _main(*flags, cwd=ROOT, **env):
      'error: --workdir is required with several processes'),
     (['--mode=translate'], 'error: --workdir is required for --mode=translate'),
     (['--config=configs/tiny.py', '--workdir=WORKDIR', '--beam_size=0'],
-     'error: --beam_size and --batch_size must be >= 1'),
+     'error: --beam_size, --batch_size and --serve_batch_size must be >= 1'),
     (['--config=configs/tiny.py', '--workdir=WORKDIR', '--config.mesh.data=3'],
      'error: mesh data=3 needs 3 devices, found 8'),
     (['--mode=translate', '--workdir=WORKDIR'], 'error: WORKDIR/config.json not found'),

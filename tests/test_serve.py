@@ -168,6 +168,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, sentences, 
     assert concurrent['scores'] == pytest.approx(single['scores'], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_serve_mode_stops_on_sigterm(trained_workdir):
   process = subprocess.Popen(  # pylint: disable=consider-using-with
       [sys.executable, '-m', 'jaxnmt.main', '--mode=serve', f'--workdir={trained_workdir}',

@@ -73,6 +73,7 @@ def test_stdin_is_streamed_line_by_line(trained_workdir, loaded):
     process.kill()
 
 
+@pytest.mark.slow
 def test_nbest_tsv_from_a_file_and_checkpoint_step(trained_workdir, loaded, tmp_path):
   lines = ['Good morning.', '', 'Tom is here.']
   source = tmp_path / 'in.txt'

@@ -121,6 +121,7 @@ def test_average_refuses_what_it_cannot_do(ema_run):
     inference.load(ema_run, step=10, weights='two')
 
 
+@pytest.mark.slow
 def test_averaged_weights_survive_training_on_and_retention(ema_run, small_corpus, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(ema_run, workdir)
@@ -147,6 +148,7 @@ def test_retention_never_deletes_the_best_checkpoint(ema_run, small_corpus, tmp_
   assert checkpoint_lib.Checkpointer(workdir, read_only=True).all_steps() == [10, 30]
 
 
+@pytest.mark.slow
 def test_early_stopping_after_patience_checkpoints_without_gain(ema_run, small_corpus,
                                                                 tmp_path):
   workdir = str(tmp_path / 'run')
@@ -166,6 +168,7 @@ def test_early_stopping_after_patience_checkpoints_without_gain(ema_run, small_c
   assert inference.load(workdir, weights='raw').step == 50
 
 
+@pytest.mark.slow
 def test_eval_worker_scores_the_average_and_keeps_the_best(ema_run, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(ema_run, workdir)

@@ -25,9 +25,11 @@ class TextSamples:
   """The first `count` validation pairs of `workdir` and a jitted greedy decoder."""
 
   def __init__(self, workdir: str, config, tokenizer, graphdef, rest, mesh, count: int):
-    sources = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.src'))[:count]
-    references = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.ref'))[:count]
-    self.pairs = list(zip(sources, references))
+    self.pairs = []
+    if workdir_lib.exists(workdir_lib.split_file(workdir, 'valid.ref')):  # else no split
+      sources = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.src'))[:count]
+      references = workdir_lib.read_lines(workdir_lib.split_file(workdir, 'valid.ref'))
+      self.pairs = list(zip(sources, references[:count]))
     self._tokenizer = tokenizer
     self._rest = rest
     max_source = config.data.max_source_length

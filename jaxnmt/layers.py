@@ -215,23 +215,37 @@ class Attention(nnx.Module):
 
   def attend_one(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
                  mask: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
-    """Cached decoding, one query per row: hidden [B, 1, D]; keys/values [B, K, N, H]
-    (a KV cache); mask bool [B, 1, 1, K] -> [B, 1, D].
+    """Cached decoding, one query per row: hidden [G*B, 1, D]; keys/values [B, K, N, H]
+    (a KV cache); mask bool [B or G*B, 1, 1, K] -> [G*B, 1, D]. G = 1 but for keys
+    shared by a group of G consecutive query rows (beam search's cross-attention: row
+    r reads the keys of sentence r // G, which are then stored once, not G times).
 
     The same function as `__call__` without dropout (float32 scores and softmax), for
     either kind, written as products summed over H and then over K: XLA reads the
     cache once where it lies, where the einsum's batched matmul over (B, N) would
-    first transpose the whole cache to [B, N, K, H], at every step and layer."""
+    first transpose the whole cache to [B, N, K, H], at every step and layer (in
+    decoding loops no faster: measured)."""
     assert hidden.shape[1] == 1, f'one query per row, got {hidden.shape}'
+    batch, group = keys.shape[0], hidden.shape[0] // keys.shape[0]
+    assert batch * group == hidden.shape[0], (hidden.shape, keys.shape)
     hidden = hidden.astype(self.dtype)
     query = jnp.einsum('BQD,DNH->BQNH', hidden, self.query[...].astype(self.dtype))
     if query_positions is not None:
       query = apply_rope(query, query_positions)
-    query = query.astype(jnp.float32) * (query.shape[-1] ** -0.5)       # [B, 1, N, H]
-    logits = jnp.sum(query * keys.astype(jnp.float32), axis=-1)          # [B, K, N]
-    logits = jnp.where(mask[:, 0, 0, :, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=1)
-    attended = jnp.sum(weights[..., None] * values.astype(jnp.float32), axis=1)  # [B, N, H]
+    query = query.astype(jnp.float32) * (query.shape[-1] ** -0.5)       # [G*B, 1, N, H]
+    if group == 1:
+      logits = jnp.sum(query * keys.astype(jnp.float32), axis=-1)        # [B, K, N]
+      logits = jnp.where(mask[:, 0, 0, :, None], logits, jnp.finfo(jnp.float32).min)
+      weights = jax.nn.softmax(logits, axis=1)
+      attended = jnp.sum(weights[..., None] * values.astype(jnp.float32), axis=1)
+    else:
+      query = query.reshape(batch, group, 1, *query.shape[2:])           # [B, G, 1, N, H]
+      logits = jnp.sum(query * keys[:, None].astype(jnp.float32), axis=-1)  # [B, G, K, N]
+      mask = mask.reshape(batch, -1, mask.shape[-1])[..., None]          # [B, G or 1, K, 1]
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      weights = jax.nn.softmax(logits, axis=2)
+      attended = jnp.sum(weights[..., None] * values[:, None].astype(jnp.float32), axis=2)
+    attended = attended.reshape(batch * group, *values.shape[2:])        # [G*B, N, H]
     return jnp.einsum('BNH,NHD->BD', attended.astype(self.dtype),
                       self.out[...].astype(self.dtype))[:, None, :]
 

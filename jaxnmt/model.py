@@ -155,7 +155,9 @@ def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
   one dict per layer, {'keys', 'values'} [B, T_max, N, H] (plus 'cross_keys',
   'cross_values' [B, S, N, H] with cross_mask [B, 1, 1, S] for cross-attention)
   -> (logits [B, V], updated caches). T_max is read from the cache: decode.py hands
-  in windows of the slots (any T_max > index) and leaves the cross arrays untouched."""
+  in windows of the slots (any T_max > index) and leaves the cross arrays untouched.
+  The cross arrays may have B / G rows, each shared by G consecutive token rows (beam
+  search: decode.SHARED_NAMES); cross_mask has B or B / G rows."""
   batch, max_length = caches[0]['keys'].shape[:2]
   positions = jnp.full((batch, 1), index, jnp.int32)
   hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],

@@ -254,3 +254,17 @@ def test_argmax_takes_the_first_of_equal_maxima():
   np.testing.assert_array_equal(decode.argmax(logits), [1, 0, 1])
   noise = jax.random.normal(jax.random.key(0), (64, 300))
   np.testing.assert_array_equal(decode.argmax(noise), jnp.argmax(noise, -1))
+
+
+def test_top_k_equals_lax_top_k_with_ties():
+  rng = np.random.default_rng(0)
+  values = rng.standard_normal((3, 5, 6000)).astype(np.float32)
+  values[0, 0, :] = decode.NEG_INF                       # all equal
+  values[1, :, ::7] = 3.0                                # ties above the rest
+  values[2, 1, 100:4000] = np.round(values[2, 1, 100:4000])  # many ties
+  for size in (6000, 16000 // 2, 4096):
+    for k in (1, 2, 8):
+      expected = jax.lax.top_k(jnp.asarray(values[..., :size]), k)
+      found = decode.top_k(jnp.asarray(values[..., :size]), k)
+      np.testing.assert_array_equal(found[0], expected[0])
+      np.testing.assert_array_equal(found[1], expected[1])

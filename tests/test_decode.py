@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxnmt import decode
+from tests import beam_reference
 from jaxnmt import model as model_lib
 
 BOS, EOS = 2, 3
@@ -205,7 +206,7 @@ def test_beam_search_returns_the_reference_hypotheses(eager_eos_model, window, a
   max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
   args = (step_fn, cache, 5, 4, 20, BOS, EOS, alpha, max_lengths)
   tokens, scores = decode.beam_search(*args, window=window)
-  expected_tokens, expected_scores = decode.beam_search_reference(*args)
+  expected_tokens, expected_scores = beam_reference.beam_search(*args)
   np.testing.assert_array_equal(tokens, expected_tokens)
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
   # The case is not trivial: hypotheses of many lengths, some ended before their cap,

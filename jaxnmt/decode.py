@@ -9,8 +9,8 @@ Two conventions make the search cheap without knowing the model:
 
 * Position slots. A cache array stored under a dict key in `SLOT_NAMES` ('keys',
   'values': a self-attention KV cache) holds one slot per output position on its
-  axis 1, [rows, L, ...], slot i written at step i. The loop runs in segments over
-  growing windows (16, 32, 64, ... positions; `window`): while decoding positions
+  axis 2, [rows, heads, L, ...], slot i written at step i. The loop runs in segments over
+  growing windows (8, 16, 32, ... positions; `window`): while decoding positions
   < W the step function is handed those arrays cut to their first W slots, so early
   steps attend over (and beam search reorders) W slots instead of L. The step
   function must take its length from the cache it is given (the models' do).
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 
 NEG_INF = -1.0e7
 SLOT_NAMES = ('keys', 'values')
+SLOT_AXIS = 2
 SHARED_NAMES = ('cross_keys', 'cross_values')
-WINDOW = 16  # the first window of position slots; each next one is twice as long
+WINDOW = 8  # the first window of position slots; each next one is twice as long
 
 
 # ----------------------------------------------------------------------------- windows
@@ -63,11 +64,12 @@ def repeat_rows(cache, k: int):
 def resize_slots(cache, length: int):
   """`cache` with every position-slot array cut, or zero-padded, to `length` slots."""
   def resize(path, array):
-    if not _is_slot(path) or array.shape[1] == length:
+    if not _is_slot(path) or array.shape[SLOT_AXIS] == length:
       return array
-    if array.shape[1] > length:
-      return array[:, :length]
-    padding = [(0, 0), (0, length - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+    if array.shape[SLOT_AXIS] > length:
+      return array[:, :, :length]
+    padding = [(0, 0)] * array.ndim
+    padding[SLOT_AXIS] = (0, length - array.shape[SLOT_AXIS])
     return jnp.pad(array, padding)
   return jax.tree_util.tree_map_with_path(resize, cache)
 
@@ -105,13 +107,10 @@ def greedy(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id
 
 def argmax(logits: jax.Array) -> jax.Array:
   """logits [..., V] -> int32 [...]: the index of the largest logit (the first of
-  equal ones), as `jnp.argmax`, but as two plain reductions (the max, then the least
-  index holding it), which XLA:CPU vectorises: ~6x faster than its fused (value,
-  index) reduction over a [256, 6000] batch."""
-  vocab = logits.shape[-1]
-  best = logits.max(axis=-1, keepdims=True)
-  first = jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab).min(axis=-1)
-  return jnp.minimum(first, vocab - 1)  # NaN logits match nothing
+  equal ones), as `jnp.argmax`, by `top_k` with k = 1: one pass over the logits for
+  the maxima of small chunks, then a search of the best chunk. XLA:CPU's fused
+  (value, index) reduction is ~6x slower over a [256, 6000] batch."""
+  return top_k(logits, 1)[1][..., 0]
 
 
 def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -130,7 +129,12 @@ def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   if chunk is None or size <= 4 * k * chunk:
     return jax.lax.top_k(values, k)
   chunks = values.reshape(*values.shape[:-1], size // chunk, chunk)     # [..., N/C, C]
-  _, best_chunks = _small_top_k(chunks.max(axis=-1), k)
+  maxima = chunks.max(axis=-1)                                           # [..., N/C]
+  # A -inf column (never chosen before a real chunk): without it XLA merges the first
+  # round's max over the maxima into a second full pass over `values`.
+  maxima = jnp.concatenate([maxima, jnp.full((*maxima.shape[:-1], 1), -jnp.inf,
+                                             maxima.dtype)], axis=-1)
+  _, best_chunks = _small_top_k(maxima, k)
   best_chunks = jnp.sort(best_chunks, axis=-1)                           # [..., k]
   gathered = jnp.take_along_axis(chunks, best_chunks[..., None], axis=-2)  # [..., k, C]
   top, index = _small_top_k(gathered.reshape(*values.shape[:-1], k * chunk), k)
@@ -297,16 +301,24 @@ def _extend(state: dict, logits, index, k: int, max_lengths, eos_id: int, alpha:
   step) with their next-token logits [B*K', V] -> (the new live and finished
   hypotheses, K of each, and for each new live beam the old one it extends [B, K])."""
   batch, beams = state['live_logprobs'].shape
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  vocab = log_probs.shape[-1]
-  log_probs = log_probs.reshape(batch, beams, vocab)                     # [B, K', V]
-  must_end = (index + 1 >= max_lengths)[:, None, None]
-  eos_only = jnp.full((vocab,), NEG_INF).at[eos_id].set(0.0)
-  log_probs = jnp.where(must_end, jnp.maximum(log_probs + eos_only, NEG_INF), log_probs)
-  candidates = state['live_logprobs'][:, :, None] + log_probs
+  logits = logits.astype(jnp.float32)
+  logits = logits.reshape(batch, beams, logits.shape[-1])                # [B, K', V]
+  # log_softmax(x) = (x - max) - log(sum(exp(x - max))), as jax.nn.log_softmax computes
+  # it, but only for the 2K best tokens of each beam: those with the largest logits.
   # 2K candidates always leave K that do not end in EOS. A candidate outside its own
   # beam's best 2K is outside the best 2K overall, so two small top-ks find those.
-  beam_best, beam_token = top_k(candidates, 2 * k)                      # [B, K', 2K]
+  top_logits, beam_token = top_k(logits, 2 * k)                         # [B, K', 2K]
+  largest = top_logits[..., :1]                                          # the max
+  log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - largest), axis=-1, keepdims=True))
+  to_log_prob = lambda x: (x - largest) - log_normaliser
+  live = state['live_logprobs'][:, :, None]
+  beam_best = live + to_log_prob(top_logits)
+  # At its length limit a hypothesis can only end: EOS is its one candidate.
+  must_end = (index + 1 >= max_lengths)[:, None, None]
+  first = jnp.arange(2 * k) == 0
+  forced = live + jnp.where(first, to_log_prob(logits[..., eos_id:eos_id + 1]), NEG_INF)
+  beam_best = jnp.where(must_end, forced, beam_best)
+  beam_token = jnp.where(must_end & first, eos_id, beam_token)
   top_logprobs, top_index = jax.lax.top_k(beam_best.reshape(batch, -1), 2 * k)  # [B, 2K]
   beam_of = top_index // (2 * k)
   token_of = jnp.take_along_axis(beam_token.reshape(batch, -1), top_index, axis=1)
@@ -322,9 +334,15 @@ def _extend(state: dict, logits, index, k: int, max_lengths, eos_id: int, alpha:
   finished_scores, keep = jax.lax.top_k(all_scores, k)
   finished_tokens = jnp.take_along_axis(all_tokens, keep[:, :, None], axis=1)
 
-  # Live: the best K candidates that did not end.
-  live_logprobs, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logprobs), k)
-  live_tokens = jnp.take_along_axis(sequences, keep[:, :, None], axis=1)  # [B, K, L]
-  source_beam = jnp.take_along_axis(beam_of, keep, axis=1)               # [B, K]
+  # Live: the best K candidates that did not end. A stable sort (rather than top-k and
+  # a gather) hands back the beams they extend as an array of its own: XLA would
+  # otherwise recompute that gather inside every cache reorder, for every element.
+  candidates = jnp.where(is_eos, NEG_INF, top_logprobs)
+  _, order, source_beam = jax.lax.sort(
+      (-candidates, jnp.broadcast_to(jnp.arange(2 * k), candidates.shape), beam_of),
+      dimension=1, is_stable=True, num_keys=1)
+  order, source_beam = order[:, :k], source_beam[:, :k]                 # [B, K]
+  live_logprobs = jnp.take_along_axis(candidates, order, axis=1)
+  live_tokens = jnp.take_along_axis(sequences, order[:, :, None], axis=1)  # [B, K, L]
   return dict(live_tokens=live_tokens, live_logprobs=live_logprobs,
               finished_tokens=finished_tokens, finished_scores=finished_scores), source_beam

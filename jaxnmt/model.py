@@ -73,8 +73,9 @@ class Block(nnx.Module):
   def __call__(self, hidden, positions, self_mask, cross=None, *, deterministic: bool,
                cache: dict | None = None, index=None):
     """hidden: [B, T, D]; positions: int32 [B, T]; self_mask: bool [B, 1, T, T or T_max];
-    cross (layers with cross-attention): (keys, values [B, S, N, H], mask [B, 1, T, S]).
-    With `cache` ({'keys', 'values'}: [B, T_max, N, H]; cached decoding, T = 1) the
+    cross (layers with cross-attention): (keys, values, mask [B, 1, T, S]); keys and
+    values [B, S, N, H], or [B, N, S, H] with `cache`.
+    With `cache` ({'keys', 'values'}: [B, N, T_max, H]; cached decoding, T = 1) the
     step's keys and values are written at position `index` and both attentions take
     the one-query path (`Attention.attend_one`). Returns (hidden [B, T, D], updated
     cache or None)."""
@@ -105,10 +106,11 @@ class Block(nnx.Module):
     if cache is None:
       return self.self_attention(inputs, keys, values, mask, deterministic=deterministic,
                                  query_positions=query_positions), None
-    keys = jax.lax.dynamic_update_slice_in_dim(cache['keys'], keys, index, axis=1)
-    values = jax.lax.dynamic_update_slice_in_dim(cache['values'], values, index, axis=1)
+    write = lambda slots, new: jax.lax.dynamic_update_slice_in_dim(
+        slots, jnp.swapaxes(new, 1, 2).astype(slots.dtype), index, axis=2)
+    keys, values = write(cache['keys'], keys), write(cache['values'], values)
     attended = self.self_attention.attend_one(inputs, keys, values, mask, query_positions)
-    return attended, {'keys': keys, 'values': values}  # [B, T_max, N, H]
+    return attended, {'keys': keys, 'values': values}  # [B, N, T_max, H]
 
   def _sublayer_input(self, hidden, norm):
     """What a sublayer reads: the normalised residual stream under pre-LN."""
@@ -145,20 +147,20 @@ def _run_blocks(blocks, remat: str, hidden, positions, self_mask, encoded=None,
 
 def _empty_self_cache(config: ModelConfig, batch: int, max_length: int, dtype) -> dict:
   head_dim = config.d_model // config.num_heads
-  empty = jnp.zeros((batch, max_length, config.num_heads, head_dim), dtype)
-  return {'keys': empty, 'values': empty}  # [B, T_max, N, H]
+  empty = jnp.zeros((batch, config.num_heads, max_length, head_dim), dtype)
+  return {'keys': empty, 'values': empty}  # [B, N, T_max, H]: heads before positions
 
 
 def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
                    cross_mask=None):
   """One step of `model.decoder_layers`: tokens int32 [B] at position `index`; caches:
-  one dict per layer, {'keys', 'values'} [B, T_max, N, H] (plus 'cross_keys',
-  'cross_values' [B, S, N, H] with cross_mask [B, 1, 1, S] for cross-attention)
+  one dict per layer, {'keys', 'values'} [B, N, T_max, H] (plus 'cross_keys',
+  'cross_values' [B, N, S, H] with cross_mask [B, 1, 1, S] for cross-attention)
   -> (logits [B, V], updated caches). T_max is read from the cache: decode.py hands
   in windows of the slots (any T_max > index) and leaves the cross arrays untouched.
   The cross arrays may have B / G rows, each shared by G consecutive token rows (beam
   search: decode.SHARED_NAMES); cross_mask has B or B / G rows."""
-  batch, max_length = caches[0]['keys'].shape[:2]
+  batch, max_length = tokens.shape[0], caches[0]['keys'].shape[2]
   positions = jnp.full((batch, 1), index, jnp.int32)
   hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],
                   positions, True)  # [B, 1, D]
@@ -293,7 +295,8 @@ class Transformer(OutputLayer, nnx.Module):
     empty = _empty_self_cache(self.config, encoded.shape[0], max_length, encoded.dtype)
     layers_cache = []
     for layer in self.decoder_layers:
-      cross_keys, cross_values = layer.cross_attention.project_kv(encoded)  # [B, S, N, H]
+      cross_keys, cross_values = (jnp.swapaxes(array, 1, 2)  # [B, N, S, H]
+                                  for array in layer.cross_attention.project_kv(encoded))
       layers_cache.append({'cross_keys': cross_keys, 'cross_values': cross_values, **empty})
     return {'layers': layers_cache, 'source_segment_ids': source_segment_ids}
 

@@ -227,10 +227,11 @@ def test_greedy_returns_the_reference_tokens(eager_eos_model):
 
 
 def test_windows_cover_the_positions_to_decode():
-  assert decode.window_ends(64) == [16, 32, 64]
+  assert decode.window_ends(64) == [8, 16, 32, 64]
   assert decode.window_ends(20, window=4) == [4, 8, 16, 20]
   assert decode.window_ends(20, start=9, window=4) == [16, 20]
-  assert decode.window_ends(12) == [12]
+  assert decode.window_ends(12) == [8, 12]
+  assert decode.window_ends(8) == [8]
   assert decode.window_ends(64, window=None) == [64]
 
 

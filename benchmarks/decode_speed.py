@@ -13,6 +13,8 @@ import time
 from absl import app
 from absl import flags
 
+import _load
+
 flags.DEFINE_string('workdir', None, 'A trained translation workdir.', required=True)
 flags.DEFINE_integer('sentences', 256, 'Test sentences to decode.')
 flags.DEFINE_integer('batch_size', 64, 'Sentences per batch.')
@@ -25,11 +27,8 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-  from jaxnmt import inference, translate  # pylint: disable=g-import-not-at-top
-  try:
-    loaded = inference.load(FLAGS.workdir, weights=FLAGS.weights)
-  except TypeError:  # a jaxnmt from before --weights
-    loaded = inference.load(FLAGS.workdir)
+  from jaxnmt import translate  # pylint: disable=g-import-not-at-top
+  loaded = _load.trained_model(FLAGS.workdir, FLAGS.weights)
   with open(os.path.join(FLAGS.workdir, 'splits', 'test.src'), encoding='utf-8') as handle:
     sources = handle.read().splitlines()[:FLAGS.sentences]
   rows = []

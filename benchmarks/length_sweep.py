@@ -19,6 +19,8 @@ import os
 from absl import app
 from absl import flags
 
+import _load
+
 flags.DEFINE_string('workdir', None, 'A trained translation workdir.', required=True)
 flags.DEFINE_string('split', 'valid', 'valid, test or any <split> with '
                     'WORKDIR/splits/<split>.src and .ref.')
@@ -34,11 +36,8 @@ FLAGS = flags.FLAGS
 def main(_):
   # pylint: disable=g-import-not-at-top
   import sacrebleu
-  from jaxnmt import inference, translate
-  try:
-    loaded = inference.load(FLAGS.workdir, weights=FLAGS.weights)
-  except TypeError:  # a jaxnmt from before --weights
-    loaded = inference.load(FLAGS.workdir)
+  from jaxnmt import translate
+  loaded = _load.trained_model(FLAGS.workdir, FLAGS.weights)
   splits = os.path.join(FLAGS.workdir, 'splits')
   with open(os.path.join(splits, f'{FLAGS.split}.src'), encoding='utf-8') as handle:
     sources = handle.read().splitlines()[:FLAGS.sentences or None]

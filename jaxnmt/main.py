@@ -200,10 +200,11 @@ def _run(workdir: str, cluster: str | None) -> None:
     bench.run(FLAGS.config, workdir, steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup,
               decode_sentences=FLAGS.bench_decode_sentences, decode_batch_size=FLAGS.batch_size)
   elif FLAGS.mode == 'translate':
-    from jaxnmt import translate
-    translate.run(workdir, FLAGS.input, batch_size=FLAGS.batch_size,
-                  options=_decode_options(), nbest=FLAGS.nbest, step=FLAGS.checkpoint_step,
-                  batch_tokens=FLAGS.batch_tokens, weights=FLAGS.weights)
+    from jaxnmt import translate_stream
+    translate_stream.run(workdir, FLAGS.input, batch_size=FLAGS.batch_size,
+                         options=_decode_options(), nbest=FLAGS.nbest,
+                         step=FLAGS.checkpoint_step, batch_tokens=FLAGS.batch_tokens,
+                         weights=FLAGS.weights)
   elif FLAGS.mode == 'serve':
     from jaxnmt import serve
     serve.run(workdir, FLAGS.host, FLAGS.port, _decode_options(), step=FLAGS.checkpoint_step,

@@ -36,9 +36,10 @@ def test_only_main_imports_the_training_loop():
 
 def test_inference_modes_load_models_through_inference_only():
   graph = imports_by_module()
-  for module in ('translate', 'evaluate', 'generate', 'bench'):
+  for module in ('translate', 'translate_stream', 'serve', 'evaluate', 'generate', 'bench'):
     assert 'train' not in graph[module], module
-  for module in ('translate', 'evaluate', 'generate'):  # bench also trains: it may
+  for module in ('translate', 'translate_stream', 'serve', 'evaluate', 'generate'):
+    # bench also trains: it may
     assert 'optim' not in graph[module], module
   assert {'inference'} <= graph['translate'] & graph['evaluate'] & graph['generate']
   assert 'optim' not in graph['inference']  # no optimizer state to read a model

@@ -18,6 +18,7 @@ from jaxnmt import steps
 from jaxnmt import train
 from jaxnmt import train_state
 from jaxnmt import translate
+from jaxnmt import translate_stream
 from jaxnmt import workdir as workdir_lib
 from tests.tiny_config import tiny_config
 
@@ -84,7 +85,7 @@ def test_translate_from_file_matches_stdin(trained_workdir, tmp_path):
   source.write_text('\n'.join(lines) + '\n', encoding='utf-8')
   output = tmp_path / 'out.txt'
   with open(output, 'w', encoding='utf-8') as handle:
-    translate.run(trained_workdir, str(source), handle, batch_size=2)
+    translate_stream.run(trained_workdir, str(source), handle, batch_size=2)
   assert output.read_text(encoding='utf-8').splitlines() == translator.translate(lines)
 
 

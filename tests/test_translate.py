@@ -16,6 +16,7 @@ import pytest
 from jaxnmt import inference
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt import translate
+from jaxnmt import translate_stream
 from jaxnmt.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,7 @@ def test_nbest_tsv_from_a_file_and_checkpoint_step(trained_workdir, loaded, tmp_
 
 def test_nbest_beyond_the_beam_is_a_user_error(trained_workdir):
   with pytest.raises(UserError, match='--nbest must be in'):
-    translate.run(trained_workdir, None, nbest=3, options=BEAM2)
+    translate_stream.run(trained_workdir, None, nbest=3, options=BEAM2)
   result = subprocess.run(_main(trained_workdir, '--nbest=2', '--beam_size=1'), cwd=ROOT,
                           input='Hello.\n', capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and 'error: --nbest must be in [0, 1]' in result.stderr

@@ -31,7 +31,7 @@ from ctranslate2.specs import common_spec, transformer_spec
 from flax import nnx
 
 import jaxnmt
-from jaxnmt import decode, layers
+from jaxnmt import decode, host_runtime, layers
 from jaxnmt import model as model_lib
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -229,6 +229,10 @@ def main():
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args()
+  # The allocator and XLA:CPU settings `python -m jaxnmt.main` runs with (translate and
+  # serve included); the restart it may make runs this script again from the start.
+  host_runtime.prepare('auto', 'auto', multi_process=False)
+  print(f'host: {host_runtime.describe()}')
   print(f'jaxnmt from {os.path.dirname(jaxnmt.__file__)}, ctranslate2 '
         f'{ctranslate2.__version__}, jax {jax.__version__}, {os.cpu_count()} CPUs', flush=True)
   table = []

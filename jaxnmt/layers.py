@@ -187,6 +187,16 @@ class Attention(nnx.Module):
     return (jnp.einsum('BKD,DNH->BKNH', hidden, self.key[...].astype(self.dtype)),
             jnp.einsum('BKD,DNH->BKNH', hidden, self.value[...].astype(self.dtype)))
 
+  def project_qkv(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """hidden: [B, T, D] -> query, keys, values [B, T, N, H] by one matmul with the
+    three kernels side by side (self-attention in cached decoding, where three small
+    matmuls would each run far below the machine's peak). The query is unscaled."""
+    hidden = hidden.astype(self.dtype)
+    kernel = jnp.concatenate([self.query[...], self.key[...], self.value[...]],
+                             axis=1).astype(self.dtype)                  # [D, 3N, H]
+    projected = jnp.einsum('BTD,DNH->BTNH', hidden, kernel)
+    return tuple(jnp.split(projected, 3, axis=2))
+
   def __call__(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
                mask: jax.Array, *, deterministic: bool,
                query_positions: jax.Array | None = None) -> jax.Array:
@@ -214,12 +224,14 @@ class Attention(nnx.Module):
     return jnp.einsum('BQNH,NHD->BQD', attended, self.out[...].astype(self.dtype))
 
   def attend_one(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
-                 mask: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array, query_positions: jax.Array | None = None, *,
+                 query: jax.Array | None = None) -> jax.Array:
     """Cached decoding, one query per row: hidden [G*B, 1, D]; keys/values [B, N, K, H]
     (a KV cache, heads before positions); mask bool [B or G*B, 1, 1, K] -> [G*B, 1, D].
     G = 1 but for keys shared by a group of G consecutive query rows (beam search's
     cross-attention: row r reads the keys of sentence r // G, which are then stored
-    once, not G times).
+    once, not G times). `query` [G*B, 1, N, H]: the projected query (`project_qkv`),
+    if already computed.
 
     The same function as `__call__` without dropout (float32 scores and softmax), for
     either kind. With the heads before the positions, both products are batched
@@ -229,8 +241,9 @@ class Attention(nnx.Module):
     assert hidden.shape[1] == 1, f'one query per row, got {hidden.shape}'
     batch, group = keys.shape[0], hidden.shape[0] // keys.shape[0]
     assert batch * group == hidden.shape[0], (hidden.shape, keys.shape)
-    hidden = hidden.astype(self.dtype)
-    query = jnp.einsum('BQD,DNH->BQNH', hidden, self.query[...].astype(self.dtype))
+    if query is None:
+      query = jnp.einsum('BQD,DNH->BQNH', hidden.astype(self.dtype),
+                         self.query[...].astype(self.dtype))
     if query_positions is not None:
       query = apply_rope(query, query_positions)
     query = query.astype(jnp.float32) * (query.shape[-1] ** -0.5)

@@ -99,17 +99,21 @@ class Block(nnx.Module):
   def _self_attend(self, inputs, positions, mask, cache, index, deterministic):
     """inputs: [B, T, D] -> (attended [B, T, D], cache with this step's keys and values,
     or None)."""
-    keys, values = self.self_attention.project_kv(inputs)  # [B, T, N, H]
-    if self.rope:
-      keys = layers.apply_rope(keys, positions)
     query_positions = positions if self.rope else None
     if cache is None:
+      keys, values = self.self_attention.project_kv(inputs)  # [B, T, N, H]
+      if self.rope:
+        keys = layers.apply_rope(keys, positions)
       return self.self_attention(inputs, keys, values, mask, deterministic=deterministic,
                                  query_positions=query_positions), None
+    query, keys, values = self.self_attention.project_qkv(inputs)  # [B, 1, N, H]
+    if self.rope:
+      keys = layers.apply_rope(keys, positions)
     write = lambda slots, new: jax.lax.dynamic_update_slice_in_dim(
         slots, jnp.swapaxes(new, 1, 2).astype(slots.dtype), index, axis=2)
     keys, values = write(cache['keys'], keys), write(cache['values'], values)
-    attended = self.self_attention.attend_one(inputs, keys, values, mask, query_positions)
+    attended = self.self_attention.attend_one(inputs, keys, values, mask, query_positions,
+                                              query=query)
     return attended, {'keys': keys, 'values': values}  # [B, N, T_max, H]
 
   def _sublayer_input(self, hidden, norm):
@@ -162,8 +166,9 @@ def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
   search: decode.SHARED_NAMES); cross_mask has B or B / G rows."""
   batch, max_length = tokens.shape[0], caches[0]['keys'].shape[2]
   positions = jnp.full((batch, 1), index, jnp.int32)
+  # Every row is at `index`: its position encoding is computed once ([1, 1, D]).
   hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],
-                  positions, True)  # [B, 1, D]
+                  positions[:1], True)  # [B, 1, D]
   self_mask = jnp.broadcast_to(jnp.arange(max_length) <= index, (batch, 1, 1, max_length))
   new_caches = []
   for block, cache in zip(model.decoder_layers, caches):

@@ -122,7 +122,15 @@ def as_tokens(ids) -> list[str]:
   return [SPECIALS[i] if i < len(SPECIALS) else f'w{i}' for i in ids]
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'beam', 'max_length', 'suppress'))
+@functools.cache
+def jitted_decoder(graphdef, beam: int, max_length: int, suppress: tuple[int, ...] = (EOS,)):
+  """`jaxnmt_decode` jitted for one model structure and setting, which it closes over as
+  `translate.Translator` does: a call then hashes no static arguments (about 2 ms a
+  call for the model's graphdef)."""
+  return jax.jit(functools.partial(jaxnmt_decode, graphdef, beam=beam,
+                                   max_length=max_length, suppress=suppress))
+
+
 def jaxnmt_decode(graphdef, state, inputs, max_lengths, *, beam: int, max_length: int,
                   suppress: tuple[int, ...] = (EOS,)):
   """inputs int32 [B, S] -> the best hypothesis per row, int32 [B, max_length]. The
@@ -154,9 +162,9 @@ def check_agreement(model, translator, sources: np.ndarray) -> str:
   """Greedy outputs (12 steps, special tokens suppressed: random weights otherwise
   repeat BOS) and teacher-forced log-probs of a random target, on both libraries."""
   graphdef, state = nnx.split(model)
-  ours = np.asarray(jaxnmt_decode(graphdef, state, jnp.asarray(sources),
-                                  jnp.full((len(sources),), 13, jnp.int32), beam=1,
-                                  max_length=13, suppress=(PAD, UNK, BOS, EOS)))
+  decoder = jitted_decoder(graphdef, 1, 13, (PAD, UNK, BOS, EOS))
+  ours = np.asarray(decoder(state, jnp.asarray(sources),
+                            jnp.full((len(sources),), 13, jnp.int32)))
   theirs = translator.translate_batch(
       [as_tokens(s) for s in sources], beam_size=1, min_decoding_length=12,
       max_decoding_length=12, suppress_sequences=[[t] for t in SPECIALS[:3]])
@@ -189,8 +197,8 @@ def time_jaxnmt(model, sources, batch_size, beam, args) -> float:
   lengths = jnp.full((batch_size,), args.target_length, jnp.int32)
   batches = [jnp.asarray(sources[i:i + batch_size])
              for i in range(0, len(sources), batch_size)]
-  run = lambda inputs: jaxnmt_decode(graphdef, state, inputs, lengths, beam=beam,
-                                     max_length=args.max_length)
+  decoder = jitted_decoder(graphdef, beam, args.max_length)
+  run = lambda inputs: decoder(state, inputs, lengths)
   if not hasattr(time_jaxnmt, 'checked'):
     out = np.asarray(run(batches[0]))
     assert (np.argmax(out == EOS, 1) == args.target_length - 1).all(), out[:2]

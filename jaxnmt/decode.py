@@ -67,7 +67,7 @@ def resize_slots(cache, length: int):
     if not _is_slot(path) or array.shape[SLOT_AXIS] == length:
       return array
     if array.shape[SLOT_AXIS] > length:
-      return array[:, :, :length]
+      return jax.lax.slice_in_dim(array, 0, length, axis=SLOT_AXIS)
     padding = [(0, 0)] * array.ndim
     padding[SLOT_AXIS] = (0, length - array.shape[SLOT_AXIS])
     return jnp.pad(array, padding)
@@ -239,7 +239,8 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
 
   A hypothesis that emits EOS is finished: it is kept (scored log p / length_penalty)
   and never extended. The search stops when no live beam can beat the finished ones.
-  `cache` is for B rows. Same hypotheses as the plain search in tests/beam_reference.py, for less work:
+  `cache` is for B rows. Same hypotheses as the plain search in tests/beam_reference.py,
+  for less work:
 
   * the first step runs on the B rows (every beam starts from the same BOS); only then
     is the cache repeated for the K beams;

@@ -40,7 +40,7 @@ from jaxnmt import storage
 from jaxnmt import translate
 from jaxnmt import locks
 from jaxnmt import workdir as workdir_lib
-from jaxnmt.data import pipeline
+from jaxnmt.data import eval_batches
 from jaxnmt.errors import CheckpointError, WorkdirError
 
 
@@ -126,7 +126,7 @@ class Evaluator:
           inference.load(self.workdir, step, devices=jax.local_devices(),
                          weights=self.weights), self.options)
       config = self.translator.config
-      self._valid_batches = list(pipeline.make_eval_batches(
+      self._valid_batches = list(eval_batches.make_eval_batches(
           self._valid_pairs, self.translator.tokenizer,
           batch_size=config.data.eval_batch_size,
           max_source_length=config.data.max_source_length,

@@ -22,6 +22,7 @@ from jaxnmt import storage
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt import workdir as workdir_lib
 from jaxnmt.data import corpus as corpus_lib
+from jaxnmt.data import eval_batches
 from jaxnmt.data import lm as lm_lib
 from jaxnmt.data import pipeline
 from jaxnmt.data import prepare as prepare_lib
@@ -128,7 +129,7 @@ def _translation_inputs(config, workdir: str) -> TrainingInputs:
   if not valid_pairs:
     raise DataError(f'the validation split of {directory} is empty: raise '
                     f'config.data.valid_fraction')
-  valid_batches = list(pipeline.make_eval_batches(
+  valid_batches = list(eval_batches.make_eval_batches(
       valid_pairs, tokenizer, batch_size=data.eval_batch_size,
       max_source_length=data.max_source_length, max_target_length=data.max_target_length))
   total = sum(corpus['pairs'] for corpus in manifest['corpora'])

@@ -11,6 +11,7 @@ import pytest
 from jaxnmt import errors
 from jaxnmt import tokenizer as tokenizer_lib
 from jaxnmt.data import corpus
+from jaxnmt.data import eval_batches
 from jaxnmt.data import pipeline
 from jaxnmt.data import records as records_lib
 from jaxnmt.data import order as order_lib
@@ -378,7 +379,7 @@ def test_worker_processes_give_the_same_batches_and_state():
 def test_eval_batches_pad_the_last_batch(small_corpus):
   tokenizer = tokenizer_lib.CharTokenizer.__new__(tokenizer_lib.CharTokenizer)
   tokenizer.characters, tokenizer._ids = ['H', 'o'], {'H': 4, 'o': 5}  # pylint: disable=protected-access
-  batches = list(pipeline.make_eval_batches([('Ho', 'oH')] * 5, tokenizer, batch_size=4,
+  batches = list(eval_batches.make_eval_batches([('Ho', 'oH')] * 5, tokenizer, batch_size=4,
                                             max_source_length=16, max_target_length=16))
   assert len(batches) == 2
   assert (batches[1]['targets_segment_ids'][1:] == 0).all()

@@ -240,7 +240,7 @@ def main():
   args = parser.parse_args()
   # The allocator and XLA:CPU settings `python -m jaxnmt.main` runs with (translate and
   # serve included); the restart it may make runs this script again from the start.
-  host_runtime.prepare('auto', 'auto', multi_process=False)
+  host_runtime.prepare('auto', 'auto', multi_process=False, decoding=True)  # as translate does
   print(f'host: {host_runtime.describe()}')
   print(f'jaxnmt from {os.path.dirname(jaxnmt.__file__)}, ctranslate2 '
         f'{ctranslate2.__version__}, jax {jax.__version__}, {os.cpu_count()} CPUs', flush=True)

@@ -28,7 +28,7 @@ FLAGS = flags.FLAGS
 
 def main(_):
   from jaxnmt import host_runtime, translate  # pylint: disable=g-import-not-at-top
-  host_runtime.prepare('auto', 'auto', multi_process=False)  # as jaxnmt.main does
+  host_runtime.prepare('auto', 'auto', multi_process=False, decoding=True)  # as translate does
   loaded = _load.trained_model(FLAGS.workdir, FLAGS.weights)
   with open(os.path.join(FLAGS.workdir, 'splits', 'test.src'), encoding='utf-8') as handle:
     sources = handle.read().splitlines()[:FLAGS.sentences]

@@ -5,15 +5,15 @@
 `lax.while_loop` with static shapes and stop as soon as every sequence has ended.
 Shapes: B batch, K beams, L max output length, V vocabulary, W window.
 
-Two conventions make the search cheap without knowing the model:
+Four conventions make the search cheap without knowing the model:
 
 * Position slots. A cache array stored under a dict key in `SLOT_NAMES` ('keys',
   'values': a self-attention KV cache) holds one slot per output position on its
   axis 2, [rows, heads, L, ...], slot i written at step i. The loop runs in segments over
   growing windows (8, 16, 32, ... positions; `window`): while decoding positions
   < W the step function is handed those arrays cut to their first W slots, so early
-  steps attend over (and beam search reorders) W slots instead of L. The step
-  function must take its length from the cache it is given (the models' do).
+  steps attend over W slots instead of L. The step function must take its length
+  from the cache it is given (the models' do).
 * Untouched arrays. An array the step function returns unchanged (the very traced
   value it was given, e.g. the encoder's cross-attention keys) is the same for every
   beam of a sentence, so beam search never reorders it.
@@ -22,6 +22,14 @@ Two conventions make the search cheap without knowing the model:
   hands the step function such arrays with B rows next to tokens and other arrays
   with B*K rows, and the step function reads row b for rows b*K ... b*K + K - 1 (the
   models' do: `Attention.attend_one`). Such an array must be returned untouched.
+* Beam slots. Beam search never reorders position-slot arrays. After its first step
+  each holds K slots per position, [B, heads, L * K, ...]: slot t * K + j is beam j's
+  position t, and every dict that holds slot arrays also gets `HISTORY_NAME`, int32
+  [B*K, L]: for token row b*K + j, which beam's slot holds each of its positions (its
+  own, j, at the position being decoded). The step function writes row b*K + j's
+  slot index * K + j of sentence b and attends, for that row, to the slots its
+  history names (the models' do: `model.Block`). A changed beam costs a gather of the
+  [B*K, L] history, not of the cache.
 """
 
 import jax
@@ -31,6 +39,7 @@ NEG_INF = -1.0e7
 SLOT_NAMES = ('keys', 'values')
 SLOT_AXIS = 2
 SHARED_NAMES = ('cross_keys', 'cross_values')
+HISTORY_NAME = 'slot_beams'
 WINDOW = 8  # the first window of position slots; each next one is twice as long
 
 
@@ -54,11 +63,33 @@ def _is_slot(path, names=SLOT_NAMES) -> bool:
   return isinstance(key, jax.tree_util.DictKey) and key.key in names
 
 
-def repeat_rows(cache, k: int):
-  """`cache` for B rows -> for B*K rows (row b repeated K times), but its shared arrays
-  (`SHARED_NAMES`), which keep their B rows."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x if _is_slot(path, SHARED_NAMES) else jnp.repeat(x, k, axis=0), cache)
+def to_beam_slots(cache, k: int):
+  """`cache` for B rows after the first step -> for K beams per row: slot arrays
+  [B, heads, W, ...] -> [B, heads, W * K, ...] with the B rows' slots as beam 0's (every
+  beam's history starts there); shared arrays kept; the rest repeated K times."""
+  def convert(path, x):
+    if _is_slot(path):
+      x = jnp.expand_dims(x, SLOT_AXIS + 1)                              # [B, N, W, 1, ...]
+      padding = [(0, 0)] * x.ndim
+      padding[SLOT_AXIS + 1] = (0, k - 1)
+      x = jnp.pad(x, padding)
+      return x.reshape(*x.shape[:SLOT_AXIS], -1, *x.shape[SLOT_AXIS + 2:])
+    return x if _is_slot(path, SHARED_NAMES) else jnp.repeat(x, k, axis=0)
+  return jax.tree_util.tree_map_with_path(convert, cache)
+
+
+def with_history(cache, history):
+  """`cache` with `history` under `HISTORY_NAME` in every dict that holds slot arrays
+  (None: the key removed)."""
+  if isinstance(cache, dict):
+    cache = {key: with_history(value, history) for key, value in cache.items()
+             if key != HISTORY_NAME}
+    if history is not None and any(name in cache for name in SLOT_NAMES):
+      cache[HISTORY_NAME] = history
+    return cache
+  if isinstance(cache, (list, tuple)):
+    return type(cache)(with_history(value, history) for value in cache)
+  return cache
 
 
 def resize_slots(cache, length: int):
@@ -74,14 +105,15 @@ def resize_slots(cache, length: int):
   return jax.tree_util.tree_map_with_path(resize, cache)
 
 
-def _segmented_loop(not_done, body, state: dict, ends: list[int], finish):
+def _segmented_loop(not_done, body, state: dict, ends: list[int], finish,
+                    slots_per_position: int = 1):
   """`finish(lax.while_loop(not_done, body, state))`, run as one while_loop per
   window: the segment ending at `ends[i]` hands `body` the position slots of
-  `state['cache']` cut to ends[i]. A later segment (and its growing of the slots)
-  runs only if the search is not done."""
+  `state['cache']` cut to ends[i] positions (of `slots_per_position` slots each). A
+  later segment (and its growing of the slots) runs only if the search is not done."""
   def run(state, segment):
     end = ends[segment]
-    state = {**state, 'cache': resize_slots(state['cache'], end)}
+    state = {**state, 'cache': resize_slots(state['cache'], end * slots_per_position)}
     state = jax.lax.while_loop(lambda s: (s['index'] < end) & not_done(s), body, state)
     if segment + 1 == len(ends):
       return finish(state)
@@ -243,9 +275,10 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
   for less work:
 
   * the first step runs on the B rows (every beam starts from the same BOS); only then
-    is the cache repeated for the K beams;
-  * position slots grow in windows, untouched arrays are never reordered, shared
-    arrays never repeated for the beams (module docstring);
+    is the cache made ready for the K beams;
+  * position slots grow in windows and are never reordered: each beam writes its own
+    slots and reads its history through an index (module docstring, "Beam slots");
+    untouched arrays are never reordered, shared arrays never repeated for the beams;
   * the 2K best candidates of each beam (top-k over V), then the 2K best of those
     K x 2K: the same 2K as a top-k over all K x V candidates;
   * a sentence is settled once no live beam can beat its finished ones even at its
@@ -264,8 +297,10 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
                finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
                finished_scores=jnp.full((batch_size, k), NEG_INF))
   state, _ = _extend(start, logits, 0, k, max_lengths, eos_id, alpha)
-  state.update(index=jnp.int32(1),
-               cache=repeat_rows(cache, k))  # [B*K, ...], shared arrays [B, ...]
+  # Slot arrays [B, heads, W * K, ...]; shared arrays [B, ...]; others [B*K, ...].
+  state.update(index=jnp.int32(1), cache=to_beam_slots(cache, k),
+               history=jnp.zeros((batch_size * k, max_length), jnp.int32))
+  own_beam = jnp.arange(batch_size * k, dtype=jnp.int32) % k
 
   def not_done(state):
     best_possible = state['live_logprobs'][:, 0] / length_penalty(max_lengths, alpha)
@@ -275,13 +310,18 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
   def body(state):
     index = state['index']
     previous = state['live_tokens'][:, :, index - 1]                     # [B, K]
-    logits, cache = step_fn(state['cache'], previous.reshape(-1), index)  # [B*K, V]
+    history = state['history'].at[:, index].set(own_beam)  # each row writes its own slot
+    logits, cache = step_fn(with_history(state['cache'], history), previous.reshape(-1),
+                            index)                                       # [B*K, V]
+    cache = with_history(cache, None)
     new_state, source_beam = _extend(state, logits, index, k, max_lengths, eos_id, alpha)
     # Row b*K + j continues row b*K + source_beam[b, j]; rows are in range by construction.
     rows = (jnp.arange(batch_size)[:, None] * k + source_beam).reshape(-1)
-    reorder = lambda old, new: new if new is old else jnp.take(new, rows, axis=0,
-                                                                mode='clip')
-    new_state.update(index=index + 1, cache=jax.tree.map(reorder, state['cache'], cache))
+    reorder = lambda path, old, new: (new if new is old or _is_slot(path) else
+                                      jnp.take(new, rows, axis=0, mode='clip'))
+    new_state.update(index=index + 1,
+                     cache=jax.tree_util.tree_map_with_path(reorder, state['cache'], cache),
+                     history=jnp.take(history, rows, axis=0, mode='clip'))
     return new_state
 
   def finish(state):
@@ -294,7 +334,7 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
                        state['finished_scores'])
     return tokens, scores
 
-  return _segmented_loop(not_done, body, state, ends, finish)
+  return _segmented_loop(not_done, body, state, ends, finish, slots_per_position=k)
 
 
 def _extend(state: dict, logits, index, k: int, max_lengths, eos_id: int, alpha: float):

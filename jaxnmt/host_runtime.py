@@ -9,6 +9,9 @@ first thing and logs `describe()`. Two settings decide much of a CPU step's time
   `auto` adds it for the jaxlib versions it was checked with (`TESTED_JAXLIB`;
   `tests/test_host_runtime.py` compares losses with and without it on each install),
   `on` for any jaxlib, `off` never; never over a value the user put in XLA_FLAGS.
+  `auto` leaves them out of decoding commands (translate, serve, eval, generate):
+  their loop runs hundreds of small operations a step, and YNNPACK's fixed cost per
+  call (tens of microseconds) outweighs its faster loops there.
 * **The allocator** (`--allocator`): glibc serves XLA's large per-step temporaries
   with fresh `mmap`s and unmaps them on `free`, so each step page-faults its working
   set in again, 4 KiB at a time. `auto` restarts the process once with tcmalloc
@@ -309,10 +312,11 @@ _state: dict | None = None  # what `prepare` did, for `describe`
 
 
 def prepare(allocator: str = 'auto', library_fusions: str = 'auto',
-            multi_process: bool = False) -> None:
+            multi_process: bool = False, decoding: bool = False) -> None:
   """Applies --allocator and --cpu_library_fusions (see the module docstring). Call once,
   first thing, before JAX is imported and other threads start: it may restart this
-  command once (`execve` of the same argv); later calls do nothing."""
+  command once (`execve` of the same argv); later calls do nothing. `decoding`: the
+  command mostly decodes (library fusions `auto` then adds none)."""
   global _state
   if _state is not None:
     return
@@ -339,7 +343,10 @@ def prepare(allocator: str = 'auto', library_fusions: str = 'auto',
     if not tune_glibc_malloc():
       raise AllocatorError('--allocator=glibc: needs GNU libc (use auto, system, tcmalloc '
                            'or the path of a malloc library)')
-  if library_fusions == 'on' or (library_fusions == 'auto' and not skipped):
+  if library_fusions == 'auto' and decoding and not skipped:
+    state['notes'].append('no CPU library fusions for decoding (--cpu_library_fusions=on '
+                          'adds them)')
+  elif library_fusions == 'on' or (library_fusions == 'auto' and not skipped):
     before, version = os.environ.get('XLA_FLAGS', ''), _jaxlib_version()
     os.environ['XLA_FLAGS'] = cpu_xla_flags(before, version, force=library_fusions == 'on')
     state['added'] = os.environ['XLA_FLAGS'][len(before):].strip()

@@ -26,6 +26,8 @@ from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+# Modes that mostly decode: host_runtime.prepare tunes XLA:CPU for them.
+DECODING_MODES = ('translate', 'serve', 'eval', 'generate')
 flags.DEFINE_enum('mode', 'train',
                   ['train', 'prepare', 'translate', 'eval', 'generate', 'curves', 'bench',
                    'average', 'serve'],
@@ -44,7 +46,8 @@ flags.DEFINE_string('allocator', 'auto', 'Host memory allocator on a CPU backend
                     'the path of a malloc library to preload.')
 flags.DEFINE_enum('cpu_library_fusions', 'auto', ['auto', 'on', 'off'],
                   'XLA:CPU hands elementwise and reduction loops to its kernel library '
-                  '(auto: on for one process on a CPU backend).')
+                  '(auto: on for one process on a CPU backend, but not for decoding '
+                  'modes: translate, serve, eval, generate).')
 flags.DEFINE_string('compilation_cache_dir', '', 'Persistent XLA compilation cache '
                     'directory (empty: no cache); restarts then skip compiling.')
 # Multi-process.
@@ -256,7 +259,8 @@ def main(argv) -> None:
     multi_process = (FLAGS.num_processes or 1) > 1 or cluster is not None
     workdir = _workdir(multi_process)
     # First, before JAX starts a backend: may restart this command once.
-    host_runtime.prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process)
+    host_runtime.prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process,
+                         decoding=FLAGS.mode in DECODING_MODES)
     logging.info('Host: %s', host_runtime.describe())
     _run(workdir, cluster)
   except errors.UserError as error:  # the user can fix it: one line, no traceback

@@ -109,12 +109,39 @@ class Block(nnx.Module):
     query, keys, values = self.self_attention.project_qkv(inputs)  # [B, 1, N, H]
     if self.rope:
       keys = layers.apply_rope(keys, positions)
+    if 'slot_beams' in cache:
+      return self._attend_beam_slots(inputs, query, keys, values, query_positions, cache,
+                                     index)
     write = lambda slots, new: jax.lax.dynamic_update_slice_in_dim(
         slots, jnp.swapaxes(new, 1, 2).astype(slots.dtype), index, axis=2)
     keys, values = write(cache['keys'], keys), write(cache['values'], values)
     attended = self.self_attention.attend_one(inputs, keys, values, mask, query_positions,
                                               query=query)
     return attended, {'keys': keys, 'values': values}  # [B, N, T_max, H]
+
+  def _attend_beam_slots(self, inputs, query, keys, values, query_positions, cache, index):
+    """Beam search's cache (decode.py, "Beam slots"): slots [B, N, T_max * G, H], G per
+    position, shared by the G beams of a sentence; cache['slot_beams'] int32
+    [B*G, >= T_max] names, for each beam row, the beam whose slot holds each of its
+    positions. Row b*G + g writes its keys and values at slot index * G + g of
+    sentence b and attends over the sentence's T_max * G slots with every slot outside
+    its history masked: one grouped `attend_one`, as cross-attention's, and no
+    reordering of the cache when beams change."""
+    batch, heads, slots, head_dim = cache['keys'].shape
+    group = cache['slot_beams'].shape[0] // batch
+    length = slots // group
+    def write(slots, new):  # new [B*G, 1, N, H] -> [B, N, G, H] at slots index * G + g
+      new = jnp.swapaxes(new.reshape(batch, group, heads, head_dim), 1, 2)
+      return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype),
+                                                 index * group, axis=2)
+    keys, values = write(cache['keys'], keys), write(cache['values'], values)
+    history = cache['slot_beams'][:, :length]                            # [B*G, T_max]
+    mask = ((history[:, :, None] == jnp.arange(group)) &
+            (jnp.arange(length) <= index)[:, None])                      # [B*G, T_max, G]
+    attended = self.self_attention.attend_one(
+        inputs, keys, values, mask.reshape(batch * group, 1, 1, slots), query_positions,
+        query=query)
+    return attended, {'keys': keys, 'values': values}
 
   def _sublayer_input(self, hidden, norm):
     """What a sublayer reads: the normalised residual stream under pre-LN."""

@@ -142,7 +142,7 @@ def _prepare(monkeypatch):
     raise _Exec(env)
 
   def run(allocator, fusions, multi_process=False, tcmalloc=None, hugepages=True,
-          jaxlib='0.10.2', **env):
+          jaxlib='0.10.2', decoding=False, **env):
     monkeypatch.setattr(host_runtime, '_state', None)
     monkeypatch.setattr(host_runtime.os, 'execve', fake_execve)
     monkeypatch.setattr(host_runtime, 'find_tcmalloc', lambda: tcmalloc)
@@ -156,7 +156,7 @@ def _prepare(monkeypatch):
     for name, value in env.items():
       monkeypatch.setenv(name, value)
     try:
-      host_runtime.prepare(allocator, fusions, multi_process)
+      host_runtime.prepare(allocator, fusions, multi_process, decoding)
     except _Exec as restart:
       return restart.args[0], None, None
     return None, host_runtime.describe(), os.environ['XLA_FLAGS']
@@ -178,6 +178,14 @@ def test_auto_applies_only_on_a_single_cpu_process(prepare):
     assert env is None and flags == '--xla_dump_to=/tmp/x'
     assert line == ('allocator: glibc malloc; XLA_FLAGS added: none; --allocator=auto and '
                     f'--cpu_library_fusions=auto apply nothing: {why}')
+
+
+def test_decoding_gets_no_library_fusions_unless_asked(prepare):
+  _, line, flags = prepare('system', 'auto', decoding=True)
+  assert flags == '--xla_dump_to=/tmp/x'
+  assert 'no CPU library fusions for decoding' in line
+  _, line, flags = prepare('system', 'on', decoding=True)
+  assert flags == f'--xla_dump_to=/tmp/x {FUSIONS}'
 
 
 def test_explicit_choices_are_honoured_everywhere(prepare):

@@ -9,9 +9,10 @@ first thing and logs `describe()`. Two settings decide much of a CPU step's time
   `auto` adds it for the jaxlib versions it was checked with (`TESTED_JAXLIB`;
   `tests/test_host_runtime.py` compares losses with and without it on each install),
   `on` for any jaxlib, `off` never; never over a value the user put in XLA_FLAGS.
-  `auto` leaves them out of decoding commands (translate, serve, eval, generate):
-  their loop runs hundreds of small operations a step, and YNNPACK's fixed cost per
-  call (tens of microseconds) outweighs its faster loops there.
+  For decoding commands (translate, serve, eval, generate) `auto` hands YNNPACK the
+  matrix multiplies and reductions only (`DECODING_LIBRARY_FUSIONS`): their loop runs
+  hundreds of small elementwise operations a step, where YNNPACK's fixed cost per call
+  (tens of microseconds) outweighs its faster loops.
 * **The allocator** (`--allocator`): glibc serves XLA's large per-step temporaries
   with fresh `mmap`s and unmaps them on `free`, so each step page-faults its working
   set in again, 4 KiB at a time. `auto` restarts the process once with tcmalloc
@@ -47,6 +48,7 @@ from jaxnmt.errors import UserError
 
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 CPU_LIBRARY_FUSIONS = 'individual_dot,eltwise,reduce'
+DECODING_LIBRARY_FUSIONS = 'individual_dot,reduce'
 # jaxlib minor versions whose XLA:CPU was measured and checked with CPU_LIBRARY_FUSIONS.
 TESTED_JAXLIB = ('0.10.',)
 LIBRARY_FUSIONS = ('auto', 'on', 'off')
@@ -196,13 +198,13 @@ def _jaxlib_version() -> str:
 
 
 def cpu_xla_flags(current: str, jaxlib_version: str | None = None,
-                  force: bool = False) -> str:
+                  force: bool = False, fusions: str = CPU_LIBRARY_FUSIONS) -> str:
   """XLA_FLAGS with the CPU library fusions added, unless `current` already chooses
   them or (without `force`) this jaxlib was not tested with them."""
   jaxlib_version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
   if YNN_FLAG in current or not (force or jaxlib_version.startswith(TESTED_JAXLIB)):
     return current
-  return f'{current} {YNN_FLAG}={CPU_LIBRARY_FUSIONS}'.strip()
+  return f'{current} {YNN_FLAG}={fusions}'.strip()
 
 
 def find_tcmalloc(directories=_LIBRARY_DIRS) -> str | None:
@@ -316,7 +318,7 @@ def prepare(allocator: str = 'auto', library_fusions: str = 'auto',
   """Applies --allocator and --cpu_library_fusions (see the module docstring). Call once,
   first thing, before JAX is imported and other threads start: it may restart this
   command once (`execve` of the same argv); later calls do nothing. `decoding`: the
-  command mostly decodes (library fusions `auto` then adds none)."""
+  command mostly decodes (library fusions `auto` then adds DECODING_LIBRARY_FUSIONS)."""
   global _state
   if _state is not None:
     return
@@ -343,12 +345,12 @@ def prepare(allocator: str = 'auto', library_fusions: str = 'auto',
     if not tune_glibc_malloc():
       raise AllocatorError('--allocator=glibc: needs GNU libc (use auto, system, tcmalloc '
                            'or the path of a malloc library)')
-  if library_fusions == 'auto' and decoding and not skipped:
-    state['notes'].append('no CPU library fusions for decoding (--cpu_library_fusions=on '
-                          'adds them)')
-  elif library_fusions == 'on' or (library_fusions == 'auto' and not skipped):
+  if library_fusions == 'on' or (library_fusions == 'auto' and not skipped):
     before, version = os.environ.get('XLA_FLAGS', ''), _jaxlib_version()
-    os.environ['XLA_FLAGS'] = cpu_xla_flags(before, version, force=library_fusions == 'on')
+    fusions = (DECODING_LIBRARY_FUSIONS if decoding and library_fusions == 'auto' else
+               CPU_LIBRARY_FUSIONS)
+    os.environ['XLA_FLAGS'] = cpu_xla_flags(before, version, force=library_fusions == 'on',
+                                            fusions=fusions)
     state['added'] = os.environ['XLA_FLAGS'][len(before):].strip()
     if YNN_FLAG in before:
       state['notes'].append(f'XLA_FLAGS already sets {YNN_FLAG}: kept')

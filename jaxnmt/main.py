@@ -46,8 +46,8 @@ flags.DEFINE_string('allocator', 'auto', 'Host memory allocator on a CPU backend
                     'the path of a malloc library to preload.')
 flags.DEFINE_enum('cpu_library_fusions', 'auto', ['auto', 'on', 'off'],
                   'XLA:CPU hands elementwise and reduction loops to its kernel library '
-                  '(auto: on for one process on a CPU backend, but not for decoding '
-                  'modes: translate, serve, eval, generate).')
+                  '(auto: on for one process on a CPU backend; the decoding modes, '
+                  'translate, serve, eval and generate, get matmuls and reductions only).')
 flags.DEFINE_string('compilation_cache_dir', '', 'Persistent XLA compilation cache '
                     'directory (empty: no cache); restarts then skip compiling.')
 # Multi-process.

@@ -180,10 +180,10 @@ def test_auto_applies_only_on_a_single_cpu_process(prepare):
                     f'--cpu_library_fusions=auto apply nothing: {why}')
 
 
-def test_decoding_gets_no_library_fusions_unless_asked(prepare):
+def test_decoding_gets_fewer_library_fusions_unless_asked(prepare):
+  decoding = f'{host_runtime.YNN_FLAG}={host_runtime.DECODING_LIBRARY_FUSIONS}'
   _, line, flags = prepare('system', 'auto', decoding=True)
-  assert flags == '--xla_dump_to=/tmp/x'
-  assert 'no CPU library fusions for decoding' in line
+  assert flags == f'--xla_dump_to=/tmp/x {decoding}' and f'added: {decoding}' in line
   _, line, flags = prepare('system', 'on', decoding=True)
   assert flags == f'--xla_dump_to=/tmp/x {FUSIONS}'
 

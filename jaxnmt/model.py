@@ -190,7 +190,10 @@ def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
   -> (logits [B, V], updated caches). T_max is read from the cache: decode.py hands
   in windows of the slots (any T_max > index) and leaves the cross arrays untouched.
   The cross arrays may have B / G rows, each shared by G consecutive token rows (beam
-  search: decode.SHARED_NAMES); cross_mask has B or B / G rows."""
+  search: decode.SHARED_NAMES); cross_mask has B or B / G rows. Under beam search the
+  self-attention slots are [B / G, N, T_max * G, H] with 'slot_beams' beside them
+  (decode.py, "Beam slots"; `Block._attend_beam_slots` masks by it, and `self_mask`
+  below goes unused)."""
   batch, max_length = tokens.shape[0], caches[0]['keys'].shape[2]
   positions = jnp.full((batch, 1), index, jnp.int32)
   # Every row is at `index`: its position encoding is computed once ([1, 1, D]).

@@ -5,9 +5,10 @@ configs/tiny.py or configs/base.py, converts the SAME weights into a CTranslate2
 (`ctranslate2.specs`), checks that both compute the same function (first greedy
 outputs and teacher-forced log-probs on a few sentences), then times greedy and beam
 search on both with identical work: every sentence has `--source_length` source tokens
-and exactly `--target_length` decoder steps (EOS suppressed, the length forced:
-`max_lengths` on jaxnmt, min/max decoding length on CTranslate2). float32 on both sides;
-CTranslate2 runs with intra_threads=--threads, XLA uses every core.
+and exactly `--target_length` decoder steps (EOS banned before, the length forced:
+`min_lengths` and `max_lengths` on jaxnmt, min/max decoding length on CTranslate2).
+float32 on both sides; CTranslate2 runs with intra_threads=--threads, XLA uses every
+core.
 
   pip install -e '.[bench]'
   python benchmarks/ct2_compare.py --dims=tiny,base --beams=1,4 --batch_size=32,64,128
@@ -123,7 +124,7 @@ def as_tokens(ids) -> list[str]:
 
 
 @functools.cache
-def jitted_decoder(graphdef, beam: int, max_length: int, suppress: tuple[int, ...] = (EOS,)):
+def jitted_decoder(graphdef, beam: int, max_length: int, suppress: tuple[int, ...] = ()):
   """`jaxnmt_decode` jitted for one model structure and setting, which it closes over as
   `translate.Translator` does: a call then hashes no static arguments (about 2 ms a
   call for the model's graphdef)."""
@@ -132,10 +133,11 @@ def jitted_decoder(graphdef, beam: int, max_length: int, suppress: tuple[int, ..
 
 
 def jaxnmt_decode(graphdef, state, inputs, max_lengths, *, beam: int, max_length: int,
-                  suppress: tuple[int, ...] = (EOS,)):
-  """inputs int32 [B, S] -> the best hypothesis per row, int32 [B, max_length]. The
-  tokens `suppress` are banned before the last step, max(max_lengths) (there the
-  search forces EOS: a banned EOS would leave no finished hypothesis)."""
+                  suppress: tuple[int, ...] = ()):
+  """inputs int32 [B, S] -> the best hypothesis per row, int32 [B, max_length], of
+  exactly `max_lengths` tokens: EOS is banned before (the searches' `min_lengths`, as
+  CTranslate2's min_decoding_length) and forced there. The tokens `suppress` (not EOS)
+  are banned before the last step too, by the step function."""
   model = nnx.merge(graphdef, state)
   segments = (inputs != PAD).astype(jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
@@ -144,17 +146,18 @@ def jaxnmt_decode(graphdef, state, inputs, max_lengths, *, beam: int, max_length
 
   def step_fn(cache, tokens, index):
     logits, cache = model.decode_step(cache, tokens, index)
-    # Written into the few banned columns only: a select over all of them would cost
-    # the timed search a pass over the logits that translation does not make.
+    if not suppress:
+      return logits, cache
     banned = jnp.array(suppress, jnp.int32)
     suppressed = jnp.where(index + 1 < max_lengths.max(), decode.NEG_INF, logits[:, banned])
     return logits.at[:, banned].set(suppressed), cache
 
   batch = inputs.shape[0]
   if beam == 1:
-    return decode.greedy(step_fn, cache, batch, max_length, BOS, EOS, max_lengths)
+    return decode.greedy(step_fn, cache, batch, max_length, BOS, EOS, max_lengths,
+                         min_lengths=max_lengths)
   tokens, _ = decode.beam_search(step_fn, cache, batch, beam, max_length, BOS, EOS, 0.6,
-                                 max_lengths)
+                                 max_lengths, min_lengths=max_lengths)
   return tokens[:, 0]
 
 
@@ -162,7 +165,7 @@ def check_agreement(model, translator, sources: np.ndarray) -> str:
   """Greedy outputs (12 steps, special tokens suppressed: random weights otherwise
   repeat BOS) and teacher-forced log-probs of a random target, on both libraries."""
   graphdef, state = nnx.split(model)
-  decoder = jitted_decoder(graphdef, 1, 13, (PAD, UNK, BOS, EOS))
+  decoder = jitted_decoder(graphdef, 1, 13, (PAD, UNK, BOS))
   ours = np.asarray(decoder(state, jnp.asarray(sources),
                             jnp.full((len(sources),), 13, jnp.int32)))
   theirs = translator.translate_batch(

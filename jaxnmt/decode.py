@@ -23,7 +23,9 @@ Four conventions make the search cheap without knowing the model:
   with B*K rows, and the step function reads row b for rows b*K ... b*K + K - 1 (the
   models' do: `Attention.attend_one`). Such an array must be returned untouched.
 * Beam slots. Beam search never reorders position-slot arrays. After its first step
-  each holds K slots per position, [B, heads, L * K, ...]: slot t * K + j is beam j's
+  each holds K slots per position, L * K on the axis `BEAM_SLOT_AXES` names ('values'
+  [B, heads, L * K, head_dim]; 'keys' [B, heads, head_dim, L * K], positions last: the
+  scores of a sentence's K queries are then a plain matmul): slot t * K + j is beam j's
   position t, and every dict that holds slot arrays also gets `HISTORY_NAME`, int32
   [B*K, L]: for token row b*K + j, which beam's slot holds each of its positions (its
   own, j, at the position being decoded). The step function writes row b*K + j's
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 NEG_INF = -1.0e7
 SLOT_NAMES = ('keys', 'values')
 SLOT_AXIS = 2
+BEAM_SLOT_AXES = {'keys': 3, 'values': 2}  # beam search's slot arrays (to_beam_slots)
 SHARED_NAMES = ('cross_keys', 'cross_values')
 HISTORY_NAME = 'slot_beams'
 WINDOW = 8  # the first window of position slots; each next one is twice as long
@@ -65,15 +68,17 @@ def _is_slot(path, names=SLOT_NAMES) -> bool:
 
 def to_beam_slots(cache, k: int):
   """`cache` for B rows after the first step -> for K beams per row: slot arrays
-  [B, heads, W, ...] -> [B, heads, W * K, ...] with the B rows' slots as beam 0's (every
-  beam's history starts there); shared arrays kept; the rest repeated K times."""
+  [B, heads, W, H] -> W * K slots on their `BEAM_SLOT_AXES` axis, with the B rows'
+  slots as beam 0's (every beam's history starts there); shared arrays kept; the rest
+  repeated K times."""
   def convert(path, x):
     if _is_slot(path):
-      x = jnp.expand_dims(x, SLOT_AXIS + 1)                              # [B, N, W, 1, ...]
+      axis = BEAM_SLOT_AXES[path[-1].key]
+      x = jnp.expand_dims(jnp.moveaxis(x, SLOT_AXIS, axis), axis + 1)     # [..., W, 1, ...]
       padding = [(0, 0)] * x.ndim
-      padding[SLOT_AXIS + 1] = (0, k - 1)
+      padding[axis + 1] = (0, k - 1)
       x = jnp.pad(x, padding)
-      return x.reshape(*x.shape[:SLOT_AXIS], -1, *x.shape[SLOT_AXIS + 2:])
+      return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
     return x if _is_slot(path, SHARED_NAMES) else jnp.repeat(x, k, axis=0)
   return jax.tree_util.tree_map_with_path(convert, cache)
 
@@ -92,28 +97,34 @@ def with_history(cache, history):
   return cache
 
 
-def resize_slots(cache, length: int):
-  """`cache` with every position-slot array cut, or zero-padded, to `length` slots."""
+def resize_slots(cache, length: int, slot_axes: dict | None = None):
+  """`cache` with every position-slot array cut, or zero-padded, to `length` slots on
+  the axis `slot_axes` names for it (None: SLOT_AXIS for all)."""
   def resize(path, array):
-    if not _is_slot(path) or array.shape[SLOT_AXIS] == length:
+    if not _is_slot(path):
       return array
-    if array.shape[SLOT_AXIS] > length:
-      return jax.lax.slice_in_dim(array, 0, length, axis=SLOT_AXIS)
+    axis = SLOT_AXIS if slot_axes is None else slot_axes[path[-1].key]
+    if array.shape[axis] == length:
+      return array
+    if array.shape[axis] > length:
+      return jax.lax.slice_in_dim(array, 0, length, axis=axis)
     padding = [(0, 0)] * array.ndim
-    padding[SLOT_AXIS] = (0, length - array.shape[SLOT_AXIS])
+    padding[axis] = (0, length - array.shape[axis])
     return jnp.pad(array, padding)
   return jax.tree_util.tree_map_with_path(resize, cache)
 
 
 def _segmented_loop(not_done, body, state: dict, ends: list[int], finish,
-                    slots_per_position: int = 1):
+                    slots_per_position: int = 1, slot_axes: dict | None = None):
   """`finish(lax.while_loop(not_done, body, state))`, run as one while_loop per
   window: the segment ending at `ends[i]` hands `body` the position slots of
-  `state['cache']` cut to ends[i] positions (of `slots_per_position` slots each). A
-  later segment (and its growing of the slots) runs only if the search is not done."""
+  `state['cache']` (on `slot_axes`, as resize_slots) cut to ends[i] positions (of
+  `slots_per_position` slots each). A later segment (and its growing of the slots)
+  runs only if the search is not done."""
   def run(state, segment):
     end = ends[segment]
-    state = {**state, 'cache': resize_slots(state['cache'], end * slots_per_position)}
+    state = {**state, 'cache': resize_slots(state['cache'], end * slots_per_position,
+                                            slot_axes)}
     state = jax.lax.while_loop(lambda s: (s['index'] < end) & not_done(s), body, state)
     if segment + 1 == len(ends):
       return finish(state)
@@ -125,27 +136,42 @@ def _segmented_loop(not_done, body, state: dict, ends: list[int], finish,
 
 
 def greedy(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id: int,
-           max_lengths: jax.Array | None = None, *,
+           max_lengths: jax.Array | None = None, *, min_lengths: jax.Array | None = None,
            window: int | None = WINDOW) -> jax.Array:
   """Most likely token at every step -> int32 [B, L] (EOS, then 0s, after the end).
 
   max_lengths: optional int32 [B]; sequence b is ended (EOS forced) at that length.
+  min_lengths: optional int32 [B]; sequence b does not end (EOS is never chosen)
+    before that length, EOS included; max_lengths wins where they conflict.
   window: the first window of position slots (module docstring); None: all L slots.
   """
-  return _token_loop(step_fn, cache, lambda logits, key: argmax(logits), batch_size,
-                     max_length, bos_id, eos_id, max_lengths, jax.random.key(0),
+  select = lambda logits, key, eos_banned: argmax(logits, eos_banned)
+  return _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
+                     max_lengths, jax.random.key(0), min_lengths=min_lengths,
                      window=window)
 
 
-def argmax(logits: jax.Array) -> jax.Array:
+def argmax(logits: jax.Array, banned: tuple[int, jax.Array] | None = None) -> jax.Array:
   """logits [..., V] -> int32 [...]: the index of the largest logit (the first of
   equal ones), as `jnp.argmax`, by `top_k` with k = 1: one pass over the logits for
   the maxima of small chunks, then a search of the best chunk. XLA:CPU's fused
-  (value, index) reduction is ~6x slower over a [256, 6000] batch."""
-  return top_k(logits, 1)[1][..., 0]
+  (value, index) reduction is ~6x slower over a [256, 6000] batch. `banned`: as
+  `top_k`'s."""
+  return top_k(logits, 1, banned)[1][..., 0]
 
 
-def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def _ban(values, banned, offsets=None):
+  """`values` [..., C] with column `banned[0]` (at `offsets` [..., 1] + 0 ... C - 1,
+  if given) set to -inf where bool `banned[1]` [...] is true."""
+  column, rows = banned
+  columns = jnp.arange(values.shape[-1])
+  if offsets is not None:
+    columns = offsets + columns
+  return jnp.where((columns == column) & rows[..., None], -jnp.inf, values)
+
+
+def top_k(values: jax.Array, k: int, banned: tuple[int, jax.Array] | None = None
+          ) -> tuple[jax.Array, jax.Array]:
   """values [..., N] -> (the k largest [..., k], their int32 indices [..., k]), largest
   first, the lower index first among equal values: the same as `jax.lax.top_k`
   (NaNs aside), for small k, in about a third of XLA:CPU's time at N ~ 6000.
@@ -154,14 +180,23 @@ def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   largest maxima (in index order), then the k largest of their k C values. A value
   among the k largest lies in a chunk whose maximum is at least the k-th largest, and
   at most k chunks are needed (ties included), so the two stages find the same k.
-  Short rows, or N with no divisor near 32, use `jax.lax.top_k`."""
+  Short rows, or N with no divisor near 32, use `jax.lax.top_k`.
+
+  banned: optional (column, rows bool [...]): `values[..., column]` counts as -inf in
+  the rows where `rows` is true (e.g. EOS before a minimum length). Only the banned
+  column's chunk is rewritten, not the whole of `values` (a pass over the logits that
+  XLA:CPU would make up to once per consumer)."""
   size = values.shape[-1]
   chunk = next((c for c in range(32, 65) if size % c == 0), None) or next(
       (c for c in range(31, 15, -1) if size % c == 0), None)
   if chunk is None or size <= 4 * k * chunk:
-    return jax.lax.top_k(values, k)
+    return jax.lax.top_k(values if banned is None else _ban(values, banned), k)
   chunks = values.reshape(*values.shape[:-1], size // chunk, chunk)     # [..., N/C, C]
   maxima = chunks.max(axis=-1)                                           # [..., N/C]
+  if banned is not None:
+    home = banned[0] // chunk  # the banned column's chunk: its maximum without it
+    home_chunk = _ban(chunks[..., home, :], banned, jnp.array(home * chunk))
+    maxima = maxima.at[..., home].set(home_chunk.max(axis=-1))
   # A -inf column (never chosen before a real chunk): without it XLA merges the first
   # round's max over the maxima into a second full pass over `values`.
   maxima = jnp.concatenate([maxima, jnp.full((*maxima.shape[:-1], 1), -jnp.inf,
@@ -169,6 +204,9 @@ def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   _, best_chunks = _small_top_k(maxima, k)
   best_chunks = jnp.sort(best_chunks, axis=-1)                           # [..., k]
   gathered = jnp.take_along_axis(chunks, best_chunks[..., None], axis=-2)  # [..., k, C]
+  if banned is not None:
+    gathered = _ban(gathered, (banned[0], banned[1][..., None]),
+                    best_chunks[..., None] * chunk)
   top, index = _small_top_k(gathered.reshape(*values.shape[:-1], k * chunk), k)
   chunk_of = jnp.take_along_axis(best_chunks, index // chunk, axis=-1)
   return top, (chunk_of * chunk + index % chunk).astype(jnp.int32)
@@ -193,19 +231,22 @@ def _small_top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def sample(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id: int,
            key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            max_lengths: jax.Array | None = None, start_index: int = 0,
-           first_tokens: jax.Array | None = None, *,
+           first_tokens: jax.Array | None = None, *, min_lengths: jax.Array | None = None,
            window: int | None = WINDOW) -> jax.Array:
   """Ancestral sampling from the temperature-scaled distribution, restricted to the
   `top_k` most likely tokens (0 = all) and to the nucleus of mass `top_p` -> [B, L].
 
   To continue a prompt whose first `start_index` tokens are already in `cache`, pass
   its last token as `first_tokens` [B]; the result then holds max_length - start_index
-  new tokens."""
-  def select(logits, step_key):
+  new tokens. min_lengths: as `greedy`'s."""
+  def select(logits, step_key, eos_banned):
+    if eos_banned is not None:
+      logits = _ban(logits, eos_banned)
     filtered = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
     return jax.random.categorical(step_key, filtered, axis=-1)
   return _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
-                     max_lengths, key, start_index, first_tokens, window=window)
+                     max_lengths, key, start_index, first_tokens, min_lengths=min_lengths,
+                     window=window)
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -226,8 +267,10 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
 
 
 def _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
-                max_lengths, key, start_index: int = 0, first_tokens=None, *, window):
-  """Feeds each chosen token back in, from position `start_index`; output [B, L - start]."""
+                max_lengths, key, start_index: int = 0, first_tokens=None, *, min_lengths,
+                window):
+  """Feeds each chosen token back in, from position `start_index`; output [B, L - start].
+  select(logits, key, eos_banned: (eos_id, rows bool [B]) or None) -> tokens [B]."""
   if max_lengths is None:
     max_lengths = jnp.full((batch_size,), max_length, jnp.int32)
   previous = (jnp.full((batch_size,), bos_id, jnp.int32) if first_tokens is None
@@ -242,7 +285,8 @@ def _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
   def body(state):
     index = state['index']
     logits, cache = step_fn(state['cache'], state['previous'], index)
-    chosen = select(logits.astype(jnp.float32), jax.random.fold_in(key, index))
+    eos_banned = None if min_lengths is None else (eos_id, index + 1 < min_lengths)
+    chosen = select(logits.astype(jnp.float32), jax.random.fold_in(key, index), eos_banned)
     chosen = chosen.astype(jnp.int32)
     chosen = jnp.where(index + 1 >= max_lengths, eos_id, chosen)
     chosen = jnp.where(state['finished'], 0, chosen)
@@ -265,7 +309,7 @@ def length_penalty(length, alpha: float):
 
 def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int,
                 bos_id: int, eos_id: int, alpha: float = 0.6,
-                max_lengths: jax.Array | None = None, *,
+                max_lengths: jax.Array | None = None, *, min_lengths: jax.Array | None = None,
                 window: int | None = WINDOW) -> tuple[jax.Array, jax.Array]:
   """Beam search -> (tokens int32 [B, K, L], scores float32 [B, K]), best first.
 
@@ -284,6 +328,9 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
   * a sentence is settled once no live beam can beat its finished ones even at its
     own `max_lengths` (alpha >= 0), rather than at the global max_length.
 
+  min_lengths: optional int32 [B]; no hypothesis of sequence b ends before that length
+    (EOS included): EOS is not a candidate at earlier steps, and the scores stay the
+    model's log-probabilities. max_lengths wins where they conflict.
   window: the first window of position slots (module docstring); None: all L slots.
   """
   k = beam_size
@@ -296,8 +343,8 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
                live_logprobs=jnp.zeros((batch_size, 1)),
                finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
                finished_scores=jnp.full((batch_size, k), NEG_INF))
-  state, _ = _extend(start, logits, 0, k, max_lengths, eos_id, alpha)
-  # Slot arrays [B, heads, W * K, ...]; shared arrays [B, ...]; others [B*K, ...].
+  state, _ = _extend(start, logits, 0, k, max_lengths, min_lengths, eos_id, alpha)
+  # Slot arrays W * K slots (BEAM_SLOT_AXES); shared arrays [B, ...]; others [B*K, ...].
   state.update(index=jnp.int32(1), cache=to_beam_slots(cache, k),
                history=jnp.zeros((batch_size * k, max_length), jnp.int32))
   own_beam = jnp.arange(batch_size * k, dtype=jnp.int32) % k
@@ -314,7 +361,8 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
     logits, cache = step_fn(with_history(state['cache'], history), previous.reshape(-1),
                             index)                                       # [B*K, V]
     cache = with_history(cache, None)
-    new_state, source_beam = _extend(state, logits, index, k, max_lengths, eos_id, alpha)
+    new_state, source_beam = _extend(state, logits, index, k, max_lengths, min_lengths,
+                                     eos_id, alpha)
     # Row b*K + j continues row b*K + source_beam[b, j]; rows are in range by construction.
     rows = (jnp.arange(batch_size)[:, None] * k + source_beam).reshape(-1)
     reorder = lambda path, old, new: (new if new is old or _is_slot(path) else
@@ -334,10 +382,12 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
                        state['finished_scores'])
     return tokens, scores
 
-  return _segmented_loop(not_done, body, state, ends, finish, slots_per_position=k)
+  return _segmented_loop(not_done, body, state, ends, finish, slots_per_position=k,
+                         slot_axes=BEAM_SLOT_AXES)
 
 
-def _extend(state: dict, logits, index, k: int, max_lengths, eos_id: int, alpha: float):
+def _extend(state: dict, logits, index, k: int, max_lengths, min_lengths, eos_id: int,
+            alpha: float):
   """One step of beam search from the K' live beams of `state` (K' = 1 at the first
   step) with their next-token logits [B*K', V] -> (the new live and finished
   hypotheses, K of each, and for each new live beam the old one it extends [B, K])."""
@@ -348,8 +398,12 @@ def _extend(state: dict, logits, index, k: int, max_lengths, eos_id: int, alpha:
   # it, but only for the 2K best tokens of each beam: those with the largest logits.
   # 2K candidates always leave K that do not end in EOS. A candidate outside its own
   # beam's best 2K is outside the best 2K overall, so two small top-ks find those.
-  top_logits, beam_token = top_k(logits, 2 * k)                         # [B, K', 2K]
+  eos_banned = None if min_lengths is None else (
+      eos_id, jnp.broadcast_to((index + 1 < min_lengths)[:, None], (batch, beams)))
+  top_logits, beam_token = top_k(logits, 2 * k, eos_banned)             # [B, K', 2K]
   largest = top_logits[..., :1]                                          # the max
+  if eos_banned is not None:  # ... of the tokens other than a banned EOS: include it
+    largest = jnp.maximum(largest, logits[..., eos_id:eos_id + 1])
   log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - largest), axis=-1, keepdims=True))
   to_log_prob = lambda x: (x - largest) - log_normaliser
   live = state['live_logprobs'][:, :, None]

@@ -225,9 +225,10 @@ class Attention(nnx.Module):
 
   def attend_one(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
                  mask: jax.Array, query_positions: jax.Array | None = None, *,
-                 query: jax.Array | None = None) -> jax.Array:
+                 query: jax.Array | None = None, keys_last: bool = False) -> jax.Array:
     """Cached decoding, one query per row: hidden [G*B, 1, D]; keys/values [B, N, K, H]
-    (a KV cache, heads before positions); mask bool [B or G*B, 1, 1, K] -> [G*B, 1, D].
+    (a KV cache, heads before positions; keys [B, N, H, K] if `keys_last`); mask bool
+    [B or G*B, 1, 1, K] -> [G*B, 1, D].
     G = 1 but for keys shared by a group of G consecutive query rows (beam search's
     cross-attention: row r reads the keys of sentence r // G, which are then stored
     once, not G times). `query` [G*B, 1, N, H]: the projected query (`project_qkv`),
@@ -237,7 +238,9 @@ class Attention(nnx.Module):
     either kind. With the heads before the positions, both products are batched
     matmuls over (B, N) that read the cache where it lies: on XLA:CPU ~7x faster for
     the scores than the [B, K, N, H] layout, which must be transposed or reduced
-    across its inner axes at every step and layer (BUILD_NOTES.md)."""
+    across its inner axes at every step and layer (BUILD_NOTES.md). Keys last make the
+    scores a plain matmul: faster for G > 1 queries (beam search's self-attention),
+    slower to write one position into for G = 1."""
     assert hidden.shape[1] == 1, f'one query per row, got {hidden.shape}'
     batch, group = keys.shape[0], hidden.shape[0] // keys.shape[0]
     assert batch * group == hidden.shape[0], (hidden.shape, keys.shape)
@@ -248,7 +251,8 @@ class Attention(nnx.Module):
       query = apply_rope(query, query_positions)
     query = query.astype(jnp.float32) * (query.shape[-1] ** -0.5)
     query = query.reshape(batch, group, *query.shape[2:])                # [B, G, N, H]
-    logits = jnp.einsum('BGNH,BNKH->BNGK', query, keys.astype(jnp.float32))
+    logits = jnp.einsum('BGNH,BNHK->BNGK' if keys_last else 'BGNH,BNKH->BNGK', query,
+                        keys.astype(jnp.float32))
     mask = mask.reshape(batch, -1, mask.shape[-1])[:, None]              # [B, 1, G or 1, K]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)

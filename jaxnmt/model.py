@@ -120,27 +120,29 @@ class Block(nnx.Module):
     return attended, {'keys': keys, 'values': values}  # [B, N, T_max, H]
 
   def _attend_beam_slots(self, inputs, query, keys, values, query_positions, cache, index):
-    """Beam search's cache (decode.py, "Beam slots"): slots [B, N, T_max * G, H], G per
-    position, shared by the G beams of a sentence; cache['slot_beams'] int32
+    """Beam search's cache (decode.py, "Beam slots"): slots 'keys' [B, N, H, T_max * G]
+    and 'values' [B, N, T_max * G, H], G per position, shared by the G beams of a
+    sentence; cache['slot_beams'] int32
     [B*G, >= T_max] names, for each beam row, the beam whose slot holds each of its
     positions. Row b*G + g writes its keys and values at slot index * G + g of
     sentence b and attends over the sentence's T_max * G slots with every slot outside
     its history masked: one grouped `attend_one`, as cross-attention's, and no
     reordering of the cache when beams change."""
-    batch, heads, slots, head_dim = cache['keys'].shape
+    batch, heads, slots, head_dim = cache['values'].shape
     group = cache['slot_beams'].shape[0] // batch
     length = slots // group
-    def write(slots, new):  # new [B*G, 1, N, H] -> [B, N, G, H] at slots index * G + g
-      new = jnp.swapaxes(new.reshape(batch, group, heads, head_dim), 1, 2)
+    def write(slots, new, order, axis):  # new [B*G, 1, N, H] -> slots index * G + g
+      new = jnp.transpose(new.reshape(batch, group, heads, head_dim), order)
       return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype),
-                                                 index * group, axis=2)
-    keys, values = write(cache['keys'], keys), write(cache['values'], values)
+                                                 index * group, axis=axis)
+    keys = write(cache['keys'], keys, (0, 2, 3, 1), 3)                  # [B, N, H, G]
+    values = write(cache['values'], values, (0, 2, 1, 3), 2)            # [B, N, G, H]
     history = cache['slot_beams'][:, :length]                            # [B*G, T_max]
     mask = ((history[:, :, None] == jnp.arange(group)) &
             (jnp.arange(length) <= index)[:, None])                      # [B*G, T_max, G]
     attended = self.self_attention.attend_one(
         inputs, keys, values, mask.reshape(batch * group, 1, 1, slots), query_positions,
-        query=query)
+        query=query, keys_last=True)
     return attended, {'keys': keys, 'values': values}
 
   def _sublayer_input(self, hidden, norm):
@@ -191,7 +193,8 @@ def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
   in windows of the slots (any T_max > index) and leaves the cross arrays untouched.
   The cross arrays may have B / G rows, each shared by G consecutive token rows (beam
   search: decode.SHARED_NAMES); cross_mask has B or B / G rows. Under beam search the
-  self-attention slots are [B / G, N, T_max * G, H] with 'slot_beams' beside them
+  self-attention slots hold T_max * G positions for B / G rows ('keys' [B / G, N, H,
+  T_max * G], positions last), with 'slot_beams' beside them
   (decode.py, "Beam slots"; `Block._attend_beam_slots` masks by it, and `self_mask`
   below goes unused)."""
   batch, max_length = tokens.shape[0], caches[0]['keys'].shape[2]

@@ -9,7 +9,8 @@ from jaxnmt.decode import NEG_INF, length_penalty
 
 def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int,
                 bos_id: int, eos_id: int, alpha: float = 0.6,
-                max_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                max_lengths: jax.Array | None = None,
+                min_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The plain beam search `beam_search` is tested against (same contract): every
   step runs all B*K rows over all max_length cache slots, takes the top 2K of the
   K*V candidates and gathers the whole cache.
@@ -47,6 +48,9 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     vocab = log_probs.shape[-1]
     log_probs = log_probs.reshape(batch_size, k, vocab)                  # [B, K, V]
+    if min_lengths is not None:  # EOS is no candidate before min_lengths (max_lengths wins)
+      banned = ((index + 1 < min_lengths) & (index + 1 < max_lengths))[:, None, None]
+      log_probs = jnp.where(banned & (jnp.arange(vocab) == eos_id), NEG_INF, log_probs)
     must_end = (index + 1 >= max_lengths)[:, None, None]
     eos_only = jnp.full((vocab,), NEG_INF).at[eos_id].set(0.0)
     log_probs = jnp.where(must_end, jnp.maximum(log_probs + eos_only, NEG_INF), log_probs)

@@ -164,7 +164,7 @@ def test_cached_and_uncached_decoding_agree(encoded_batch):
 # ----------------------------------------------------------------------------- optimised vs plain
 
 
-def greedy_reference(step_fn, cache, batch_size, max_length, max_lengths):
+def greedy_reference(step_fn, cache, batch_size, max_length, max_lengths, min_lengths=None):
   """The plainest greedy decoder: a Python loop over all max_length steps on the full
   cache -> int32 [B, L] (EOS, then 0s, after the end)."""
   step_fn = jax.jit(step_fn)
@@ -173,7 +173,10 @@ def greedy_reference(step_fn, cache, batch_size, max_length, max_lengths):
   finished = np.zeros((batch_size,), bool)
   for index in range(max_length):
     logits, cache = step_fn(cache, previous, index)
-    chosen = np.asarray(logits).argmax(-1)
+    logits = np.array(logits)
+    if min_lengths is not None:
+      logits[index + 1 < np.asarray(min_lengths), EOS] = -np.inf
+    chosen = logits.argmax(-1)
     chosen = np.where(index + 1 >= np.asarray(max_lengths), EOS, chosen)
     chosen = np.where(finished, 0, chosen)
     tokens[:, index] = chosen
@@ -226,6 +229,31 @@ def test_greedy_returns_the_reference_tokens(eager_eos_model):
     np.testing.assert_array_equal(tokens, expected)
 
 
+def test_min_lengths_ban_eos_as_the_plain_searches_do(eager_eos_model):
+  step_fn, cache = eager_eos_model
+  max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
+  min_lengths = jnp.array([2, 7, 12, 20, 1], jnp.int32)  # row 3: max_lengths wins
+  args = (step_fn, cache, 5, 4, 20, BOS, EOS, 0.6, max_lengths)
+  tokens, scores = decode.beam_search(*args, min_lengths=min_lengths, window=4)
+  expected_tokens, expected_scores = beam_reference.beam_search(*args, min_lengths)
+  np.testing.assert_array_equal(tokens, expected_tokens)
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+  lengths = np.argmax(np.asarray(tokens) == EOS, axis=-1) + 1       # [B, K]
+  floor = np.minimum(min_lengths, max_lengths)[:, None]
+  assert (lengths >= floor).all(), lengths
+  # Without the floor some hypotheses do end earlier: the ban changed the search.
+  unbanned = np.argmax(np.asarray(decode.beam_search(*args, window=4)[0]) == EOS, -1) + 1
+  assert (unbanned < floor).any(), unbanned
+
+  expected = greedy_reference(step_fn, cache, 5, 20, max_lengths, min_lengths)
+  greedy_lengths = np.argmax(expected == EOS, axis=-1) + 1
+  assert (greedy_lengths >= floor[:, 0]).all() and (greedy_lengths[2:4] > 1).all()
+  for window in (4, None):
+    found = decode.greedy(step_fn, cache, 5, 20, BOS, EOS, max_lengths,
+                          min_lengths=min_lengths, window=window)
+    np.testing.assert_array_equal(found, expected)
+
+
 def test_windows_cover_the_positions_to_decode():
   assert decode.window_ends(64) == [8, 16, 32, 64]
   assert decode.window_ends(20, window=4) == [4, 8, 16, 20]
@@ -270,3 +298,24 @@ def test_top_k_equals_lax_top_k_with_ties():
       found = decode.top_k(jnp.asarray(values[..., :size]), k)
       np.testing.assert_array_equal(found[0], expected[0])
       np.testing.assert_array_equal(found[1], expected[1])
+
+
+@pytest.mark.parametrize('column', [0, 3, 41, 5999])
+def test_top_k_with_a_banned_column_equals_lax_top_k_without_it(column):
+  rng = np.random.default_rng(column)
+  values = rng.standard_normal((4, 3, 6000)).astype(np.float32)
+  values[..., column] = 10.0                           # the best, where not banned
+  values[1, :, ::7] = 3.0                              # ties
+  rows = jnp.asarray(rng.random((4, 3)) < 0.5).at[0, 0].set(True).at[0, 1].set(False)
+  plain = np.where(np.asarray(rows)[..., None] & (np.arange(6000) == column), -np.inf,
+                   values)
+  for size in (6000, 64):  # the chunked path and lax.top_k's
+    if column >= size:
+      continue
+    for k in (1, 8):
+      expected = jax.lax.top_k(jnp.asarray(plain[..., :size]), k)
+      found = decode.top_k(jnp.asarray(values[..., :size]), k, (column, rows))
+      np.testing.assert_array_equal(found[0], expected[0])
+      np.testing.assert_array_equal(found[1], expected[1])
+  assert decode.argmax(jnp.asarray(values), (column, rows))[0, 0] != column
+  assert decode.argmax(jnp.asarray(values), (column, rows))[0, 1] == column

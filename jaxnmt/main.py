@@ -85,6 +85,8 @@ flags.DEFINE_integer('max_sentence_tokens', 256, 'serve: longest sentence accept
 flags.DEFINE_integer('beam_size', 4, 'translate/eval/serve: beam size (1 = greedy).')
 flags.DEFINE_float('length_penalty', 1.0, 'translate/eval/serve: GNMT length penalty alpha '
                    '(chosen by a sweep on validation: BUILD_NOTES.md, "Output length").')
+flags.DEFINE_integer('min_length', 0, 'translate/eval/serve: no translation ends before '
+                     'this many tokens (as fairseq --min-len; the output cap still wins).')
 flags.DEFINE_float('temperature', 0.0, 'translate: > 0 samples at this temperature '
                    '(generate: 0 means 1.0).')
 flags.DEFINE_integer('top_k', 0, 'translate: sample among the k most likely (0 = all).')
@@ -154,9 +156,10 @@ def _check_flags() -> None:
     raise UserError('--bench_steps and --bench_warmup must be >= 1, '
                     '--bench_decode_sentences >= 0')
   if FLAGS.beam_size < 1 or FLAGS.temperature < 0 or not 0 < FLAGS.top_p <= 1 or \
-      FLAGS.top_k < 0 or FLAGS.batch_size < 1 or FLAGS.serve_batch_size < 1:
+      FLAGS.top_k < 0 or FLAGS.batch_size < 1 or FLAGS.serve_batch_size < 1 or \
+      FLAGS.min_length < 0:
     raise UserError('--beam_size, --batch_size and --serve_batch_size must be >= 1, '
-                    '--temperature >= 0, '
+                    '--temperature >= 0, --min_length >= 0, '
                     '--top_k >= 0 and --top_p in (0, 1]')
 
 
@@ -164,6 +167,7 @@ def _decode_options():
   from jaxnmt import translate  # pylint: disable=g-import-not-at-top
   return translate.DecodeOptions(beam_size=FLAGS.beam_size,
                                  length_penalty=FLAGS.length_penalty,
+                                 min_length=FLAGS.min_length,
                                  temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                  top_p=FLAGS.top_p, seed=FLAGS.decode_seed,
                                  use_cache=FLAGS.decode_cache)

@@ -86,6 +86,7 @@ class DecodeOptions:
   """beam_size > 1: beam search; temperature > 0: sampling; else greedy."""
   beam_size: int = 4
   length_penalty: float = 1.0  # GNMT alpha; BUILD_NOTES.md, "Output length"
+  min_length: int = 0  # no output ends before this many tokens (EOS not counted)
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -331,14 +332,20 @@ def _decode_batch(graphdef, rest, options: DecodeOptions, scores: bool, params, 
     step_fn = model.decode_step_uncached
   batch = inputs.shape[0]
   bos, eos = tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID
+  # The searches count EOS in a length; the output cap still wins over the floor.
+  min_lengths = (jnp.full((batch,), options.min_length + 1, jnp.int32)
+                 if options.min_length else None)
   if options.strategy == 'beam':
     return decode.beam_search(step_fn, cache, batch, options.beam_size, max_length, bos,
-                              eos, options.length_penalty, max_lengths)
+                              eos, options.length_penalty, max_lengths,
+                              min_lengths=min_lengths)
   if options.strategy == 'sample':
     tokens = decode.sample(step_fn, cache, batch, max_length, bos, eos, key,
-                           options.temperature, options.top_k, options.top_p, max_lengths)
+                           options.temperature, options.top_k, options.top_p, max_lengths,
+                           min_lengths=min_lengths)
   else:
-    tokens = decode.greedy(step_fn, cache, batch, max_length, bos, eos, max_lengths)
+    tokens = decode.greedy(step_fn, cache, batch, max_length, bos, eos, max_lengths,
+                           min_lengths=min_lengths)
   if scores:
     score = _teacher_forced_scores(model, encoded, segment_ids, tokens,
                                    options.length_penalty)

@@ -121,6 +121,9 @@ def _main(*flags, cwd=ROOT, **env):
     (['--mode=translate'], 'error: --workdir is required for --mode=translate'),
     (['--config=configs/tiny.py', '--workdir=WORKDIR', '--beam_size=0'],
      'error: --beam_size, --batch_size and --serve_batch_size must be >= 1'),
+    (['--mode=translate', '--workdir=WORKDIR', '--min_length=-1'],
+     'error: --beam_size, --batch_size and --serve_batch_size must be >= 1, '
+     '--temperature >= 0, --min_length >= 0'),
     (['--config=configs/tiny.py', '--workdir=WORKDIR', '--config.mesh.data=3'],
      'error: mesh data=3 needs 3 devices, found 8'),
     (['--mode=translate', '--workdir=WORKDIR'], 'error: WORKDIR/config.json not found'),

@@ -126,21 +126,60 @@ def test_token_batching_gives_the_one_by_one_results(loaded, test_sources):
   assert translator.translate(sources, 16) == [hs[0].text for hs in batched]
 
 
+def _best_lengths(translator, sources):
+  """(the best hypothesis' length in tokens, EOS included, per source; its score)."""
+  calls, jitted = [], translator._decoder  # pylint: disable=protected-access
+
+  def spy(options, scores):
+    def decode(params, inputs, max_lengths, key, *, max_length):
+      tokens, batch_scores = jitted(options, scores)(params, inputs, max_lengths, key,
+                                                     max_length=max_length)
+      calls.append(np.asarray(tokens)[:len(sources), 0])
+      return tokens, batch_scores
+    return decode
+
+  translator._decoder = spy  # pylint: disable=protected-access
+  [hypotheses] = [translator.translate_nbest(sources)]
+  [tokens] = calls
+  lengths = np.argmax(tokens == tokenizer_lib.EOS_ID, axis=-1) + 1
+  return lengths, np.array([h[0].score for h in hypotheses])
+
+
+@pytest.mark.parametrize('beam_size', [1, 2])
+def test_min_length_keeps_outputs_from_ending_early(loaded, beam_size):
+  eager = _eos_logit_set(loaded, 30.0)  # every search ends at once unless kept from it
+  sources = ['Where is the station?', 'I am tired.']
+  plain = translate.Translator(eager, translate.DecodeOptions(beam_size=beam_size))
+  lengths, scores = _best_lengths(plain, sources)
+  assert (lengths == 1).all(), lengths
+  floored = translate.Translator(
+      eager, translate.DecodeOptions(beam_size=beam_size, min_length=5))
+  floored_lengths, floored_scores = _best_lengths(floored, sources)
+  assert (floored_lengths >= 6).all(), floored_lengths  # 5 tokens, then EOS
+  # The floor removes hypotheses, never rescores one: the best is less likely now.
+  assert (floored_scores < scores).all(), (scores, floored_scores)
+
+
 def test_greedy_hypotheses_carry_their_score(loaded):
   translator = translate.Translator(loaded, translate.DecodeOptions(beam_size=1))
   [[hypothesis]] = translator.translate_nbest(['Good morning.'])
   assert np.isfinite(hypothesis.score) and hypothesis.score < 0
 
 
-def _never_ending(loaded):
-  """`loaded` with the EOS logit pushed far down: every output runs to its cap."""
+def _eos_logit_set(loaded, value: float):
+  """`loaded` with the EOS logit raised by `value` at every step (negative: lowered)."""
   params = jax.tree.map(lambda x: x, loaded.params)
   norm = params['decoder_norm']
   norm['scale'].value = norm['scale'].value.at[0].set(0.0)
   norm['bias'].value = norm['bias'].value.at[0].set(1.0)  # feature 0 is always 1
   embedding = params['source_embed']['embedding']  # tied with the output layer
-  embedding.value = embedding.value.at[tokenizer_lib.EOS_ID, 0].set(-1e4)
+  embedding.value = embedding.value.at[tokenizer_lib.EOS_ID, 0].set(value)
   return dataclasses.replace(loaded, params=params)
+
+
+def _never_ending(loaded):
+  """`loaded` with the EOS logit pushed far down: every output runs to its cap."""
+  return _eos_logit_set(loaded, -1e4)
 
 
 def test_long_inputs_are_translated_whole(loaded, caplog):

@@ -238,7 +238,8 @@ def sample(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id
 
   To continue a prompt whose first `start_index` tokens are already in `cache`, pass
   its last token as `first_tokens` [B]; the result then holds max_length - start_index
-  new tokens. min_lengths: as `greedy`'s."""
+  new tokens. min_lengths: as `greedy`'s, lengths counted from position 0 (the prompt
+  included), as max_lengths are."""
   def select(logits, step_key, eos_banned):
     if eos_banned is not None:
       logits = _ban(logits, eos_banned)

@@ -75,10 +75,10 @@ class Block(nnx.Module):
     """hidden: [B, T, D]; positions: int32 [B, T]; self_mask: bool [B, 1, T, T or T_max];
     cross (layers with cross-attention): (keys, values, mask [B, 1, T, S]); keys and
     values [B, S, N, H], or [B, N, S, H] with `cache`.
-    With `cache` ({'keys', 'values'}: [B, N, T_max, H]; cached decoding, T = 1) the
-    step's keys and values are written at position `index` and both attentions take
-    the one-query path (`Attention.attend_one`). Returns (hidden [B, T, D], updated
-    cache or None)."""
+    With `cache` ({'keys', 'values'}: [B, N, T_max, H], or beam slots as
+    `_attend_beam_slots` says; cached decoding, T = 1) the step's keys and values are
+    written at position `index` and both attentions take the one-query path
+    (`Attention.attend_one`). Returns (hidden [B, T, D], updated cache or None)."""
     attended, new_cache = self._self_attend(
         self._sublayer_input(hidden, self.self_attention_norm), positions, self_mask, cache,
         index, deterministic)
@@ -197,7 +197,7 @@ def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
   T_max * G], positions last), with 'slot_beams' beside them
   (decode.py, "Beam slots"; `Block._attend_beam_slots` masks by it, and `self_mask`
   below goes unused)."""
-  batch, max_length = tokens.shape[0], caches[0]['keys'].shape[2]
+  batch, max_length = tokens.shape[0], caches[0]['values'].shape[2]
   positions = jnp.full((batch, 1), index, jnp.int32)
   # Every row is at `index`: its position encoding is computed once ([1, 1, D]).
   hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],

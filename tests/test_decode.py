@@ -229,10 +229,25 @@ def test_greedy_returns_the_reference_tokens(eager_eos_model):
     np.testing.assert_array_equal(tokens, expected)
 
 
-def test_min_lengths_ban_eos_as_the_plain_searches_do(eager_eos_model):
+def _with_vocabulary(step_fn, size: int):
+  """`step_fn` with its logits padded to `size` columns by tokens never chosen: a
+  vocabulary large enough for `decode.top_k`'s chunked path (the small model's 30
+  take `lax.top_k`)."""
+  def step(cache, tokens, index):
+    logits, cache = step_fn(cache, tokens, index)
+    filler = -50.0 - 1e-3 * jnp.arange(size - logits.shape[-1], dtype=logits.dtype)
+    filler = jnp.broadcast_to(filler, (logits.shape[0], filler.shape[0]))
+    return jnp.concatenate([logits, filler], axis=-1), cache
+  return step
+
+
+@pytest.mark.parametrize('vocabulary', [None, 2048])
+def test_min_lengths_ban_eos_as_the_plain_searches_do(eager_eos_model, vocabulary):
   step_fn, cache = eager_eos_model
+  if vocabulary:
+    step_fn = _with_vocabulary(step_fn, vocabulary)
   max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
-  min_lengths = jnp.array([2, 7, 12, 20, 1], jnp.int32)  # row 3: max_lengths wins
+  min_lengths = jnp.array([2, 7, 18, 20, 1], jnp.int32)  # row 3: max_lengths wins
   args = (step_fn, cache, 5, 4, 20, BOS, EOS, 0.6, max_lengths)
   tokens, scores = decode.beam_search(*args, min_lengths=min_lengths, window=4)
   expected_tokens, expected_scores = beam_reference.beam_search(*args, min_lengths)
@@ -247,7 +262,9 @@ def test_min_lengths_ban_eos_as_the_plain_searches_do(eager_eos_model):
 
   expected = greedy_reference(step_fn, cache, 5, 20, max_lengths, min_lengths)
   greedy_lengths = np.argmax(expected == EOS, axis=-1) + 1
-  assert (greedy_lengths >= floor[:, 0]).all() and (greedy_lengths[2:4] > 1).all()
+  assert (greedy_lengths >= floor[:, 0]).all(), greedy_lengths
+  unbanned = greedy_reference(step_fn, cache, 5, 20, max_lengths)
+  assert ((np.argmax(unbanned == EOS, axis=-1) + 1) < floor[:, 0]).any()  # a binding floor
   for window in (4, None):
     found = decode.greedy(step_fn, cache, 5, 20, BOS, EOS, max_lengths,
                           min_lengths=min_lengths, window=window)

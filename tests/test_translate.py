@@ -145,15 +145,15 @@ def _best_lengths(translator, sources):
   return lengths, np.array([h[0].score for h in hypotheses])
 
 
-@pytest.mark.parametrize('beam_size', [1, 2])
-def test_min_length_keeps_outputs_from_ending_early(loaded, beam_size):
+@pytest.mark.parametrize('search', [dict(beam_size=1), dict(beam_size=2),
+                                    dict(beam_size=1, temperature=1.0)])
+def test_min_length_keeps_outputs_from_ending_early(loaded, search):
   eager = _eos_logit_set(loaded, 30.0)  # every search ends at once unless kept from it
   sources = ['Where is the station?', 'I am tired.']
-  plain = translate.Translator(eager, translate.DecodeOptions(beam_size=beam_size))
+  plain = translate.Translator(eager, translate.DecodeOptions(**search))
   lengths, scores = _best_lengths(plain, sources)
   assert (lengths == 1).all(), lengths
-  floored = translate.Translator(
-      eager, translate.DecodeOptions(beam_size=beam_size, min_length=5))
+  floored = translate.Translator(eager, translate.DecodeOptions(**search, min_length=5))
   floored_lengths, floored_scores = _best_lengths(floored, sources)
   assert (floored_lengths >= 6).all(), floored_lengths  # 5 tokens, then EOS
   # The floor removes hypotheses, never rescores one: the best is less likely now.

@@ -194,15 +194,15 @@ def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
   The cross arrays may have B / G rows, each shared by G consecutive token rows (beam
   search: decode.SHARED_NAMES); cross_mask has B or B / G rows. Under beam search the
   self-attention slots hold T_max * G positions for B / G rows ('keys' [B / G, N, H,
-  T_max * G], positions last), with 'slot_beams' beside them
-  (decode.py, "Beam slots"; `Block._attend_beam_slots` masks by it, and `self_mask`
-  below goes unused)."""
+  T_max * G], positions last), with 'slot_beams' beside them (decode.py, "Beam
+  slots"), which `Block._attend_beam_slots` builds its mask from."""
   batch, max_length = tokens.shape[0], caches[0]['values'].shape[2]
   positions = jnp.full((batch, 1), index, jnp.int32)
   # Every row is at `index`: its position encoding is computed once ([1, 1, D]).
   hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],
                   positions[:1], True)  # [B, 1, D]
-  self_mask = jnp.broadcast_to(jnp.arange(max_length) <= index, (batch, 1, 1, max_length))
+  self_mask = None if 'slot_beams' in caches[0] else jnp.broadcast_to(
+      jnp.arange(max_length) <= index, (batch, 1, 1, max_length))
   new_caches = []
   for block, cache in zip(model.decoder_layers, caches):
     cross = None if cross_mask is None else (cache['cross_keys'], cache['cross_values'],

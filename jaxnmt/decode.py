@@ -174,42 +174,77 @@ def top_k(values: jax.Array, k: int, banned: tuple[int, jax.Array] | None = None
           ) -> tuple[jax.Array, jax.Array]:
   """values [..., N] -> (the k largest [..., k], their int32 indices [..., k]), largest
   first, the lower index first among equal values: the same as `jax.lax.top_k`
-  (NaNs aside), for small k, in about a third of XLA:CPU's time at N ~ 6000.
-
-  Two stages over chunks of C ~ 32 values ([..., N / C, C]): the k chunks with the
-  largest maxima (in index order), then the k largest of their k C values. A value
-  among the k largest lies in a chunk whose maximum is at least the k-th largest, and
-  at most k chunks are needed (ties included), so the two stages find the same k.
-  Short rows, or N with no divisor near 32, use `jax.lax.top_k`.
+  (NaNs aside), for small k, in about a third of XLA:CPU's time at N ~ 6000
+  (`top_candidates` with one row per item).
 
   banned: optional (column, rows bool [...]): `values[..., column]` counts as -inf in
+  the rows where `rows` is true (e.g. EOS before a minimum length)."""
+  leading, size = values.shape[:-1], values.shape[-1]
+  if banned is not None:
+    banned = (banned[0], jnp.broadcast_to(banned[1], leading).reshape(-1, 1))
+  top, index = top_candidates(values.reshape(-1, 1, size), k, banned)
+  return top.reshape(*leading, k), index.reshape(*leading, k)
+
+
+def top_candidates(values: jax.Array, k: int,
+                   banned: tuple[int, jax.Array] | None = None, key=None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """The k largest keys among each item's R x N candidates: values [B, R, N] ->
+  (keys [B, k], their int32 indices into the R * N [B, k]), largest first, the lower
+  index first among equal keys: `jax.lax.top_k(key(values, None).reshape(B, R * N), k)`.
+
+  key(x, rows): the keys of values x, elementwise and non-decreasing in x within a row
+  (beam search: a hypothesis' log-probability, a log-softmax plus the row's score);
+  x is [B, R, M] (rows None) or [B, k, M] taken from the rows `rows` int32 [B, k].
+  None: the values themselves.
+
+  Two stages over chunks of C ~ 32 values ([B, R * N / C, C]): the k chunks with the
+  largest maxima (in index order), then the k largest of their k C values. A value
+  among the k largest lies in a chunk whose maximum is at least the k-th largest, and
+  at most k chunks are needed (ties included), so the two stages find the same k; a
+  non-decreasing key keeps each chunk's largest key at its largest value. One pass
+  over `values` and then only the k C candidates; short rows, or N with no divisor
+  near 32, use `jax.lax.top_k` on all the keys.
+
+  banned: optional (column, rows bool [B, R]): `values[..., column]` counts as -inf in
   the rows where `rows` is true (e.g. EOS before a minimum length). Only the banned
   column's chunk is rewritten, not the whole of `values` (a pass over the logits that
   XLA:CPU would make up to once per consumer)."""
-  size = values.shape[-1]
+  key = key or (lambda x, rows: x)
+  batch, rows, size = values.shape
   chunk = next((c for c in range(32, 65) if size % c == 0), None) or next(
       (c for c in range(31, 15, -1) if size % c == 0), None)
   if chunk is None or size <= 4 * k * chunk:
-    return jax.lax.top_k(values if banned is None else _ban(values, banned), k)
-  chunks = values.reshape(*values.shape[:-1], size // chunk, chunk)     # [..., N/C, C]
-  maxima = chunks.max(axis=-1)                                           # [..., N/C]
+    keys = key(values if banned is None else _ban(values, banned), None)
+    top, index = jax.lax.top_k(keys.reshape(batch, rows * size), k)
+    return top, index.astype(jnp.int32)
+  per_row = size // chunk
+  chunks = values.reshape(batch, rows, per_row, chunk)                  # [B, R, N/C, C]
+  maxima = chunks.max(axis=-1)                                           # [B, R, N/C]
   if banned is not None:
     home = banned[0] // chunk  # the banned column's chunk: its maximum without it
     home_chunk = _ban(chunks[..., home, :], banned, jnp.array(home * chunk))
     maxima = maxima.at[..., home].set(home_chunk.max(axis=-1))
+  maxima = key(maxima, None).reshape(batch, rows * per_row)
   # A -inf column (never chosen before a real chunk): without it XLA merges the first
   # round's max over the maxima into a second full pass over `values`.
-  maxima = jnp.concatenate([maxima, jnp.full((*maxima.shape[:-1], 1), -jnp.inf,
-                                             maxima.dtype)], axis=-1)
-  _, best_chunks = _small_top_k(maxima, k)
-  best_chunks = jnp.sort(best_chunks, axis=-1)                           # [..., k]
-  gathered = jnp.take_along_axis(chunks, best_chunks[..., None], axis=-2)  # [..., k, C]
+  maxima = jnp.concatenate([maxima, jnp.full((batch, 1), -jnp.inf, maxima.dtype)], axis=1)
+  best = jnp.sort(_select(maxima, k)[1], axis=-1)                        # [B, k]
+  row_of = best // per_row
+  gathered = jnp.take_along_axis(chunks.reshape(batch, rows * per_row, chunk),
+                                 best[..., None], axis=1)                # [B, k, C]
   if banned is not None:
-    gathered = _ban(gathered, (banned[0], banned[1][..., None]),
-                    best_chunks[..., None] * chunk)
-  top, index = _small_top_k(gathered.reshape(*values.shape[:-1], k * chunk), k)
-  chunk_of = jnp.take_along_axis(best_chunks, index // chunk, axis=-1)
+    gathered = _ban(gathered, (banned[0], jnp.take_along_axis(banned[1], row_of, axis=1)),
+                    (best % per_row)[..., None] * chunk)
+  top, index = _select(key(gathered, row_of).reshape(batch, k * chunk), k)
+  chunk_of = jnp.take_along_axis(best, index // chunk, axis=-1)
   return top, (chunk_of * chunk + index % chunk).astype(jnp.int32)
+
+
+def _select(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k` over a few hundred values: for k <= 2 as rounds of argmax
+  (`_small_top_k`), otherwise XLA's own (faster there for k = 8 at 64-256 rows)."""
+  return _small_top_k(values, k) if k <= 2 else jax.lax.top_k(values, k)
 
 
 def _small_top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -324,8 +359,9 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
   * position slots grow in windows and are never reordered: each beam writes its own
     slots and reads its history through an index (module docstring, "Beam slots");
     untouched arrays are never reordered, shared arrays never repeated for the beams;
-  * the 2K best candidates of each beam (top-k over V), then the 2K best of those
-    K x 2K: the same 2K as a top-k over all K x V candidates;
+  * the 2K best of a sentence's K x V candidates by one pass over the logits for the
+    maxima of small chunks, then the candidates of the 2K best chunks only
+    (`top_candidates`): the same 2K as a top-k over all K x V log-probabilities;
   * a sentence is settled once no live beam can beat its finished ones even at its
     own `max_lengths` (alpha >= 0), rather than at the global max_length.
 
@@ -394,30 +430,33 @@ def _extend(state: dict, logits, index, k: int, max_lengths, min_lengths, eos_id
   hypotheses, K of each, and for each new live beam the old one it extends [B, K])."""
   batch, beams = state['live_logprobs'].shape
   logits = logits.astype(jnp.float32)
-  logits = logits.reshape(batch, beams, logits.shape[-1])                # [B, K', V]
-  # log_softmax(x) = (x - max) - log(sum(exp(x - max))), as jax.nn.log_softmax computes
-  # it, but only for the 2K best tokens of each beam: those with the largest logits.
-  # 2K candidates always leave K that do not end in EOS. A candidate outside its own
-  # beam's best 2K is outside the best 2K overall, so two small top-ks find those.
+  vocab = logits.shape[-1]
+  logits = logits.reshape(batch, beams, vocab)                           # [B, K', V]
+  # log p of each continuation: the beam's log p plus log_softmax(logits), computed as
+  # jax.nn.log_softmax does, (x - max) - log(sum(exp(x - max))).
+  largest = logits.max(axis=-1, keepdims=True)                           # [B, K', 1]
+  log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - largest), axis=-1, keepdims=True))
+  live = state['live_logprobs'][:, :, None]
+
+  def log_prob(x, rows):  # x [B, K' or 2K, M] from the beams `rows` (None: all, in order)
+    terms = (live, largest, log_normaliser)
+    if rows is not None:
+      terms = [jnp.take_along_axis(term, rows[..., None], axis=1) for term in terms]
+    return terms[0] + ((x - terms[1]) - terms[2])
+
+  # The best 2K of the K' x V candidates. 2K always leave K that do not end in EOS.
   eos_banned = None if min_lengths is None else (
       eos_id, jnp.broadcast_to((index + 1 < min_lengths)[:, None], (batch, beams)))
-  top_logits, beam_token = top_k(logits, 2 * k, eos_banned)             # [B, K', 2K]
-  largest = top_logits[..., :1]                                          # the max
-  if eos_banned is not None:  # ... of the tokens other than a banned EOS: include it
-    largest = jnp.maximum(largest, logits[..., eos_id:eos_id + 1])
-  log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - largest), axis=-1, keepdims=True))
-  to_log_prob = lambda x: (x - largest) - log_normaliser
-  live = state['live_logprobs'][:, :, None]
-  beam_best = live + to_log_prob(top_logits)
-  # At its length limit a hypothesis can only end: EOS is its one candidate.
-  must_end = (index + 1 >= max_lengths)[:, None, None]
-  first = jnp.arange(2 * k) == 0
-  forced = live + jnp.where(first, to_log_prob(logits[..., eos_id:eos_id + 1]), NEG_INF)
-  beam_best = jnp.where(must_end, forced, beam_best)
-  beam_token = jnp.where(must_end & first, eos_id, beam_token)
-  top_logprobs, top_index = jax.lax.top_k(beam_best.reshape(batch, -1), 2 * k)  # [B, 2K]
-  beam_of = top_index // (2 * k)
-  token_of = jnp.take_along_axis(beam_token.reshape(batch, -1), top_index, axis=1)
+  top_logprobs, top_index = top_candidates(logits, 2 * k, eos_banned, log_prob)  # [B, 2K]
+  beam_of, token_of = top_index // vocab, top_index % vocab
+  # At its length limit a hypothesis can only end: EOS is each beam's one candidate.
+  must_end = (index + 1 >= max_lengths)[:, None]
+  eos_logprobs, eos_beam = jax.lax.top_k(
+      log_prob(logits[..., eos_id:eos_id + 1], None)[..., 0], beams)     # [B, K']
+  pad = lambda x, value: jnp.pad(x, [(0, 0), (0, 2 * k - beams)], constant_values=value)
+  top_logprobs = jnp.where(must_end, pad(eos_logprobs, NEG_INF), top_logprobs)
+  beam_of = jnp.where(must_end, pad(eos_beam, 0), beam_of)
+  token_of = jnp.where(must_end, eos_id, token_of)
   sequences = jnp.take_along_axis(state['live_tokens'], beam_of[:, :, None], axis=1)
   sequences = sequences.at[:, :, index].set(token_of)                    # [B, 2K, L]
   is_eos = token_of == eos_id

@@ -317,6 +317,33 @@ def test_top_k_equals_lax_top_k_with_ties():
       np.testing.assert_array_equal(found[1], expected[1])
 
 
+def test_top_candidates_equals_lax_top_k_over_all_rows_keys():
+  """Beam search's selection: the best k of B items' R x N keys, a non-decreasing
+  function of the values with per-row terms (a log-softmax plus the beam's score)."""
+  rng = np.random.default_rng(1)
+  values = rng.standard_normal((3, 4, 6000)).astype(np.float32)
+  values[1, :, ::7] = 3.0                                # ties across and within rows
+  values[2, 2, 100:4000] = np.round(values[2, 2, 100:4000])
+  values[..., 5] = 10.0                                  # the best, where not banned
+  offsets = jnp.asarray(rng.standard_normal((3, 4, 1)).astype(np.float32))
+  offsets = offsets.at[1].set(0.0)                       # equal keys in different rows
+
+  def key(x, rows):
+    terms = offsets if rows is None else jnp.take_along_axis(offsets, rows[..., None], 1)
+    return 2.0 * x - terms
+  rows = jnp.asarray(rng.random((3, 4)) < 0.5).at[:, 0].set(True).at[:, 1].set(False)
+  for size in (6000, 64):  # the chunked path and lax.top_k's
+    for banned in (None, (5, rows)):
+      plain = values[..., :size]
+      if banned is not None:
+        plain = np.where(np.asarray(rows)[..., None] & (np.arange(size) == 5), -np.inf, plain)
+      for k in (1, 8):
+        expected = jax.lax.top_k(key(jnp.asarray(plain), None).reshape(3, -1), k)
+        found = decode.top_candidates(jnp.asarray(values[..., :size]), k, banned, key)
+        np.testing.assert_array_equal(found[0], expected[0])
+        np.testing.assert_array_equal(found[1], expected[1])
+
+
 @pytest.mark.parametrize('column', [0, 3, 41, 5999])
 def test_top_k_with_a_banned_column_equals_lax_top_k_without_it(column):
   rng = np.random.default_rng(column)

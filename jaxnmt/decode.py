@@ -198,7 +198,8 @@ def top_candidates(values: jax.Array, k: int,
   x is [B, R, M] (rows None) or [B, k, M] taken from the rows `rows` int32 [B, k].
   None: the values themselves.
 
-  Two stages over chunks of C ~ 32 values ([B, R * N / C, C]): the k chunks with the
+  Two stages over chunks of C values, C a divisor of N from 16 to 64, 32 and up first
+  ([B, R * N / C, C]; 40 for N = 6,000): the k chunks with the
   largest maxima (in index order), then the k largest of their k C values. A value
   among the k largest lies in a chunk whose maximum is at least the k-th largest, and
   at most k chunks are needed (ties included), so the two stages find the same k; a
@@ -361,7 +362,8 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
     untouched arrays are never reordered, shared arrays never repeated for the beams;
   * the 2K best of a sentence's K x V candidates by one pass over the logits for the
     maxima of small chunks, then the candidates of the 2K best chunks only
-    (`top_candidates`): the same 2K as a top-k over all K x V log-probabilities;
+    (`top_candidates`; a small V takes `lax.top_k` over all of them): the same 2K as
+    a top-k over all K x V log-probabilities;
   * a sentence is settled once no live beam can beat its finished ones even at its
     own `max_lengths` (alpha >= 0), rather than at the global max_length.
 
@@ -462,7 +464,7 @@ def _extend(state: dict, logits, index, k: int, max_lengths, min_lengths, eos_id
   is_eos = token_of == eos_id
 
   # Finished: merge new EOS hypotheses with the old finished ones, keep the best K.
-  real_eos = is_eos & (top_logprobs > NEG_INF / 2)  # not a forced end of a dead beam
+  real_eos = is_eos & (top_logprobs > NEG_INF / 2)  # not a dead beam's forced end or padding
   new_scores = jnp.where(real_eos, top_logprobs / length_penalty(index + 1, alpha), NEG_INF)
   all_scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)
   all_tokens = jnp.concatenate([state['finished_tokens'], sequences], axis=1)

@@ -220,6 +220,24 @@ def test_beam_search_returns_the_reference_hypotheses(eager_eos_model, window, a
   assert (np.asarray(scores)[:, :-1] >= np.asarray(scores)[:, 1:]).all()
 
 
+def test_beam_search_returns_the_reference_hypotheses_over_a_larger_vocabulary(
+    eager_eos_model):
+  """The chunked selection over a sentence's K x V candidates (V = 2,048; the small
+  model's 30 take lax.top_k), and a row capped at one token: EOS forced at the first
+  step, whose candidates come from one beam."""
+  step_fn, cache = eager_eos_model
+  step_fn = _with_vocabulary(step_fn, 2048)
+  max_lengths = jnp.array([1, 9, 20, 14, 17], jnp.int32)
+  args = (step_fn, cache, 5, 4, 20, BOS, EOS, 0.6, max_lengths)
+  tokens, scores = decode.beam_search(*args, window=4)
+  expected_tokens, expected_scores = beam_reference.beam_search(*args)
+  np.testing.assert_array_equal(tokens, expected_tokens)
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+  assert np.asarray(tokens)[0, 0, 0] == EOS and np.asarray(scores)[0, 0] > decode.NEG_INF / 2
+  lengths = np.argmax(np.asarray(tokens) == EOS, axis=-1) + 1
+  assert len(np.unique(lengths[1:])) >= 4, lengths
+
+
 def test_greedy_returns_the_reference_tokens(eager_eos_model):
   step_fn, cache = eager_eos_model
   max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
@@ -321,27 +339,34 @@ def test_top_candidates_equals_lax_top_k_over_all_rows_keys():
   """Beam search's selection: the best k of B items' R x N keys, a non-decreasing
   function of the values with per-row terms (a log-softmax plus the beam's score)."""
   rng = np.random.default_rng(1)
-  values = rng.standard_normal((3, 4, 6000)).astype(np.float32)
+  values = rng.standard_normal((4, 4, 6000)).astype(np.float32)
   values[1, :, ::7] = 3.0                                # ties across and within rows
   values[2, 2, 100:4000] = np.round(values[2, 2, 100:4000])
-  values[..., 5] = 10.0                                  # the best, where not banned
-  offsets = jnp.asarray(rng.standard_normal((3, 4, 1)).astype(np.float32))
-  offsets = offsets.at[1].set(0.0)                       # equal keys in different rows
+  values[:3, :, 5] = 10.0                                # the best, where not banned,
+  values[:3, :, 6] = 9.0                                 # and the next in its chunk
+  # Item 3: a tie for the second place between an early chunk (flat index 50) and a
+  # later one that holds the largest value, so its chunk is picked first.
+  values[3] = -5.0 + 0.01 * rng.standard_normal((4, 6000)).astype(np.float32)
+  values[3, 0, 50], values[3, 1, 130], values[3, 1, 125] = 7.0, 9.0, 7.0
+  offsets = jnp.asarray(rng.standard_normal((4, 4, 1)).astype(np.float32))
+  offsets = offsets.at[1].set(0.0).at[3].set(0.0)       # equal keys in different rows
 
   def key(x, rows):
     terms = offsets if rows is None else jnp.take_along_axis(offsets, rows[..., None], 1)
     return 2.0 * x - terms
-  rows = jnp.asarray(rng.random((3, 4)) < 0.5).at[:, 0].set(True).at[:, 1].set(False)
+  rows = jnp.asarray([[True, False, True, False], [False, True, False, True],
+                      [False, False, True, False], [False] * 4])
   for size in (6000, 64):  # the chunked path and lax.top_k's
     for banned in (None, (5, rows)):
       plain = values[..., :size]
       if banned is not None:
         plain = np.where(np.asarray(rows)[..., None] & (np.arange(size) == 5), -np.inf, plain)
-      for k in (1, 8):
-        expected = jax.lax.top_k(key(jnp.asarray(plain), None).reshape(3, -1), k)
+      for k in (1, 2, 8):
+        expected = jax.lax.top_k(key(jnp.asarray(plain), None).reshape(4, -1), k)
         found = decode.top_candidates(jnp.asarray(values[..., :size]), k, banned, key)
         np.testing.assert_array_equal(found[0], expected[0])
         np.testing.assert_array_equal(found[1], expected[1])
+  assert decode.top_candidates(jnp.asarray(values), 2, None, key)[1][3, 1] == 50
 
 
 @pytest.mark.parametrize('column', [0, 3, 41, 5999])

@@ -85,8 +85,16 @@ def _tied_logits_backward(dtype, residuals, grad):
 tied_logits.defvjp(_tied_logits_forward, _tied_logits_backward)
 
 
-def sinusoidal_positions(positions: jax.Array, d_model: int) -> jax.Array:
-  """positions: int32 [B, L] -> [B, L, D] (sin on the first half, cos on the second)."""
+def sinusoidal_positions(positions: jax.Array, d_model: int,
+                         bound: int | None = None) -> jax.Array:
+  """positions: int32 [B, L] -> [B, L, D] (sin on the first half, cos on the second).
+
+  bound: a static bound the positions lie below (a packed row's length bounds the
+  positions in it). Then the `bound` encodings are computed once and gathered, rather
+  than a sine and a cosine for every element of every row."""
+  if bound is not None:
+    table = sinusoidal_positions(jnp.arange(bound)[None], d_model)[0]   # [bound, D]
+    return jnp.take(table, positions, axis=0)
   half = d_model // 2
   inverse_frequency = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / max(half - 1, 1))
   angles = positions[..., None].astype(jnp.float32) * inverse_frequency  # [B, L, D/2]

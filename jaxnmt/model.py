@@ -214,14 +214,17 @@ def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
 
 
 def _embed(config: ModelConfig, embed: layers.Embed, position_table, dropout, ids,
-           positions, deterministic: bool):
+           positions, deterministic: bool, *, within_rows: bool = False):
   """ids, positions: int32 [B, L] -> [B, L, D] in the compute dtype: token embeddings
-  plus learned or sinusoidal positions (RoPE adds none: attention rotates instead)."""
+  plus learned or sinusoidal positions (RoPE adds none: attention rotates instead).
+  within_rows: every position is below L (whole or packed rows, not a decoding step),
+  so sinusoidal encodings are computed for L positions, not for every row."""
   hidden = embed(ids)
   if config.position_embedding == 'learned':
     hidden = hidden + position_table(positions).astype(hidden.dtype)
   elif config.position_embedding == 'sinusoidal':
-    encoding = layers.sinusoidal_positions(positions, config.d_model)
+    encoding = layers.sinusoidal_positions(positions, config.d_model,
+                                           ids.shape[1] if within_rows else None)
     hidden = hidden + encoding.astype(hidden.dtype)
   return dropout(hidden, deterministic=deterministic)
 
@@ -287,7 +290,7 @@ class Transformer(OutputLayer, nnx.Module):
   def encode(self, inputs, segment_ids, positions, *, deterministic: bool = True):
     """inputs, segment_ids, positions: int32 [B, S] -> encoded [B, S, D]."""
     hidden = _embed(self.config, self.source_embed, self.source_positions, self.dropout,
-                    inputs, positions, deterministic)
+                    inputs, positions, deterministic, within_rows=True)
     hidden = _run_blocks(self.encoder_layers, self.config.remat, hidden, positions,
                          layers.attention_mask(segment_ids, segment_ids),
                          deterministic=deterministic)
@@ -311,7 +314,7 @@ class Transformer(OutputLayer, nnx.Module):
                      target_positions, deterministic):
     """-> the last decoder layer's output [B, T, D]."""
     hidden = _embed(self.config, self.target_embed, self.target_positions, self.dropout,
-                    decoder_inputs, target_positions, deterministic)
+                    decoder_inputs, target_positions, deterministic, within_rows=True)
     self_mask = layers.attention_mask(target_segment_ids, target_segment_ids, causal=True)
     cross_mask = layers.attention_mask(target_segment_ids, source_segment_ids)
     return _run_blocks(self.decoder_layers, self.config.remat, hidden, target_positions,
@@ -403,7 +406,7 @@ class DecoderLM(OutputLayer, nnx.Module):
     """A batch -> the output layer's input [B, T, D] for its `targets`."""
     positions, segments = batch['targets_positions'], batch['targets_segment_ids']
     hidden = _embed(self.config, self.embed, self.positions, self.dropout,
-                    batch['decoder_inputs'], positions, deterministic)
+                    batch['decoder_inputs'], positions, deterministic, within_rows=True)
     hidden = _run_blocks(self.decoder_layers, self.config.remat, hidden, positions,
                          layers.attention_mask(segments, segments, causal=True),
                          deterministic=deterministic)

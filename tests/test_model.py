@@ -20,6 +20,19 @@ def make_model(**overrides):
   return model_lib.build(config, rngs=nnx.Rngs(params=0, dropout=1))
 
 
+def test_sinusoidal_positions_from_a_table_equal_the_direct_ones():
+  """The table of a row's `bound` encodings, gathered, is the same as a sine and a
+  cosine per element (packed rows: positions restart at each pair)."""
+  rng = np.random.default_rng(0)
+  positions = jnp.asarray(rng.integers(0, 24, (5, 24)).astype(np.int32))
+  for d_model in (32, 33):
+    direct = jax.jit(lambda p: layers.sinusoidal_positions(p, d_model))(positions)
+    tabled = jax.jit(lambda p: layers.sinusoidal_positions(p, d_model, 24))(positions)
+    np.testing.assert_array_equal(tabled, direct)
+    assert direct.shape == (5, 24, d_model)
+  np.testing.assert_allclose(direct[..., 0], np.sin(np.asarray(positions)), atol=1e-5)
+
+
 def packed_batch():
   """Two rows; row 0 packs two pairs (segments 1, 2) then padding."""
   rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ sys.path: they `import _load`. jaxnmt is imported only when a model is loaded, s
 def trained_model(workdir: str, weights: str = 'auto'):
   """`inference.load(workdir, weights=weights)`: the latest checkpoint of `workdir`. A
   jaxnmt from before --weights (an older checkout being measured) loads its default."""
-  from jaxnmt import inference  # pylint: disable=g-import-not-at-top
+  from jaxnmt.decoding import inference  # pylint: disable=g-import-not-at-top
   try:
     return inference.load(workdir, weights=weights)
   except TypeError:  # a jaxnmt from before --weights

@@ -14,12 +14,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from jaxnmt import checkpoint as checkpoint_lib
+from jaxnmt.runtime import checkpointing
 from jaxnmt import config_lib
-from jaxnmt import optim
-from jaxnmt import sharding
-from jaxnmt import steps
-from jaxnmt import train_state
+from jaxnmt.training import optim
+from jaxnmt.runtime import sharding
+from jaxnmt.training import steps
+from jaxnmt.training import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/base.py', 'Run config.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per variant.')
@@ -53,7 +53,7 @@ def main(_):
   state, metrics = step_fn(state, rest, batch)  # compile
   jax.block_until_ready(metrics)
   with tempfile.TemporaryDirectory() as workdir:
-    checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=2)
+    checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=2)
     times = {'no saving': [], 'save every step': []}
     for variant in times:
       for step in range(FLAGS.steps):

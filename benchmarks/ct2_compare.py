@@ -33,8 +33,10 @@ from ctranslate2.specs import common_spec, transformer_spec
 from flax import nnx
 
 import jaxnmt
-from jaxnmt import decode, host_runtime, layers
-from jaxnmt import model as model_lib
+from jaxnmt.decoding import search
+from jaxnmt.runtime import host
+from jaxnmt.model import layers
+from jaxnmt.model import transformer
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ['<blank>', '<unk>', '<s>', '</s>']
@@ -49,12 +51,12 @@ DIMS = {  # configs/tiny.py and configs/base.py (its 16k joint vocabulary)
 # ----------------------------------------------------------------------------- the models
 
 
-def build_jaxnmt(dims: str, seed: int) -> model_lib.Transformer:
+def build_jaxnmt(dims: str, seed: int) -> transformer.Transformer:
   """A pre-LN, sinusoidal, tied-embedding Transformer (the configs' architecture) with
   random weights; norms and biases are perturbed too so that the check below tests
   their conversion."""
-  config = model_lib.ModelConfig(**DIMS[dims], dropout_rate=0.0, attention_dropout_rate=0.0)
-  model = model_lib.Transformer(config, rngs=nnx.Rngs(params=seed, dropout=seed))
+  config = transformer.ModelConfig(**DIMS[dims], dropout_rate=0.0, attention_dropout_rate=0.0)
+  model = transformer.Transformer(config, rngs=nnx.Rngs(params=seed, dropout=seed))
   rng = np.random.default_rng(seed)
   for path, param in nnx.iter_graph(model):
     if isinstance(param, nnx.Param) and path[-1] in ('scale', 'bias', 'bi', 'bo'):
@@ -62,7 +64,7 @@ def build_jaxnmt(dims: str, seed: int) -> model_lib.Transformer:
   return model
 
 
-def to_ctranslate2(model: model_lib.Transformer, directory: str, threads: int):
+def to_ctranslate2(model: transformer.Transformer, directory: str, threads: int):
   """Writes `model`'s weights as a CTranslate2 TransformerSpec -> a Translator."""
   config = model.config
   d_model, heads = config.d_model, config.num_heads
@@ -149,14 +151,14 @@ def jaxnmt_decode(graphdef, state, inputs, max_lengths, *, beam: int, max_length
     if not suppress:
       return logits, cache
     banned = jnp.array(suppress, jnp.int32)
-    suppressed = jnp.where(index + 1 < max_lengths.max(), decode.NEG_INF, logits[:, banned])
+    suppressed = jnp.where(index + 1 < max_lengths.max(), search.NEG_INF, logits[:, banned])
     return logits.at[:, banned].set(suppressed), cache
 
   batch = inputs.shape[0]
   if beam == 1:
-    return decode.greedy(step_fn, cache, batch, max_length, BOS, EOS, max_lengths,
+    return search.greedy(step_fn, cache, batch, max_length, BOS, EOS, max_lengths,
                          min_lengths=max_lengths)
-  tokens, _ = decode.beam_search(step_fn, cache, batch, beam, max_length, BOS, EOS, 0.6,
+  tokens, _ = search.beam_search(step_fn, cache, batch, beam, max_length, BOS, EOS, 0.6,
                                  max_lengths, min_lengths=max_lengths)
   return tokens[:, 0]
 
@@ -236,15 +238,15 @@ def main():
   parser.add_argument('--target_length', type=int, default=12,
                       help='decoder steps per sentence (jaxnmt: incl. the forced EOS)')
   parser.add_argument('--max_length', type=int, default=64,
-                      help="jaxnmt's static max_length (translate.py: max_target_length)")
+                      help="jaxnmt's static max_length (decoding/translation.py: max_target_length)")
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args()
   # The allocator and XLA:CPU settings `python -m jaxnmt.main` runs with (translate and
   # serve included); the restart it may make runs this script again from the start.
-  host_runtime.prepare('auto', 'auto', multi_process=False, decoding=True)  # as translate does
-  print(f'host: {host_runtime.describe()}')
+  host.prepare('auto', 'auto', multi_process=False, decoding=True)  # as translate does
+  print(f'host: {host.describe()}')
   print(f'jaxnmt from {os.path.dirname(jaxnmt.__file__)}, ctranslate2 '
         f'{ctranslate2.__version__}, jax {jax.__version__}, {os.cpu_count()} CPUs', flush=True)
   table, pair_ratios = [], {}

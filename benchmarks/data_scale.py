@@ -74,7 +74,7 @@ def generate(args) -> None:
 
 def open_stream(directory: str, batch_size: int, max_source_length: int,
                 max_target_length: int, workers: int):
-  """The trainer's training stream over a prepared directory (as inputs.py opens it)."""
+  """The trainer's training stream over a prepared directory (as data/inputs.py opens it)."""
   from jaxnmt.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
   manifest = prepare.load_manifest(directory)
   if manifest is None:

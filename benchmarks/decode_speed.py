@@ -27,17 +27,18 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-  from jaxnmt import host_runtime, translate  # pylint: disable=g-import-not-at-top
-  host_runtime.prepare('auto', 'auto', multi_process=False, decoding=True)  # as translate does
+  from jaxnmt.runtime import host  # pylint: disable=g-import-not-at-top
+  from jaxnmt.decoding import translation  # pylint: disable=g-import-not-at-top
+  host.prepare('auto', 'auto', multi_process=False, decoding=True)  # as translate does
   loaded = _load.trained_model(FLAGS.workdir, FLAGS.weights)
   with open(os.path.join(FLAGS.workdir, 'splits', 'test.src'), encoding='utf-8') as handle:
     sources = handle.read().splitlines()[:FLAGS.sentences]
   rows = []
   for beam in map(int, FLAGS.beams):
     for use_cache in (True, False) if FLAGS.uncached else (True,):
-      options = translate.DecodeOptions(beam_size=beam, use_cache=use_cache,
+      options = translation.DecodeOptions(beam_size=beam, use_cache=use_cache,
                                         length_penalty=FLAGS.length_penalty)
-      translator = translate.Translator(loaded, options)
+      translator = translation.Translator(loaded, options)
       translator.translate(sources, FLAGS.batch_size)  # compile every bucket shape
       seconds = float('inf')
       for _ in range(FLAGS.repeats):

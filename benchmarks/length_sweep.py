@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 def main(_):
   # pylint: disable=g-import-not-at-top
   import sacrebleu
-  from jaxnmt import translate
+  from jaxnmt.decoding import translation
   loaded = _load.trained_model(FLAGS.workdir, FLAGS.weights)
   splits = os.path.join(FLAGS.workdir, 'splits')
   with open(os.path.join(splits, f'{FLAGS.split}.src'), encoding='utf-8') as handle:
@@ -46,14 +46,14 @@ def main(_):
   decode_cfg = loaded.config.decode
   caps = [int(decode_cfg.max_length_ratio * (len(loaded.tokenizer.encode(s)) + 1)
               + decode_cfg.max_length_offset) for s in sources]
-  settings = ([('greedy', translate.DecodeOptions(beam_size=1))] if FLAGS.greedy else [])
+  settings = ([('greedy', translation.DecodeOptions(beam_size=1))] if FLAGS.greedy else [])
   settings += [(f'beam{FLAGS.beam_size} alpha={alpha}',
-                translate.DecodeOptions(beam_size=FLAGS.beam_size, length_penalty=float(alpha)))
+                translation.DecodeOptions(beam_size=FLAGS.beam_size, length_penalty=float(alpha)))
                for alpha in FLAGS.alphas]
   print(f'{FLAGS.workdir} step {loaded.step} ({getattr(loaded, "weights", "raw")} weights), {FLAGS.split} '
         f'split, {len(sources)} sentences')
   for name, options in settings:
-    hypotheses = translate.Translator(loaded, options).translate(sources, FLAGS.batch_size)
+    hypotheses = translation.Translator(loaded, options).translate(sources, FLAGS.batch_size)
     score = sacrebleu.corpus_bleu(hypotheses, [references])
     lengths = [len(loaded.tokenizer.encode(h)) + 1 for h in hypotheses]
     capped = sum(length >= cap for length, cap in zip(lengths, caps))

@@ -88,9 +88,10 @@ def main(_):
   else:
     # pylint: disable=g-import-not-at-top
     import jax
-    from jaxnmt import serve, translate
-    translator = translate.Translator.from_workdir(
-        FLAGS.workdir, options=translate.DecodeOptions(beam_size=FLAGS.beam_size),
+    from jaxnmt.commands import serve
+    from jaxnmt.decoding import translation
+    translator = translation.Translator.from_workdir(
+        FLAGS.workdir, options=translation.DecodeOptions(beam_size=FLAGS.beam_size),
         devices=jax.local_devices())
     server = serve.Server(translator, port=0, batch_size=FLAGS.batch_size).start()
     address = server.httpd.server_address[:2]

@@ -11,9 +11,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxnmt import config_lib
-from jaxnmt import optim
-from jaxnmt import sharding
-from jaxnmt import train_state
+from jaxnmt.training import optim
+from jaxnmt.runtime import sharding
+from jaxnmt.model import initialize
+from jaxnmt.training import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/big.py', 'Run config.')
 
@@ -30,7 +31,7 @@ def main(_):
   _, state, _, _ = train_state.create_train_state(model_cfg, tx, 0, mesh, rules)
   allocated = sharding.bytes_per_device(state)
   total = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-  print(f'mesh {dict(mesh.shape)}; {train_state.count_params(state["params"]):,} parameters')
+  print(f'mesh {dict(mesh.shape)}; {initialize.count_params(state["params"]):,} parameters')
   print(f'unsharded parameters + optimizer state: {total / 2**20:.1f} MiB')
   print(f'planned per device: {planned_per_device / 2**20:.1f} MiB '
         f'({planned_per_device / planned_total:.4f} of the total)')

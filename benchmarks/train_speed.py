@@ -23,14 +23,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from jaxnmt import bench
+from jaxnmt.commands import bench
 from jaxnmt import config_lib
-from jaxnmt import host_runtime
-from jaxnmt import inputs
-from jaxnmt import optim
-from jaxnmt import sharding
-from jaxnmt import steps
-from jaxnmt import train_state
+from jaxnmt.runtime import host
+from jaxnmt.data import inputs
+from jaxnmt.training import optim
+from jaxnmt.runtime import sharding
+from jaxnmt.training import steps
+from jaxnmt.training import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Run config.')
 flags.DEFINE_string('workdir', None, 'Workdir for the tokenizer and splits.', required=True)
@@ -96,7 +96,7 @@ def _variant(config, workdir: str, batches_cache: dict):
 
 
 def main(_):
-  host_runtime.prepare('auto', 'auto', multi_process=False)  # as jaxnmt.main does
+  host.prepare('auto', 'auto', multi_process=False)  # as jaxnmt.main does
   base = FLAGS.config
   variants = [_parse(spec, base) for spec in FLAGS.variant]
   cache, runners = {}, {}

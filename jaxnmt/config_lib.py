@@ -6,8 +6,8 @@ the model's own `ModelConfig`.
 
 import ml_collections
 
-from jaxnmt import model as model_lib
-from jaxnmt import sharding
+from jaxnmt.model import transformer
+from jaxnmt.runtime import sharding
 from jaxnmt.errors import ConfigError, MeshError
 
 # A data-dependent character vocabulary is padded to a multiple of this, so any tensor
@@ -204,13 +204,13 @@ def dropout_rng(name: str, num_devices: int) -> str:
   return name
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> transformer.ModelConfig:
   """The run config's model section as the model's own frozen dataclass, for a
   tokenizer of `vocab_size` pieces."""
   if config.tokenizer.model_type == 'char':
     vocab_size = CHAR_VOCAB_MULTIPLE * -(-vocab_size // CHAR_VOCAB_MULTIPLE)
   lm = config.task == 'lm'
-  return model_lib.ModelConfig(
+  return transformer.ModelConfig(
       vocab_size=vocab_size, **config.model.to_dict(),
       kind='decoder_lm' if lm else 'transformer',
       max_length=(config.data.max_target_length if lm else

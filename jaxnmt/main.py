@@ -16,6 +16,7 @@ config, flag, file or mesh) prints one line and exits 2; a runtime failure (non-
 loss, a lost peer) one line and exits 1.
 """
 
+import dataclasses
 import logging
 import os
 import sys
@@ -26,17 +27,37 @@ from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-# Modes that mostly decode: host_runtime.prepare tunes XLA:CPU for them.
-DECODING_MODES = ('translate', 'serve', 'eval', 'generate')
-flags.DEFINE_enum('mode', 'train',
-                  ['train', 'prepare', 'translate', 'eval', 'generate', 'curves', 'bench',
-                   'average', 'serve'],
-                  'train; prepare: only prepare the data (training does it when needed); '
-                  'translate stdin/--input; eval: the eval worker; generate: sample '
-                  'from a language model; curves: render WORKDIR/curves.png; bench: '
-                  'measure training and decoding speed, write WORKDIR/bench.json; '
-                  'average: average the last checkpoints into WORKDIR/averaged/<name>; '
-                  'serve: translate over HTTP (--port).')
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """A --mode: the module that runs it (its `main(workdir, flags)`) and what it needs."""
+  command: str
+  help: str
+  needs_config: bool = False  # --config is required (and checked before joining a job)
+  decoding: bool = False      # mostly decodes: host.prepare tunes XLA:CPU for that
+  joins_job: bool = True      # False: reads files only, never starts JAX's runtime
+
+
+MODES = {
+    'train': Mode('jaxnmt.commands.train', 'train (and resume) a model', needs_config=True),
+    'prepare': Mode('jaxnmt.commands.prepare', 'only prepare the data (training does it '
+                    'when needed)', needs_config=True),
+    'translate': Mode('jaxnmt.commands.translate', 'translate stdin or --input',
+                      decoding=True),
+    'eval': Mode('jaxnmt.commands.evaluate', 'the eval worker (BLEU of checkpoints)',
+                 decoding=True),
+    'serve': Mode('jaxnmt.commands.serve', 'translate over HTTP (--port)', decoding=True),
+    'generate': Mode('jaxnmt.commands.generate', 'sample from a language model',
+                     decoding=True),
+    'average': Mode('jaxnmt.commands.average', 'average the last checkpoints into '
+                    'WORKDIR/averaged/<name>'),
+    'bench': Mode('jaxnmt.commands.bench', 'measure training and decoding speed into '
+                  'WORKDIR/bench.json', needs_config=True),
+    'curves': Mode('jaxnmt.commands.curves', 'render WORKDIR/curves.png', joins_job=False),
+}
+flags.DEFINE_enum('mode', 'train', list(MODES), '; '.join(
+    f'{name}: {mode.help}' for name, mode in MODES.items()) + '.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer and logs '
                     '(train/bench default: runs/<config file name>).')
 # Host settings (CPU backends only; README.md, "Host settings").
@@ -128,10 +149,10 @@ def _workdir(multi_process: bool) -> str:
   """--workdir, or for train/bench on one process runs/<config file name>."""
   from jaxnmt.errors import UserError  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir:
-    from jaxnmt import storage  # pylint: disable=g-import-not-at-top
-    storage.check_supported(FLAGS.workdir)  # local or gs://
+    from jaxnmt.runtime import files  # pylint: disable=g-import-not-at-top
+    files.check_supported(FLAGS.workdir)  # local or gs://
     return FLAGS.workdir
-  if FLAGS.mode not in ('train', 'bench', 'prepare') or FLAGS.config is None:
+  if not MODES[FLAGS.mode].needs_config or FLAGS.config is None:
     raise UserError(f'--workdir is required for --mode={FLAGS.mode}')
   if multi_process:
     raise UserError('--workdir is required with several processes: they must share one '
@@ -148,7 +169,7 @@ def _check_flags() -> None:
     config = FLAGS.config  # ml_collections loads the file on first use
   except OSError as error:
     raise UserError(f'--config: {error}') from None
-  if FLAGS.mode in ('train', 'bench', 'prepare') and config is None:
+  if MODES[FLAGS.mode].needs_config and config is None:
     raise UserError(f'--config is required for --mode={FLAGS.mode}')
   if FLAGS.num_samples < 1 or FLAGS.num_tokens < 1 or FLAGS.poll_seconds < 0:
     raise UserError('--num_samples and --num_tokens must be >= 1, --poll_seconds >= 0')
@@ -163,25 +184,19 @@ def _check_flags() -> None:
                     '--top_k >= 0 and --top_p in (0, 1]')
 
 
-def _decode_options():
-  from jaxnmt import translate  # pylint: disable=g-import-not-at-top
-  return translate.DecodeOptions(beam_size=FLAGS.beam_size,
-                                 length_penalty=FLAGS.length_penalty,
-                                 min_length=FLAGS.min_length,
-                                 temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                 top_p=FLAGS.top_p, seed=FLAGS.decode_seed,
-                                 use_cache=FLAGS.decode_cache)
-
-
 def _run(workdir: str, cluster: str | None) -> None:
+  """Joins the job (one process or many) and runs the mode's command."""
   # pylint: disable=g-import-not-at-top
+  import importlib
   import jax
-  from jaxnmt import config_lib, distributed, errors
-  if FLAGS.mode == 'curves':
-    from jaxnmt import curves
-    print(curves.render(workdir))
+  from jaxnmt import config_lib
+  from jaxnmt.runtime import distributed
+  mode = MODES[FLAGS.mode]
+  command = importlib.import_module(mode.command)
+  if not mode.joins_job:
+    command.main(workdir, FLAGS)
     return
-  if FLAGS.mode in ('train', 'bench', 'prepare'):
+  if mode.needs_config:
     config_lib.validate(FLAGS.config)  # before joining the job: fail fast, alone
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed_timeout_s, peer_timeout_s=FLAGS.peer_timeout_s,
@@ -191,56 +206,7 @@ def _run(workdir: str, cluster: str | None) -> None:
   if FLAGS.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  if FLAGS.mode == 'train':
-    from jaxnmt import train
-    logging.info('Workdir: %s', workdir)
-    train.train_and_evaluate(FLAGS.config, workdir)
-  elif FLAGS.mode == 'prepare':
-    from jaxnmt import inputs
-    if FLAGS.config.task != 'translation':
-      raise errors.ConfigError("--mode=prepare prepares translation corpora; task 'lm' "
-                               'reads its text file directly')
-    logging.info('Workdir: %s', workdir)
-    inputs.prepare_data(FLAGS.config, workdir)
-  elif FLAGS.mode == 'bench':
-    from jaxnmt import bench
-    bench.run(FLAGS.config, workdir, steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup,
-              decode_sentences=FLAGS.bench_decode_sentences, decode_batch_size=FLAGS.batch_size)
-  elif FLAGS.mode == 'translate':
-    from jaxnmt import translate_stream
-    translate_stream.run(workdir, FLAGS.input, batch_size=FLAGS.batch_size,
-                         options=_decode_options(), nbest=FLAGS.nbest,
-                         step=FLAGS.checkpoint_step, batch_tokens=FLAGS.batch_tokens,
-                         weights=FLAGS.weights)
-  elif FLAGS.mode == 'serve':
-    from jaxnmt import serve
-    serve.run(workdir, FLAGS.host, FLAGS.port, _decode_options(), step=FLAGS.checkpoint_step,
-              weights=FLAGS.weights, batch_size=FLAGS.serve_batch_size,
-              batch_tokens=FLAGS.batch_tokens,
-              limits=serve.Limits(FLAGS.max_request_sentences, FLAGS.max_sentence_tokens))
-  elif FLAGS.mode == 'average':
-    from jaxnmt import averaging
-    info = averaging.average(workdir, FLAGS.average_last, FLAGS.average_name,
-                             FLAGS.average_weights)
-    print(f'averaged the {info["weights"]} weights of checkpoints {info["steps"]}: use '
-          f'--weights={info["name"]}')
-  elif FLAGS.mode == 'generate':
-    from jaxnmt import generate
-    generator = generate.Generator(workdir, weights=FLAGS.weights)
-    for text in generator.generate(FLAGS.prompt, FLAGS.num_tokens,
-                                   temperature=FLAGS.temperature or 1.0, top_k=FLAGS.top_k,
-                                   top_p=FLAGS.top_p, seed=FLAGS.decode_seed,
-                                   num_samples=FLAGS.num_samples):
-      print(text, flush=True)
-  elif FLAGS.mode == 'eval':
-    from jaxnmt import evaluate
-    evaluate.run_eval_worker(workdir, follow=FLAGS.follow,
-                             checkpoint_step=FLAGS.checkpoint_step,
-                             options=_decode_options(), batch_size=FLAGS.batch_size,
-                             poll_seconds=FLAGS.poll_seconds,
-                             max_test_sentences=FLAGS.max_test_sentences,
-                             weights=FLAGS.weights,
-                             max_valid_sentences=FLAGS.max_valid_sentences)
+  command.main(workdir, FLAGS)
 
 
 def main(argv) -> None:
@@ -249,7 +215,8 @@ def main(argv) -> None:
   # Libraries that log through absl (Orbax logs every save step) speak only on warnings.
   logging.getLogger('absl').setLevel(logging.WARNING)
   # pylint: disable=g-import-not-at-top
-  from jaxnmt import errors, host_runtime
+  from jaxnmt import errors
+  from jaxnmt.runtime import host
   try:
     if len(argv) > 1:
       raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -259,13 +226,13 @@ def main(argv) -> None:
     # Explicit multi-process flags win over the environment, as in `distributed`.
     explicit = any(value is not None for value in (
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
-    cluster = None if explicit else host_runtime.detected_cluster()
+    cluster = None if explicit else host.detected_cluster()
     multi_process = (FLAGS.num_processes or 1) > 1 or cluster is not None
     workdir = _workdir(multi_process)
     # First, before JAX starts a backend: may restart this command once.
-    host_runtime.prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process,
-                         decoding=FLAGS.mode in DECODING_MODES)
-    logging.info('Host: %s', host_runtime.describe())
+    host.prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process,
+                         decoding=MODES[FLAGS.mode].decoding)
+    logging.info('Host: %s', host.describe())
     _run(workdir, cluster)
   except errors.UserError as error:  # the user can fix it: one line, no traceback
     _exit(errors.EXIT_USER_ERROR, str(error))
@@ -292,7 +259,7 @@ def _await_lost_peer(error: Exception) -> None:
   failing with "connection reset by peer"), gives the peer watch the time to name that
   process: its message, not this symptom, is what every process then reports."""
   if _joined_a_job() and any(sign in str(error) for sign in _PEER_LOST_SIGNS):
-    from jaxnmt import distributed  # pylint: disable=g-import-not-at-top
+    from jaxnmt.runtime import distributed  # pylint: disable=g-import-not-at-top
     distributed.await_lost_peer()
 
 
@@ -303,7 +270,7 @@ def _exit(code: int, message: str) -> None:
   not coming."""
   print(f'error: {message}', file=sys.stderr, flush=True)
   if _joined_a_job():
-    from jaxnmt import distributed  # pylint: disable=g-import-not-at-top
+    from jaxnmt.runtime import distributed  # pylint: disable=g-import-not-at-top
     distributed.report_failure(code, message)
     logging.shutdown()
     sys.stdout.flush()
@@ -312,7 +279,7 @@ def _exit(code: int, message: str) -> None:
 
 
 def _joined_a_job() -> bool:
-  distributed = sys.modules.get('jaxnmt.distributed')
+  distributed = sys.modules.get('jaxnmt.runtime.distributed')
   return distributed is not None and distributed.joined()
 
 

@@ -11,7 +11,7 @@ import time
 from absl import app
 from absl import flags
 
-from jaxnmt import distributed
+from jaxnmt.runtime import distributed
 from jaxnmt import main as jaxnmt_main  # the exit path and its flags  # pylint: disable=unused-import
 
 flags.DEFINE_float('straggle_s', 30.0, 'How long process 1 sleeps before agreeing.')

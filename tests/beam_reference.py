@@ -4,7 +4,7 @@ its optimisations, kept out of the package so that only the fast one ships."""
 import jax
 import jax.numpy as jnp
 
-from jaxnmt.decode import NEG_INF, length_penalty
+from jaxnmt.decoding.search import NEG_INF, length_penalty
 
 
 def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int,

@@ -9,9 +9,9 @@ import zipfile
 # Eight CPU devices for every test (set before JAX is imported), so the trainer's
 # sharded path runs on a real mesh: the default mesh is 8-way data parallel.
 # The CPU library fusions `python -m jaxnmt.main` uses are on here too.
-from jaxnmt import host_runtime  # pylint: disable=wrong-import-position
+from jaxnmt.runtime import host  # pylint: disable=wrong-import-position
 
-os.environ['XLA_FLAGS'] = host_runtime.cpu_xla_flags(
+os.environ['XLA_FLAGS'] = host.cpu_xla_flags(
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One compilation cache for the session, shared with the processes the tests start
@@ -47,9 +47,9 @@ def small_corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory, small_corpus) -> str:
   """A workdir holding a tiny model trained for 20 steps."""
-  from jaxnmt import train  # pylint: disable=g-import-not-at-top
+  from jaxnmt.training import loop  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp('trained'))
-  train.train_and_evaluate(tiny_config(small_corpus), workdir)
+  loop.train_and_evaluate(tiny_config(small_corpus), workdir)
   return workdir
 
 

@@ -15,11 +15,11 @@ from jax.experimental import multihost_utils
 
 from configs import tiny
 from jaxnmt import config_lib
-from jaxnmt import distributed
-from jaxnmt import optim
-from jaxnmt import sharding
-from jaxnmt import steps
-from jaxnmt import train_state
+from jaxnmt.runtime import distributed
+from jaxnmt.training import optim
+from jaxnmt.runtime import sharding
+from jaxnmt.training import steps
+from jaxnmt.training import train_state
 
 flags.DEFINE_string('mesh', '1,1,1', 'data,fsdp,tensor sizes.')
 flags.DEFINE_integer('steps', 12, 'Train steps.')

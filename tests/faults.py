@@ -104,8 +104,10 @@ def committed_steps(workdir) -> list[int]:
 def final_params(workdir, step):
   """The parameters and optimizer state of checkpoint `step`, on one device."""
   # pylint: disable=g-import-not-at-top
-  from jaxnmt import checkpoint as checkpoint_lib
-  from jaxnmt import config_lib, optim, train_state
+  from jaxnmt.runtime import checkpointing
+  from jaxnmt import config_lib
+  from jaxnmt.training import optim
+  from jaxnmt.training import train_state
   from tests.tiny_config import tiny_config
   config = tiny_config('')
   tx, _ = optim.make_optimizer(config.optim, step)
@@ -114,7 +116,7 @@ def final_params(workdir, step):
   abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                             sharding=device),
                           train_state.abstract_train_state(model_cfg, tx))
-  checkpointer = checkpoint_lib.Checkpointer(str(workdir), read_only=True)
+  checkpointer = checkpointing.Checkpointer(str(workdir), read_only=True)
   state, _, _ = checkpointer.restore(step, abstract)
   checkpointer.close()
   return jax.tree.leaves(jax.device_get(state))

@@ -12,16 +12,16 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnmt import checkpoint as checkpoint_lib
+from jaxnmt.runtime import checkpointing
 from jaxnmt import config_lib
 from jaxnmt import errors
-from jaxnmt import metrics
-from jaxnmt import optim
-from jaxnmt import train
-from jaxnmt import train_state
-from jaxnmt import translate
-from jaxnmt import locks
-from jaxnmt import workdir as workdir_lib
+from jaxnmt.training import metrics
+from jaxnmt.training import optim
+from jaxnmt.training import loop
+from jaxnmt.training import train_state
+from jaxnmt.decoding import translation
+from jaxnmt.runtime import locks
+from jaxnmt.runtime import files
 from tests.tiny_config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def final_params(workdir, config):
   abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                             sharding=device),
                           train_state.abstract_train_state(model_cfg, tx))
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   state, _, _ = checkpointer.restore(STEPS, abstract)
   checkpointer.close()
   return jax.tree.leaves(jax.device_get(state))
@@ -205,8 +205,8 @@ def test_sharded_checkpoint_restores_on_one_device_and_translates(tmp_path, smal
   config = tiny_config(small_corpus)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   workdir = str(tmp_path / 'sharded')
-  train.train_and_evaluate(config, workdir)
-  translator = translate.Translator.from_workdir(workdir)
+  loop.train_and_evaluate(config, workdir)
+  translator = translation.Translator.from_workdir(workdir)
   assert translator.step == config.num_train_steps
   leaf = jax.tree.leaves(translator.loaded.params)[0]
   assert len(leaf.sharding.device_set) == 1
@@ -214,7 +214,7 @@ def test_sharded_checkpoint_restores_on_one_device_and_translates(tmp_path, smal
 
 
 def test_a_failed_save_is_a_clear_error_and_keeps_the_complete_checkpoints(tmp_path):
-  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path))
+  checkpointer = checkpointing.Checkpointer(str(tmp_path))
   state = {'w': jax.numpy.arange(8.0)}
   checkpointer.save(1, state)
   checkpointer.wait()
@@ -223,13 +223,13 @@ def test_a_failed_save_is_a_clear_error_and_keeps_the_complete_checkpoints(tmp_p
   folder = tmp_path / 'checkpoints'
   folder.rename(tmp_path / 'aside')
   folder.write_text('not a folder')
-  with pytest.raises(checkpoint_lib.SaveError, match='could not .*save.* checkpoint.*'
+  with pytest.raises(checkpointing.SaveError, match='could not .*save.* checkpoint.*'
                      'untouched: rerun to resume'):
     checkpointer.save(2, state)
     checkpointer.wait()
   folder.unlink()
   (tmp_path / 'aside').rename(folder)
-  reader = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
+  reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
   assert reader.all_steps() == [1]
   restored, _, _ = reader.restore(1, jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),

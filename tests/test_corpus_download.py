@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import pytest
 
-from jaxnmt import inputs
+from jaxnmt.data import inputs
 from jaxnmt.errors import DataError
 from tests.tiny_config import tiny_config
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxnmt import errors
-from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.data import corpus
 from jaxnmt.data import eval_batches
 from jaxnmt.data import pipeline

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxnmt import decode
+from jaxnmt.decoding import search
 from tests import beam_reference
-from jaxnmt import model as model_lib
+from jaxnmt.model import transformer
 
 BOS, EOS = 2, 3
 
@@ -39,9 +39,9 @@ def two_path_table():
 def test_beam_search_finds_what_greedy_misses():
   step_fn = markov_step(two_path_table())
   cache = {'calls': jnp.zeros((1,), jnp.int32)}
-  greedy = decode.greedy(step_fn, cache, 1, 6, BOS, EOS)
+  greedy = search.greedy(step_fn, cache, 1, 6, BOS, EOS)
   assert list(np.asarray(greedy[0])[:3]) == [4, 6, EOS]
-  tokens, scores = decode.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=0.0)
+  tokens, scores = search.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=0.0)
   assert list(np.asarray(tokens[0, 0])[:2]) == [5, EOS]
   np.testing.assert_allclose(scores[0, 0], np.log(0.4 * 0.9), rtol=1e-5)
   # n-best: the runner-up is A then one of the 1/6 tokens then EOS.
@@ -52,7 +52,7 @@ def test_beam_search_finds_what_greedy_misses():
 def test_finished_hypotheses_are_never_extended():
   step_fn = markov_step(two_path_table())
   cache = {'calls': jnp.zeros((2,), jnp.int32)}
-  tokens, _ = decode.beam_search(step_fn, cache, 2, 3, 8, BOS, EOS, alpha=0.6)
+  tokens, _ = search.beam_search(step_fn, cache, 2, 3, 8, BOS, EOS, alpha=0.6)
   for sequence in np.asarray(tokens).reshape(-1, 8):
     end = list(sequence).index(EOS)
     assert (sequence[end + 1:] == 0).all(), sequence
@@ -67,8 +67,8 @@ def test_length_penalty_prefers_longer_hypotheses_as_alpha_grows():
   table[EOS, EOS] = 1.0
   step_fn = markov_step(table)
   cache = {'calls': jnp.zeros((1,), jnp.int32)}
-  short, _ = decode.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=0.0)
-  long, _ = decode.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=2.0)
+  short, _ = search.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=0.0)
+  long, _ = search.beam_search(step_fn, cache, 1, 2, 6, BOS, EOS, alpha=2.0)
   assert int(short[0, 0, 0]) == EOS
   assert list(np.asarray(long[0, 0])[:3]) == [4, 6, EOS]
 
@@ -78,18 +78,18 @@ def test_max_lengths_force_eos_per_row():
   table[:, EOS] = 0.0
   step_fn = markov_step(table / table.sum(1, keepdims=True))
   cache = {'calls': jnp.zeros((2,), jnp.int32)}
-  tokens = decode.greedy(step_fn, cache, 2, 10, BOS, EOS, jnp.array([3, 5]))
+  tokens = search.greedy(step_fn, cache, 2, 10, BOS, EOS, jnp.array([3, 5]))
   assert list(np.asarray(tokens[0])).index(EOS) == 2
   assert list(np.asarray(tokens[1])).index(EOS) == 4
-  beams, _ = decode.beam_search(step_fn, cache, 2, 2, 10, BOS, EOS, 0.6, jnp.array([3, 5]))
+  beams, _ = search.beam_search(step_fn, cache, 2, 2, 10, BOS, EOS, 0.6, jnp.array([3, 5]))
   assert list(np.asarray(beams[0, 0])).index(EOS) == 2
   assert list(np.asarray(beams[1, 0])).index(EOS) == 4
 
 
 def test_top_p_keeps_the_smallest_set_with_enough_mass():
   logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
-  kept = lambda p: set(np.flatnonzero(np.asarray(decode.filter_logits(logits, top_p=p)[0]) >
-                                      decode.NEG_INF / 2))
+  kept = lambda p: set(np.flatnonzero(np.asarray(search.filter_logits(logits, top_p=p)[0]) >
+                                      search.NEG_INF / 2))
   assert kept(0.4) == {1}
   assert kept(0.7) == {1, 3}
   assert kept(0.79) == {1, 3}
@@ -99,8 +99,8 @@ def test_top_p_keeps_the_smallest_set_with_enough_mass():
 
 def test_top_k_filter():
   logits = jnp.array([[1.0, 4.0, 2.0, 3.0]])
-  filtered = np.asarray(decode.filter_logits(logits, top_k=2))[0]
-  assert list(filtered > decode.NEG_INF / 2) == [False, True, False, True]
+  filtered = np.asarray(search.filter_logits(logits, top_k=2))[0]
+  assert list(filtered > search.NEG_INF / 2) == [False, True, False, True]
 
 
 def test_sampling_draws_from_the_filtered_distribution():
@@ -109,7 +109,7 @@ def test_sampling_draws_from_the_filtered_distribution():
   table[4:8, EOS] = 1.0
   step_fn = markov_step(table)
   cache = {'calls': jnp.zeros((2000,), jnp.int32)}
-  first = lambda **kw: np.asarray(decode.sample(step_fn, cache, 2000, 3, BOS, EOS,
+  first = lambda **kw: np.asarray(search.sample(step_fn, cache, 2000, 3, BOS, EOS,
                                                 jax.random.key(0), **kw))[:, 0]
   counts = np.bincount(first(), minlength=8)[4:8] / 2000
   np.testing.assert_allclose(counts, [0.4, 0.3, 0.2, 0.1], atol=0.04)
@@ -119,10 +119,10 @@ def test_sampling_draws_from_the_filtered_distribution():
 
 
 def small_model():
-  config = model_lib.ModelConfig(vocab_size=30, num_encoder_layers=1, num_decoder_layers=2,
+  config = transformer.ModelConfig(vocab_size=30, num_encoder_layers=1, num_decoder_layers=2,
                                  d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0,
                                  attention_dropout_rate=0.0)
-  return model_lib.Transformer(config, rngs=nnx.Rngs(params=3, dropout=4))
+  return transformer.Transformer(config, rngs=nnx.Rngs(params=3, dropout=4))
 
 
 @pytest.fixture(scope='module')
@@ -138,9 +138,9 @@ def encoded_batch():
 def test_beam_of_one_and_top_k_of_one_equal_greedy(encoded_batch):
   model, encoded, segments = encoded_batch
   cache = model.init_cache(encoded, segments, 12)
-  greedy = decode.greedy(model.decode_step, cache, 3, 12, BOS, EOS)
-  beam, _ = decode.beam_search(model.decode_step, cache, 3, 1, 12, BOS, EOS, alpha=0.6)
-  sampled = decode.sample(model.decode_step, cache, 3, 12, BOS, EOS, jax.random.key(5),
+  greedy = search.greedy(model.decode_step, cache, 3, 12, BOS, EOS)
+  beam, _ = search.beam_search(model.decode_step, cache, 3, 1, 12, BOS, EOS, alpha=0.6)
+  sampled = search.sample(model.decode_step, cache, 3, 12, BOS, EOS, jax.random.key(5),
                           top_k=1)
   np.testing.assert_array_equal(beam[:, 0], greedy)
   np.testing.assert_array_equal(sampled, greedy)
@@ -151,11 +151,11 @@ def test_cached_and_uncached_decoding_agree(encoded_batch):
   cached = model.init_cache(encoded, segments, 12)
   uncached = model.init_uncached(encoded, segments, 12)
   np.testing.assert_array_equal(
-      decode.greedy(model.decode_step, cached, 3, 12, BOS, EOS),
-      decode.greedy(model.decode_step_uncached, uncached, 3, 12, BOS, EOS))
-  beam_cached, scores_cached = decode.beam_search(model.decode_step, cached, 3, 4, 12, BOS,
+      search.greedy(model.decode_step, cached, 3, 12, BOS, EOS),
+      search.greedy(model.decode_step_uncached, uncached, 3, 12, BOS, EOS))
+  beam_cached, scores_cached = search.beam_search(model.decode_step, cached, 3, 4, 12, BOS,
                                                   EOS)
-  beam_uncached, scores_uncached = decode.beam_search(model.decode_step_uncached, uncached,
+  beam_uncached, scores_uncached = search.beam_search(model.decode_step_uncached, uncached,
                                                       3, 4, 12, BOS, EOS)
   np.testing.assert_array_equal(beam_cached[:, 0], beam_uncached[:, 0])
   np.testing.assert_allclose(scores_cached, scores_uncached, rtol=1e-4, atol=1e-4)
@@ -208,7 +208,7 @@ def test_beam_search_returns_the_reference_hypotheses(eager_eos_model, window, a
   step_fn, cache = eager_eos_model
   max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
   args = (step_fn, cache, 5, 4, 20, BOS, EOS, alpha, max_lengths)
-  tokens, scores = decode.beam_search(*args, window=window)
+  tokens, scores = search.beam_search(*args, window=window)
   expected_tokens, expected_scores = beam_reference.beam_search(*args)
   np.testing.assert_array_equal(tokens, expected_tokens)
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
@@ -229,11 +229,11 @@ def test_beam_search_returns_the_reference_hypotheses_over_a_larger_vocabulary(
   step_fn = _with_vocabulary(step_fn, 2048)
   max_lengths = jnp.array([1, 9, 20, 14, 17], jnp.int32)
   args = (step_fn, cache, 5, 4, 20, BOS, EOS, 0.6, max_lengths)
-  tokens, scores = decode.beam_search(*args, window=4)
+  tokens, scores = search.beam_search(*args, window=4)
   expected_tokens, expected_scores = beam_reference.beam_search(*args)
   np.testing.assert_array_equal(tokens, expected_tokens)
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
-  assert np.asarray(tokens)[0, 0, 0] == EOS and np.asarray(scores)[0, 0] > decode.NEG_INF / 2
+  assert np.asarray(tokens)[0, 0, 0] == EOS and np.asarray(scores)[0, 0] > search.NEG_INF / 2
   lengths = np.argmax(np.asarray(tokens) == EOS, axis=-1) + 1
   assert len(np.unique(lengths[1:])) >= 4, lengths
 
@@ -243,7 +243,7 @@ def test_greedy_returns_the_reference_tokens(eager_eos_model):
   max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
   expected = greedy_reference(step_fn, cache, 5, 20, max_lengths)
   for window in (16, 4, None):
-    tokens = decode.greedy(step_fn, cache, 5, 20, BOS, EOS, max_lengths, window=window)
+    tokens = search.greedy(step_fn, cache, 5, 20, BOS, EOS, max_lengths, window=window)
     np.testing.assert_array_equal(tokens, expected)
 
 
@@ -267,7 +267,7 @@ def test_min_lengths_ban_eos_as_the_plain_searches_do(eager_eos_model, vocabular
   max_lengths = jnp.array([3, 9, 20, 14, 17], jnp.int32)
   min_lengths = jnp.array([2, 7, 18, 20, 1], jnp.int32)  # row 3: max_lengths wins
   args = (step_fn, cache, 5, 4, 20, BOS, EOS, 0.6, max_lengths)
-  tokens, scores = decode.beam_search(*args, min_lengths=min_lengths, window=4)
+  tokens, scores = search.beam_search(*args, min_lengths=min_lengths, window=4)
   expected_tokens, expected_scores = beam_reference.beam_search(*args, min_lengths)
   np.testing.assert_array_equal(tokens, expected_tokens)
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
@@ -275,7 +275,7 @@ def test_min_lengths_ban_eos_as_the_plain_searches_do(eager_eos_model, vocabular
   floor = np.minimum(min_lengths, max_lengths)[:, None]
   assert (lengths >= floor).all(), lengths
   # Without the floor some hypotheses do end earlier: the ban changed the search.
-  unbanned = np.argmax(np.asarray(decode.beam_search(*args, window=4)[0]) == EOS, -1) + 1
+  unbanned = np.argmax(np.asarray(search.beam_search(*args, window=4)[0]) == EOS, -1) + 1
   assert (unbanned < floor).any(), unbanned
 
   expected = greedy_reference(step_fn, cache, 5, 20, max_lengths, min_lengths)
@@ -284,30 +284,30 @@ def test_min_lengths_ban_eos_as_the_plain_searches_do(eager_eos_model, vocabular
   unbanned = greedy_reference(step_fn, cache, 5, 20, max_lengths)
   assert ((np.argmax(unbanned == EOS, axis=-1) + 1) < floor[:, 0]).any()  # a binding floor
   for window in (4, None):
-    found = decode.greedy(step_fn, cache, 5, 20, BOS, EOS, max_lengths,
+    found = search.greedy(step_fn, cache, 5, 20, BOS, EOS, max_lengths,
                           min_lengths=min_lengths, window=window)
     np.testing.assert_array_equal(found, expected)
 
 
 def test_windows_cover_the_positions_to_decode():
-  assert decode.window_ends(64) == [8, 16, 32, 64]
-  assert decode.window_ends(20, window=4) == [4, 8, 16, 20]
-  assert decode.window_ends(20, start=9, window=4) == [16, 20]
-  assert decode.window_ends(12) == [8, 12]
-  assert decode.window_ends(8) == [8]
-  assert decode.window_ends(64, window=None) == [64]
+  assert search.window_ends(64) == [8, 16, 32, 64]
+  assert search.window_ends(20, window=4) == [4, 8, 16, 20]
+  assert search.window_ends(20, start=9, window=4) == [16, 20]
+  assert search.window_ends(12) == [8, 12]
+  assert search.window_ends(8) == [8]
+  assert search.window_ends(64, window=None) == [64]
 
 
 def test_sampling_a_continuation_is_the_same_in_windows():
-  config = model_lib.ModelConfig(vocab_size=30, num_decoder_layers=2, d_model=32,
+  config = transformer.ModelConfig(vocab_size=30, num_decoder_layers=2, d_model=32,
                                  num_heads=4, d_ff=64, dropout_rate=0.0,
                                  attention_dropout_rate=0.0, kind='decoder_lm')
-  model = model_lib.DecoderLM(config, rngs=nnx.Rngs(params=5, dropout=6))
+  model = transformer.DecoderLM(config, rngs=nnx.Rngs(params=5, dropout=6))
   prompt = jnp.asarray(np.random.default_rng(2).integers(4, 30, (3, 6)), jnp.int32)
   cache = model.init_cache(3, 24)
   for index in range(5):
     _, cache = model.decode_step(cache, prompt[:, index], index)
-  run = lambda window: decode.sample(model.decode_step, cache, 3, 24, BOS, EOS,
+  run = lambda window: search.sample(model.decode_step, cache, 3, 24, BOS, EOS,
                                      jax.random.key(7), max_lengths=jnp.full((3,), 99),
                                      start_index=5, first_tokens=prompt[:, 5],
                                      window=window)

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from jaxnmt import bleu
-from jaxnmt import curves
+from jaxnmt.decoding import bleu
+from jaxnmt.commands import curves
 from jaxnmt import errors
-from jaxnmt import evaluate
-from jaxnmt import train
-from jaxnmt import translate
-from jaxnmt import locks
-from jaxnmt import workdir as workdir_lib
+from jaxnmt.commands import evaluate
+from jaxnmt.training import loop
+from jaxnmt.decoding import translation
+from jaxnmt.runtime import locks
+from jaxnmt.runtime import files
 from tests.tiny_config import tiny_config
 
-OPTIONS = translate.DecodeOptions(beam_size=2)
+OPTIONS = translation.DecodeOptions(beam_size=2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -74,7 +74,7 @@ def test_worker_scores_each_checkpoint_once_and_matches_sacrebleu(workdir_copy):
   scalars = [json.loads(line) for line in open(
       os.path.join(workdir_copy, 'eval', 'metrics.jsonl'), encoding='utf-8')]
   assert [line['step'] for line in scalars] == [10, 20]
-  assert not os.path.exists(os.path.join(workdir_copy, workdir_lib.WORKER))  # released
+  assert not os.path.exists(os.path.join(workdir_copy, files.WORKER))  # released
   png = curves.render(workdir_copy)
   assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
@@ -92,14 +92,14 @@ def test_single_checkpoint_mode(workdir_copy):
   assert [r['step'] for r in results] == [10]
   # Scored again (say with other decoding options), its result replaces the first.
   (again,) = evaluate.run_eval_worker(workdir_copy, checkpoint_step=10,
-                                      options=translate.DecodeOptions(beam_size=1),
+                                      options=translation.DecodeOptions(beam_size=1),
                                       max_test_sentences=8)
-  lines = open(os.path.join(workdir_copy, workdir_lib.RESULTS)).read().splitlines()
+  lines = open(os.path.join(workdir_copy, files.RESULTS)).read().splitlines()
   assert [(json.loads(line)['step'], json.loads(line)['beam_size']) for line in lines] == [
       (10, 1)]
   with pytest.raises(errors.CheckpointError):
     evaluate.run_eval_worker(workdir_copy, checkpoint_step=15, options=OPTIONS)
-  assert not os.path.exists(os.path.join(workdir_copy, workdir_lib.WORKER))  # released
+  assert not os.path.exists(os.path.join(workdir_copy, files.WORKER))  # released
 
 
 @pytest.mark.slow
@@ -108,16 +108,16 @@ def test_retention_keeps_what_a_live_worker_has_not_scored(small_corpus, tmp_pat
   config.checkpoint_every_steps = 5
   config.keep_checkpoints = 1
   alone = str(tmp_path / 'alone')
-  train.train_and_evaluate(config, alone)
+  loop.train_and_evaluate(config, alone)
   assert sorted(os.listdir(os.path.join(alone, 'checkpoints'))) == ['20']
 
   watched = str(tmp_path / 'watched')
   os.makedirs(os.path.join(watched, 'eval'))
-  with open(os.path.join(watched, workdir_lib.WORKER), 'w') as handle:
+  with open(os.path.join(watched, files.WORKER), 'w') as handle:
     json.dump({'pid': 0, 'heartbeat': time.time()}, handle)
-  with open(os.path.join(watched, workdir_lib.RESULTS), 'w') as handle:
+  with open(os.path.join(watched, files.RESULTS), 'w') as handle:
     handle.write(json.dumps({'step': 5}) + '\n')
-  train.train_and_evaluate(config, watched)
+  loop.train_and_evaluate(config, watched)
   assert sorted(os.listdir(os.path.join(watched, 'checkpoints')), key=int) == ['10', '15', '20']
 
 
@@ -145,7 +145,7 @@ def test_worker_scores_every_named_test_set(workdir_copy):
 
 def _lease(workdir: str, **holder) -> None:
   os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-  with open(os.path.join(workdir, workdir_lib.WORKER), 'w') as handle:
+  with open(os.path.join(workdir, files.WORKER), 'w') as handle:
     json.dump({'token': 'theirs', 'since': time.time(), **holder}, handle)
 
 
@@ -158,7 +158,7 @@ def test_a_second_eval_worker_refuses_while_one_runs(workdir_copy):
     assert message.startswith(f'{workdir_copy} is in use by another eval worker (pid '
                               f'{os.getpid()} on {socket.gethostname()}, last heartbeat')
     assert '\n' not in message
-    assert not os.path.exists(os.path.join(workdir_copy, workdir_lib.RESULTS))
+    assert not os.path.exists(os.path.join(workdir_copy, files.RESULTS))
     first.refresh()  # still the first worker's
     # Through the command line: one line, exit code 2.
     result = subprocess.run(
@@ -171,7 +171,7 @@ def test_a_second_eval_worker_refuses_while_one_runs(workdir_copy):
     assert last.endswith(message[-40:]) and 'Traceback' not in result.stderr
   finally:
     first.release()
-  assert not os.path.exists(os.path.join(workdir_copy, workdir_lib.WORKER))
+  assert not os.path.exists(os.path.join(workdir_copy, files.WORKER))
 
 
 @pytest.mark.parametrize('host, pid, silent_s, why', [
@@ -185,11 +185,11 @@ def test_a_stale_eval_lease_is_taken_over(tmp_path, caplog, host, pid, silent_s,
     lease = locks.EvalLock(workdir)
   assert any('Taking over the eval worker lease' in r.getMessage() and why in r.getMessage()
              for r in caplog.records)
-  taken = json.load(open(os.path.join(workdir, workdir_lib.WORKER)))
+  taken = json.load(open(os.path.join(workdir, files.WORKER)))
   assert taken['pid'] == os.getpid() and taken['token'] != 'theirs'
-  assert workdir_lib.worker_alive(workdir)
+  assert files.worker_alive(workdir)
   lease.release()
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.WORKER))
+  assert not os.path.exists(os.path.join(workdir, files.WORKER))
 
 
 def _exited_pid() -> int:
@@ -204,7 +204,7 @@ def test_a_live_lease_on_another_host_is_respected_and_a_lost_one_noticed(tmp_pa
   with pytest.raises(errors.WorkdirError, match='in use by another eval worker '
                      r'\(pid 1 on elsewhere, last heartbeat 0 s ago\)'):
     locks.EvalLock(workdir)
-  os.remove(os.path.join(workdir, workdir_lib.WORKER))
+  os.remove(os.path.join(workdir, files.WORKER))
   # A holder silent longer than the timeout loses its lease to the next worker; its
   # next refresh says so, and its release leaves the new holder's lease alone.
   first = locks.EvalLock(workdir, timeout_s=0.05)
@@ -213,10 +213,10 @@ def test_a_live_lease_on_another_host_is_respected_and_a_lost_one_noticed(tmp_pa
   with pytest.raises(errors.WorkdirError, match='lost its lease'):
     first.refresh()
   first.release()
-  assert json.load(open(os.path.join(workdir, workdir_lib.WORKER)))['pid'] == os.getpid()
+  assert json.load(open(os.path.join(workdir, files.WORKER)))['pid'] == os.getpid()
   second.refresh()
   second.release()
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.WORKER))
+  assert not os.path.exists(os.path.join(workdir, files.WORKER))
 
 
 def _snapshot(directory: str) -> dict:
@@ -247,22 +247,22 @@ def test_processes_other_than_zero_score_but_write_nothing(workdir_copy, monkeyp
 def test_results_never_hold_a_step_twice(tmp_path):
   workdir = str(tmp_path)
   os.makedirs(os.path.join(workdir, 'eval'))
-  target = os.path.join(workdir, workdir_lib.RESULTS)
+  target = os.path.join(workdir, files.RESULTS)
   with open(target, 'w') as handle:  # an older jaxnmt's duplicate, then a killed write
     handle.write(''.join(json.dumps(r) + '\n' for r in (
         {'step': 10, 'bleu': 1.0}, {'step': 20, 'bleu': 2.0}, {'step': 10, 'bleu': 3.0})))
     handle.write('{"step": 30, "bl')
   # Readers keep the last result of a step and skip the cut line.
-  assert [(r['step'], r['bleu']) for r in workdir_lib.read_results(workdir)] == [
+  assert [(r['step'], r['bleu']) for r in files.read_results(workdir)] == [
       (20, 2.0), (10, 3.0)]
-  assert workdir_lib.scored_steps(workdir) == {10, 20}
+  assert files.scored_steps(workdir) == {10, 20}
 
   def lines():
     return [(json.loads(line)['step'], json.loads(line)['bleu'])
             for line in open(target).read().splitlines()]
-  workdir_lib.append_result(workdir, {'step': 30, 'bleu': 4.0})  # after the cut line
+  files.append_result(workdir, {'step': 30, 'bleu': 4.0})  # after the cut line
   assert lines() == [(20, 2.0), (10, 3.0), (30, 4.0)]
-  workdir_lib.append_result(workdir, {'step': 20, 'bleu': 5.0})  # scored again
+  files.append_result(workdir, {'step': 20, 'bleu': 5.0})  # scored again
   assert lines() == [(10, 3.0), (30, 4.0), (20, 5.0)]
-  workdir_lib.append_result(workdir, {'step': 40, 'bleu': 6.0})
+  files.append_result(workdir, {'step': 40, 'bleu': 6.0})
   assert lines() == [(10, 3.0), (30, 4.0), (20, 5.0), (40, 6.0)]

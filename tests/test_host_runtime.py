@@ -8,29 +8,30 @@ import sys
 
 import pytest
 
-from jaxnmt import errors, host_runtime
+from jaxnmt import errors
+from jaxnmt.runtime import host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FUSIONS = f'{host_runtime.YNN_FLAG}={host_runtime.CPU_LIBRARY_FUSIONS}'
-MARKER = host_runtime._MARKER  # pylint: disable=protected-access
+FUSIONS = f'{host.YNN_FLAG}={host.CPU_LIBRARY_FUSIONS}'
+MARKER = host._MARKER  # pylint: disable=protected-access
 LIB_DIRS = ('/lib/x86_64-linux-gnu', '/lib/aarch64-linux-gnu', '/usr/lib64', '/lib64', '/lib')
 
 
 def test_cpu_xla_flags_added_kept_or_left_alone():
-  assert host_runtime.cpu_xla_flags('', '0.10.2') == FUSIONS
-  assert (host_runtime.cpu_xla_flags('--xla_force_host_platform_device_count=8', '0.10.2')
+  assert host.cpu_xla_flags('', '0.10.2') == FUSIONS
+  assert (host.cpu_xla_flags('--xla_force_host_platform_device_count=8', '0.10.2')
           == f'--xla_force_host_platform_device_count=8 {FUSIONS}')
   # The user's own choice wins, even when forced; an untested jaxlib gets nothing
   # unless forced (--cpu_library_fusions=on).
-  mine = f'{host_runtime.YNN_FLAG}=individual_dot'
-  assert host_runtime.cpu_xla_flags(mine, '0.10.2') == mine
-  assert host_runtime.cpu_xla_flags(mine, '0.11.0', force=True) == mine
-  assert host_runtime.cpu_xla_flags('--foo', '0.11.0') == '--foo'
-  assert host_runtime.cpu_xla_flags('--foo', '0.11.0', force=True) == f'--foo {FUSIONS}'
+  mine = f'{host.YNN_FLAG}=individual_dot'
+  assert host.cpu_xla_flags(mine, '0.10.2') == mine
+  assert host.cpu_xla_flags(mine, '0.11.0', force=True) == mine
+  assert host.cpu_xla_flags('--foo', '0.11.0') == '--foo'
+  assert host.cpu_xla_flags('--foo', '0.11.0', force=True) == f'--foo {FUSIONS}'
 
 
 def test_backend_platform_without_importing_jax():
-  platform = host_runtime.backend_platform
+  platform = host.backend_platform
   assert platform({}, []) == 'cpu'
   assert platform({'JAX_PLATFORMS': ''}, []) == 'cpu'
   assert platform({}, ['jax_cuda12_plugin']) == 'jax_cuda12_plugin'
@@ -52,12 +53,12 @@ def test_accelerator_plugins_found_as_jax_finds_them(tmp_path, monkeypatch):
   info.mkdir()
   (info / 'METADATA').write_text('Metadata-Version: 2.1\nName: jax-rocm7-plugin\nVersion: 0.1\n')
   (info / 'entry_points.txt').write_text('[jax_plugins]\nxla_rocm7 = jax_rocm7_plugin\n')
-  assert 'jax_cuda12_plugin' not in host_runtime.accelerator_plugins({})
+  assert 'jax_cuda12_plugin' not in host.accelerator_plugins({})
   monkeypatch.syspath_prepend(str(tmp_path))
-  found = host_runtime.accelerator_plugins({})
+  found = host.accelerator_plugins({})
   assert found == ['jax_cuda12_plugin', 'jax_plugins.xla_fake', 'jax_rocm7_plugin'], found
   assert 'jax_cuda12_plugin' not in sys.modules  # found, not imported
-  assert host_runtime.accelerator_plugins({'PJRT_NAMES_AND_LIBRARY_PATHS': 'x:/x.so'})[-1] \
+  assert host.accelerator_plugins({'PJRT_NAMES_AND_LIBRARY_PATHS': 'x:/x.so'})[-1] \
       == 'PJRT_NAMES_AND_LIBRARY_PATHS'
 
 
@@ -66,7 +67,7 @@ def _marker(env):
 
 
 def test_restart_environment_choices(tmp_path, monkeypatch):
-  restart = host_runtime.restart_environment
+  restart = host.restart_environment
   base = {'PATH': '/usr/bin'}
   tcmalloc = '/lib/libtcmalloc.so.4'
   # auto, tcmalloc found: preloaded ahead of what the user preloads; the marker keeps
@@ -91,10 +92,10 @@ def test_restart_environment_choices(tmp_path, monkeypatch):
   assert env['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1' and 'LD_PRELOAD' not in env
   assert restart('hugepages', {**base, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, None,
                  True) is None
-  with pytest.raises(host_runtime.AllocatorError, match='^--allocator=hugepages: needs glibc'):
+  with pytest.raises(host.AllocatorError, match='^--allocator=hugepages: needs glibc'):
     restart('hugepages', base, tcmalloc, False)
   assert restart('tcmalloc', base, tcmalloc, False)['LD_PRELOAD'] == tcmalloc
-  with pytest.raises(host_runtime.AllocatorError, match='^--allocator=tcmalloc: not found'):
+  with pytest.raises(host.AllocatorError, match='^--allocator=tcmalloc: not found'):
     restart('tcmalloc', base, None, True)
   library = tmp_path / 'libfast.so'
   library.write_bytes(b'')
@@ -104,30 +105,30 @@ def test_restart_environment_choices(tmp_path, monkeypatch):
   assert restart('libfast.so', base, None, True)['LD_PRELOAD'] == str(library)
   with pytest.raises(errors.UserError, match='^--allocator=/no/lib.so: no such library'):
     restart('/no/lib.so', base, tcmalloc, True)
-  with pytest.raises(host_runtime.AllocatorError, match='^--allocator=jemalloc: no such'):
+  with pytest.raises(host.AllocatorError, match='^--allocator=jemalloc: no such'):
     restart('jemalloc', base, tcmalloc, True)
 
 
 def test_restore_environment_puts_the_users_values_back():
-  env = host_runtime.restart_environment('hugepages', {'LD_PRELOAD': 'libmine.so'}, None, True)
-  assert host_runtime.restore_environment(env) == {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  env = host.restart_environment('hugepages', {'LD_PRELOAD': 'libmine.so'}, None, True)
+  assert host.restore_environment(env) == {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
   assert env == {'LD_PRELOAD': 'libmine.so'}  # the marker and our tunable are gone
   env = {'LD_PRELOAD': '/lib/t.so mine.so', 'GLIBC_TUNABLES': 'x=1', 'A': 'b',
          MARKER: json.dumps({'LD_PRELOAD': 'mine.so', 'GLIBC_TUNABLES': None,
                              'set': {'LD_PRELOAD': '/lib/t.so mine.so'}})}
-  assert host_runtime.restore_environment(env) == {'LD_PRELOAD': '/lib/t.so mine.so'}
+  assert host.restore_environment(env) == {'LD_PRELOAD': '/lib/t.so mine.so'}
   assert env == {'LD_PRELOAD': 'mine.so', 'A': 'b'}
-  assert host_runtime.restore_environment(env) is None and env == {'LD_PRELOAD': 'mine.so',
+  assert host.restore_environment(env) is None and env == {'LD_PRELOAD': 'mine.so',
                                                                    'A': 'b'}
 
 
 def test_transparent_hugepage_mode(tmp_path):
   mode = tmp_path / 'enabled'
   mode.write_text('always [madvise] never\n')
-  assert host_runtime.transparent_hugepages(str(mode)) == 'madvise'
+  assert host.transparent_hugepages(str(mode)) == 'madvise'
   mode.write_text('always madvise [never]\n')
-  assert host_runtime.transparent_hugepages(str(mode)) == 'never'
-  assert host_runtime.transparent_hugepages(str(tmp_path / 'missing')) == ''
+  assert host.transparent_hugepages(str(mode)) == 'never'
+  assert host.transparent_hugepages(str(tmp_path / 'missing')) == ''
 
 
 class _Exec(Exception):
@@ -143,12 +144,12 @@ def _prepare(monkeypatch):
 
   def run(allocator, fusions, multi_process=False, tcmalloc=None, hugepages=True,
           jaxlib='0.10.2', decoding=False, **env):
-    monkeypatch.setattr(host_runtime, '_state', None)
-    monkeypatch.setattr(host_runtime.os, 'execve', fake_execve)
-    monkeypatch.setattr(host_runtime, 'find_tcmalloc', lambda: tcmalloc)
-    monkeypatch.setattr(host_runtime, 'hugepages_available', lambda: hugepages)
-    monkeypatch.setattr(host_runtime, '_jaxlib_version', lambda: jaxlib)
-    monkeypatch.setattr(host_runtime, 'accelerator_plugins', lambda: [])
+    monkeypatch.setattr(host, '_state', None)
+    monkeypatch.setattr(host.os, 'execve', fake_execve)
+    monkeypatch.setattr(host, 'find_tcmalloc', lambda: tcmalloc)
+    monkeypatch.setattr(host, 'hugepages_available', lambda: hugepages)
+    monkeypatch.setattr(host, '_jaxlib_version', lambda: jaxlib)
+    monkeypatch.setattr(host, 'accelerator_plugins', lambda: [])
     for name in ('LD_PRELOAD', 'GLIBC_TUNABLES', MARKER, 'JAX_PLATFORM_NAME'):
       monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv('XLA_FLAGS', '--xla_dump_to=/tmp/x')
@@ -156,10 +157,10 @@ def _prepare(monkeypatch):
     for name, value in env.items():
       monkeypatch.setenv(name, value)
     try:
-      host_runtime.prepare(allocator, fusions, multi_process, decoding)
+      host.prepare(allocator, fusions, multi_process, decoding)
     except _Exec as restart:
       return restart.args[0], None, None
-    return None, host_runtime.describe(), os.environ['XLA_FLAGS']
+    return None, host.describe(), os.environ['XLA_FLAGS']
 
   return run
 
@@ -181,7 +182,7 @@ def test_auto_applies_only_on_a_single_cpu_process(prepare):
 
 
 def test_decoding_gets_fewer_library_fusions_unless_asked(prepare):
-  decoding = f'{host_runtime.YNN_FLAG}={host_runtime.DECODING_LIBRARY_FUSIONS}'
+  decoding = f'{host.YNN_FLAG}={host.DECODING_LIBRARY_FUSIONS}'
   _, line, flags = prepare('system', 'auto', decoding=True)
   assert flags == f'--xla_dump_to=/tmp/x {decoding}' and f'added: {decoding}' in line
   _, line, flags = prepare('system', 'on', decoding=True)
@@ -203,11 +204,11 @@ def test_explicit_choices_are_honoured_everywhere(prepare):
   _, line, flags = prepare('system', 'auto', jaxlib='0.11.0')
   assert FUSIONS not in flags and '(--cpu_library_fusions=on adds them)' in line
   # Never over the user's own value.
-  _, line, flags = prepare('system', 'on', XLA_FLAGS=f'{host_runtime.YNN_FLAG}=individual_dot')
-  assert flags == f'{host_runtime.YNN_FLAG}=individual_dot' and ': kept' in line
-  with pytest.raises(host_runtime.AllocatorError, match='^--allocator=/no/lib.so: no such'):
+  _, line, flags = prepare('system', 'on', XLA_FLAGS=f'{host.YNN_FLAG}=individual_dot')
+  assert flags == f'{host.YNN_FLAG}=individual_dot' and ': kept' in line
+  with pytest.raises(host.AllocatorError, match='^--allocator=/no/lib.so: no such'):
     prepare('/no/lib.so', 'auto', JAX_PLATFORMS='cuda')
-  with pytest.raises(host_runtime.AllocatorError, match='^--cpu_library_fusions=yes: use'):
+  with pytest.raises(host.AllocatorError, match='^--cpu_library_fusions=yes: use'):
     prepare('auto', 'yes')
 
 
@@ -218,26 +219,26 @@ def test_prepare_after_a_restart_does_not_restart_again(prepare):
                          **{MARKER: marker})
   assert env is None and line.startswith('allocator: glibc malloc (transparent huge pages);')
   assert os.environ['GLIBC_TUNABLES'] == 'a=1' and MARKER not in os.environ
-  host_runtime.prepare('hugepages', 'auto')  # a second call does nothing
-  assert host_runtime.describe() == line
+  host.prepare('hugepages', 'auto')  # a second call does nothing
+  assert host.describe() == line
 
 
 # Calls prepare() as main does, then reports what the process and a child it starts see.
 _DRIVER = r'''
 import json, os, subprocess, sys
-from jaxnmt import host_runtime
+from jaxnmt.runtime import host
 print('START', flush=True)
 try:
-  host_runtime.prepare(sys.argv[1], sys.argv[2], sys.argv[3] == 'multi')
-except host_runtime.AllocatorError as error:
+  host.prepare(sys.argv[1], sys.argv[2], sys.argv[3] == 'multi')
+except host.AllocatorError as error:
   sys.exit(f'error: {error}')
-names = ('LD_PRELOAD', 'GLIBC_TUNABLES', host_runtime._MARKER)
+names = ('LD_PRELOAD', 'GLIBC_TUNABLES', host._MARKER)
 child = subprocess.run([sys.executable, '-c', 'import json, os, sys; print(json.dumps('
                         '{name: os.environ.get(name) for name in sys.argv[1:]}))', *names],
                        capture_output=True, text=True, check=True)
 with open('/proc/self/maps') as maps:
   loaded = sorted({line.split()[-1] for line in maps if '/' in line})
-print(json.dumps({'describe': host_runtime.describe(), 'loaded': loaded,
+print(json.dumps({'describe': host.describe(), 'loaded': loaded,
                   'env': {name: os.environ.get(name) for name in names},
                   'xla_flags': os.environ.get('XLA_FLAGS', ''),
                   'child': json.loads(child.stdout)}))
@@ -276,12 +277,12 @@ def test_restart_preloads_once_and_leaks_nothing():
   # Restarted exactly once, with the library really loaded ...
   assert starts == 2 and os.path.realpath(library) in report['loaded']
   assert report['describe'].startswith(f'allocator: {library} (preloaded); XLA_FLAGS added: ')
-  assert host_runtime.CPU_LIBRARY_FUSIONS in report['xla_flags']
+  assert host.CPU_LIBRARY_FUSIONS in report['xla_flags']
   # ... and the process and its children see the user's environment, not ours.
   assert report['env'] == user and report['child'] == user
 
 
-@pytest.mark.skipif(not host_runtime.hugepages_available(), reason='no glibc THP tunable')
+@pytest.mark.skipif(not host.hugepages_available(), reason='no glibc THP tunable')
 def test_hugepages_restart_leaks_no_tunables():
   result, starts, report = _drive('hugepages', 'off')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -308,9 +309,9 @@ def test_no_restart_where_nothing_is_asked():
 
 _REUSE = r'''
 import ctypes, resource, sys
-from jaxnmt import host_runtime
+from jaxnmt.runtime import host
 if sys.argv[1] == 'tuned':
-  assert host_runtime.tune_glibc_malloc()
+  assert host.tune_glibc_malloc()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
@@ -337,7 +338,7 @@ def _reuse_faults(mode, **env):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not host_runtime.glibc_version(), reason='glibc only')
+@pytest.mark.skipif(not host.glibc_version(), reason='glibc only')
 def test_tuned_glibc_reuses_freed_memory():
   """glibc's defaults map a large block anew on each allocation (a page fault per 4 KiB
   touched); tuned, the second and later allocations reuse memory already faulted in."""
@@ -346,7 +347,7 @@ def test_tuned_glibc_reuses_freed_memory():
   assert _reuse_faults('tuned') < 0.05 * pages
 
 
-@pytest.mark.skipif(not host_runtime.hugepages_available(), reason='no glibc THP tunable')
+@pytest.mark.skipif(not host.hugepages_available(), reason='no glibc THP tunable')
 def test_hugepage_glibc_faults_large_blocks_in_2mib_pages():
   """With glibc.malloc.hugetlb=1 a large block is still mapped anew on each allocation,
   but faulted in 2 MiB at a time: ~1/512 of the 4 KiB faults."""
@@ -357,7 +358,11 @@ def test_hugepage_glibc_faults_large_blocks_in_2mib_pages():
 _LOSSES = r'''
 import json, os, sys
 import jax, jax.numpy as jnp, numpy as np
-from jaxnmt import config_lib, optim, sharding, steps, train_state
+from jaxnmt import config_lib
+from jaxnmt.training import optim
+from jaxnmt.runtime import sharding
+from jaxnmt.training import steps
+from jaxnmt.training import train_state
 from tests.tiny_config import tiny_config
 config = tiny_config('')
 config.model.d_model, config.model.d_ff, config.model.num_heads = 64, 128, 4
@@ -401,10 +406,10 @@ def _losses(xla_flags: str) -> list[float]:
 def test_library_fusions_train_like_xla_default():
   """Guards the fusions against a jaxlib that miscompiles them: five steps of losses and
   gradient norms with XLA's default CPU fusions and with ours agree."""
-  flags = host_runtime.cpu_xla_flags('')
-  if host_runtime.YNN_FLAG not in flags:
+  flags = host.cpu_xla_flags('')
+  if host.YNN_FLAG not in flags:
     pytest.skip('this jaxlib gets no library fusions')
-  default = _losses(f'{host_runtime.YNN_FLAG}=individual_dot')
+  default = _losses(f'{host.YNN_FLAG}=individual_dot')
   ours = _losses(flags)
   assert default[0] > 5.0  # a real, untrained loss
   assert ours == pytest.approx(default, rel=1e-4)

@@ -2,7 +2,7 @@
 on. Each launcher's dry run (DRY_RUN=1) must print exactly the commands a real launch
 runs: the tests run those lines with stand-ins for python, srun and gcloud that report
 the arguments they receive, so the quoting is checked end to end. Cluster detection is
-JAX's own (`host_runtime.describe_cluster`): the tests give a subprocess the
+JAX's own (`host.describe_cluster`): the tests give a subprocess the
 environment SLURM or Open MPI would and check what JAX derives from it; nothing of
 JAX is mocked."""
 
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from jaxnmt import host_runtime
+from jaxnmt.runtime import host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Arguments a launcher must pass through untouched: a space, a quote, an empty one.
@@ -190,15 +190,15 @@ SCENARIOS = {
 # (JAX reads os.environ on every call); one JSON line.
 _DESCRIBE = r'''
 import dataclasses, json, os, sys, time
-from jaxnmt import host_runtime
+from jaxnmt.runtime import host
 import jax._src.clusters  # timed apart: importing JAX takes seconds on a busy machine
 reports, clean = {}, dict(os.environ)
 for name, environ in json.loads(sys.argv[1]).items():
   os.environ.clear()
   os.environ.update({**clean, **environ})
   start = time.perf_counter()
-  cluster = host_runtime.describe_cluster()
-  detected = host_runtime.detected_cluster()
+  cluster = host.describe_cluster()
+  detected = host.detected_cluster()
   reports[name] = {'cluster': cluster and dataclasses.asdict(cluster),
                    'detected': detected, 'seconds': time.perf_counter() - start}
 from jax._src import xla_bridge
@@ -271,9 +271,9 @@ def test_main_in_a_one_task_slurm_step_runs_as_a_single_process(tmp_path):
   assert result.returncode == 2 and 'Process 0 of 1:' in result.stderr
   assert 'a multi-process run' not in result.stderr
   # Detection imported JAX before `prepare`, and the allocator restart still happens.
-  host = next(line for line in result.stderr.splitlines() if 'Host: allocator:' in line)
-  if host_runtime.find_tcmalloc() or host_runtime.hugepages_available():
-    assert 'tcmalloc' in host or 'transparent huge pages' in host, host
+  host_line = next(line for line in result.stderr.splitlines() if 'Host: allocator:' in line)
+  if host.find_tcmalloc() or host.hugepages_available():
+    assert 'tcmalloc' in host_line or 'transparent huge pages' in host_line, host_line
   assert 'config.json not found' in result.stderr.splitlines()[-1]
 
 

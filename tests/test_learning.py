@@ -13,13 +13,13 @@ import sacrebleu
 
 from configs import base, big, lm_char, lm_subword, tiny
 from jaxnmt import config_lib
-from jaxnmt import inference
-from jaxnmt import optim
-from jaxnmt import steps
-from jaxnmt import tokenizer as tokenizer_lib
-from jaxnmt import train
-from jaxnmt import train_state
-from jaxnmt import translate
+from jaxnmt.decoding import inference
+from jaxnmt.training import optim
+from jaxnmt.training import steps
+from jaxnmt.data import tokenizer as tokenizer_lib
+from jaxnmt.training import loop
+from jaxnmt.model import initialize
+from jaxnmt.decoding import translation
 from jaxnmt.data import lm as lm_lib
 from jaxnmt.data import pipeline
 from jaxnmt.data import records as records_lib
@@ -54,7 +54,7 @@ def _copy_task_config():
 def _train(config, model_cfg, batches, num_steps: int):
   """`num_steps` updates of the project's train step on host `batches` -> params."""
   tx, _ = optim.make_optimizer(config.optim, num_steps)
-  graphdef, params, rest = train_state.create_model(model_cfg, seed=0)
+  graphdef, params, rest = initialize.create_model(model_cfg, seed=0)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
   step = jax.jit(functools.partial(steps.train_step, graphdef, tx,
                                    config.optim.label_smoothing, 0, 1,
@@ -84,7 +84,7 @@ def test_tiny_transformer_learns_to_copy(tmp_path):
   references = [' '.join(sentence) for sentence in test_sentences]  # BLEU over symbols
   loaded = inference.from_params(config, tokenizer, model_cfg, params)
   for beam_size in (1, 4):
-    translator = translate.Translator(loaded, translate.DecodeOptions(beam_size=beam_size))
+    translator = translation.Translator(loaded, translation.DecodeOptions(beam_size=beam_size))
     hypotheses = [' '.join(line) for line in translator.translate(test_sentences)]
     bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
     print(f'copy task, beam {beam_size}: BLEU {bleu:.2f}')  # shown with pytest -s
@@ -145,7 +145,7 @@ def _shrunk(get_config, corpus):
                                         big.get_config])
 def test_every_shipped_config_trains_two_steps(get_config, small_corpus, tmp_path):
   config = _shrunk(get_config, small_corpus)
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   assert result['step'] == 2 and np.isfinite(result['valid_loss'])
   loaded = inference.load(str(tmp_path))
   assert loaded.step == 2

@@ -13,11 +13,11 @@ from flax import nnx
 
 from configs import lm_char
 from jaxnmt.data import lm as data
-from jaxnmt import layers
-from jaxnmt import model as model_lib
-from jaxnmt import steps
-from jaxnmt import tokenizer as tokenizer_lib
-from jaxnmt import train_state
+from jaxnmt.model import layers
+from jaxnmt.model import transformer
+from jaxnmt.training import steps
+from jaxnmt.data import tokenizer as tokenizer_lib
+from jaxnmt.model import initialize
 from tests.conftest import SHARED_DATA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,8 +73,8 @@ def lm_model(**overrides):
                   dropout_rate=0.0, attention_dropout_rate=0.0, kind='decoder_lm',
                   norm='rmsnorm', position_embedding='rope', activation='swiglu',
                   max_length=32)
-  config = model_lib.ModelConfig(**{**settings, **overrides})
-  return model_lib.build(config, rngs=nnx.Rngs(params=0, dropout=1))
+  config = transformer.ModelConfig(**{**settings, **overrides})
+  return transformer.build(config, rngs=nnx.Rngs(params=0, dropout=1))
 
 
 # Every switch of the LM, each value at least once: the defaults of `lm_model` are
@@ -101,16 +101,16 @@ def test_cached_generation_equals_full_recomputation(overrides):
 
 def test_tiny_lm_overfits_one_batch():
   import functools  # pylint: disable=g-import-not-at-top
-  from jaxnmt import optim  # pylint: disable=g-import-not-at-top
+  from jaxnmt.training import optim  # pylint: disable=g-import-not-at-top
   config = lm_char.get_config()
   config.optim.warmup_steps = 5
   config.optim.learning_rate = 3e-3
-  model_cfg = model_lib.ModelConfig(vocab_size=64, num_decoder_layers=2, d_model=32,
+  model_cfg = transformer.ModelConfig(vocab_size=64, num_decoder_layers=2, d_model=32,
                                     num_heads=4, d_ff=64, dropout_rate=0.0,
                                     attention_dropout_rate=0.0, kind='decoder_lm',
                                     position_embedding='rope', max_length=32)
   tx, _ = optim.make_optimizer(config.optim, 200)
-  graphdef, params, rest = train_state.create_model(model_cfg, 0)
+  graphdef, params, rest = initialize.create_model(model_cfg, 0)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
   step = jax.jit(functools.partial(steps.train_step, graphdef, tx, 0.0, 0, 1))
   blocks = np.random.default_rng(0).integers(4, 64, (4, 33)).astype(np.int32)

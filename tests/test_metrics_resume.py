@@ -7,9 +7,9 @@ import struct
 
 from tensorboardX.proto import event_pb2
 
-from jaxnmt import metrics
-from jaxnmt import train
-from jaxnmt import workdir as workdir_lib
+from jaxnmt.training import metrics
+from jaxnmt.training import loop
+from jaxnmt.runtime import files
 
 
 def _events(directory: str) -> list[event_pb2.Event]:
@@ -44,7 +44,7 @@ def _tensorboard_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def _jsonl(workdir: str, name: str) -> list[dict]:
-  return metrics.read_jsonl(os.path.join(workdir, name, workdir_lib.METRICS))
+  return metrics.read_jsonl(os.path.join(workdir, name, files.METRICS))
 
 
 def test_a_resumed_writer_leaves_no_step_twice(tmp_path):
@@ -53,7 +53,7 @@ def test_a_resumed_writer_leaves_no_step_twice(tmp_path):
   for step in range(1, 9):
     killed.scalars(step, {'loss': float(step)})
   killed.close()
-  with open(os.path.join(workdir, 'train', workdir_lib.METRICS), 'a') as handle:
+  with open(os.path.join(workdir, 'train', files.METRICS), 'a') as handle:
     handle.write('{"step": 9, "lo')  # killed mid-line
   resumed = metrics.Writer(workdir, 'train', purge_step=6)  # from checkpoint step 5
   for step in range(6, 11):
@@ -86,15 +86,15 @@ def test_without_a_purge_step_nothing_is_dropped(tmp_path):
 
 def test_the_trainer_log_purges_what_came_after_its_resume_step(tmp_path):
   workdir = str(tmp_path)
-  for name in (workdir_lib.TRAIN_LOGS, workdir_lib.VALID_LOGS):
+  for name in (files.TRAIN_LOGS, files.VALID_LOGS):
     os.makedirs(os.path.join(workdir, name))
-    with open(os.path.join(workdir, name, workdir_lib.METRICS), 'w') as handle:
+    with open(os.path.join(workdir, name, files.METRICS), 'w') as handle:
       handle.writelines(json.dumps({'step': step, 'loss': 1.0}) + '\n'
                         for step in (5, 10, 15))
   # pylint: disable-next=protected-access
-  with train._Log(workdir, lambda step: 0.0, total=20, start=10):
+  with loop._Log(workdir, lambda step: 0.0, total=20, start=10):
     pass
-  for name in (workdir_lib.TRAIN_LOGS, workdir_lib.VALID_LOGS):
+  for name in (files.TRAIN_LOGS, files.VALID_LOGS):
     assert [r['step'] for r in _jsonl(workdir, name)] == [5, 10]
     assert [e.step for e in _events(os.path.join(workdir, name))
             if e.HasField('session_log')] == [11]

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxnmt import layers
-from jaxnmt import losses
-from jaxnmt import model as model_lib
+from jaxnmt.model import layers
+from jaxnmt.model import losses
+from jaxnmt.model import transformer
 
-CONFIG = model_lib.ModelConfig(vocab_size=40, num_encoder_layers=2, num_decoder_layers=2,
+CONFIG = transformer.ModelConfig(vocab_size=40, num_encoder_layers=2, num_decoder_layers=2,
                                d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0,
                                attention_dropout_rate=0.0, max_length=16)
 
 
 def make_model(**overrides):
-  config = model_lib.ModelConfig(**{**CONFIG.__dict__, **overrides})
-  return model_lib.build(config, rngs=nnx.Rngs(params=0, dropout=1))
+  config = transformer.ModelConfig(**{**CONFIG.__dict__, **overrides})
+  return transformer.build(config, rngs=nnx.Rngs(params=0, dropout=1))
 
 
 def test_sinusoidal_positions_from_a_table_equal_the_direct_ones():
@@ -272,7 +272,7 @@ def test_fully_masked_query_rows_stay_finite(dtype):
   assert not mask[0, 0, 2].any()
   outputs = {}
   for kind in ('einsum', 'dot_product'):
-    attention = model_lib.layers.Attention(32, 4, 0.0, rngs=nnx.Rngs(0), dtype=dtype,
+    attention = transformer.layers.Attention(32, 4, 0.0, rngs=nnx.Rngs(0), dtype=dtype,
                                            kind=kind)
 
     def total(hidden, attention=attention):
@@ -369,7 +369,7 @@ def test_language_model_follows_pre_layer_norm(pre_layer_norm):
 
   def self_attention(block, normed):
     keys, values = block.self_attention.project_kv(normed)
-    return block.self_attention(normed, model_lib.layers.apply_rope(keys, positions), values,
+    return block.self_attention(normed, transformer.layers.apply_rope(keys, positions), values,
                                 mask, deterministic=True, query_positions=positions)
 
   mlp = lambda block, normed: block.mlp(normed, deterministic=True)

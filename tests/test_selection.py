@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnmt import selection
+from jaxnmt.decoding import selection
 
 
 def test_argmax_takes_the_first_of_equal_maxima():

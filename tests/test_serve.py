@@ -14,9 +14,9 @@ import time
 import jax
 import pytest
 
-from jaxnmt import inference
-from jaxnmt import serve
-from jaxnmt import translate
+from jaxnmt.decoding import inference
+from jaxnmt.commands import serve
+from jaxnmt.decoding import translation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMITS = serve.Limits(max_request_sentences=8, max_sentence_tokens=48)
@@ -24,9 +24,9 @@ LIMITS = serve.Limits(max_request_sentences=8, max_sentence_tokens=48)
 
 @pytest.fixture(scope='module')
 def server(trained_workdir):
-  translator = translate.Translator(
+  translator = translation.Translator(
       inference.load(trained_workdir, devices=jax.local_devices()),
-      translate.DecodeOptions(beam_size=2))
+      translation.DecodeOptions(beam_size=2))
   running = serve.Server(translator, port=0, limits=LIMITS, batch_size=16).start()
   yield running
   running.stop()

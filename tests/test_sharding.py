@@ -12,9 +12,9 @@ import pytest
 from configs import tiny
 from jaxnmt import config_lib
 from jaxnmt import errors
-from jaxnmt import optim
-from jaxnmt import sharding
-from jaxnmt import train_state
+from jaxnmt.training import optim
+from jaxnmt.runtime import sharding
+from jaxnmt.training import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

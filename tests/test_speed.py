@@ -12,19 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnmt import bench
+from jaxnmt.commands import bench
 from jaxnmt import config_lib
 from jaxnmt.data import pipeline
 from jaxnmt.data import records as records_lib
 from jaxnmt import errors
-from jaxnmt import feeding
-from jaxnmt import inputs
-from jaxnmt import memory_fit
-from jaxnmt import optim
-from jaxnmt import sharding
-from jaxnmt import steps
-from jaxnmt import train_state
-from jaxnmt import workdir as workdir_lib
+from jaxnmt.training import feeding
+from jaxnmt.data import inputs
+from jaxnmt.training import fit
+from jaxnmt.training import optim
+from jaxnmt.runtime import sharding
+from jaxnmt.training import steps
+from jaxnmt.model import initialize
+from jaxnmt.runtime import files
 from tests.conftest import real_pairs
 from tests.tiny_config import tiny_config
 
@@ -51,7 +51,7 @@ def test_gradient_accumulation_gives_the_one_batch_update(small_corpus, tmp_path
   assert tokens[0::2].sum() > 1.5 * tokens[1::2].sum()
   tx, _ = optim.make_optimizer(config.optim, 100)
   model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
-  graphdef, params, rest = train_state.create_model(model_cfg, seed=0)
+  graphdef, params, rest = initialize.create_model(model_cfg, seed=0)
   results = {}
   for accumulate in (1, 2, 4):
     state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
@@ -74,7 +74,7 @@ def test_fused_loss_gives_the_plain_update(small_corpus, tmp_path, kind, shared)
   tx, _ = optim.make_optimizer(config.optim, 100)
   model_cfg = dataclasses.replace(config_lib.model_config(config, config.tokenizer.vocab_size),
                                   kind=kind, share_embeddings=shared)
-  graphdef, params, rest = train_state.create_model(model_cfg, seed=0)
+  graphdef, params, rest = initialize.create_model(model_cfg, seed=0)
   results = {}
   for chunks in (0, 5):  # 5 slices of the 24-token rows: the last one padded
     state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
@@ -98,7 +98,7 @@ def test_fused_loss_never_holds_the_logits(small_corpus):
   temporaries = {}
   for chunks in (0, 8):
     config.optim.loss_chunks = chunks
-    compiled = memory_fit.compile_train_step(config, model_cfg, mesh, rules,
+    compiled = fit.compile_train_step(config, model_cfg, mesh, rules,
                                         rows_per_device * mesh.size)
     temporaries[chunks] = compiled.memory_analysis().temp_size_in_bytes
   logits_bytes = rows_per_device * config.data.max_target_length * 8000 * 4  # per device
@@ -143,7 +143,7 @@ def _dataset(tokenizer, packing=True):
 
 @pytest.fixture(scope='module')
 def tokenizer(tmp_path_factory):
-  from jaxnmt import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from jaxnmt.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp('tok') / 'tokenizer.model')
   tokenizer_lib.train([side for pair in _pairs(400) for side in pair], path, vocab_size=600)
   return tokenizer_lib.load(path, 'unigram')
@@ -199,15 +199,15 @@ def test_memory_fit_takes_the_largest_batch_that_fits(small_corpus):
   config = tiny_config(small_corpus)
   mesh, rules = sharding.plan_mesh(config)
   model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
-  sizes = {rows: memory_fit.step_bytes(memory_fit.compile_train_step(config, model_cfg, mesh, rules, rows))
+  sizes = {rows: fit.step_bytes(fit.compile_train_step(config, model_cfg, mesh, rules, rows))
            for rows in (16, 32)}
   assert sizes[32] > sizes[16]
   config.data.device_memory_gb = (sizes[16] + sizes[32]) / 2 / 2**30
-  rows, tried = memory_fit.fit_batch_size(config, model_cfg, mesh, rules)
+  rows, tried = fit.fit_batch_size(config, model_cfg, mesh, rules)
   assert rows == 16 and tried[16] <= config.data.device_memory_gb * 2**30 < tried[32]
   config.data.device_memory_gb = 1e-4  # 100 KiB: nothing fits
   with pytest.raises(errors.MeshError, match='no batch size fits'):
-    memory_fit.fit_batch_size(config, model_cfg, mesh, rules)
+    fit.fit_batch_size(config, model_cfg, mesh, rules)
 
 
 @pytest.mark.slow
@@ -219,7 +219,7 @@ def test_flops_formula_agrees_with_xla_on_a_full_batch(small_corpus):
   rules = sharding.rules_from_config(config.sharding_rules)
   model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
   rows, length = 16, config.data.max_source_length
-  compiled = memory_fit.compile_train_step(config, model_cfg, mesh, rules, rows)
+  compiled = fit.compile_train_step(config, model_cfg, mesh, rules, rows)
   cost = compiled.cost_analysis()
   xla_flops = (cost[0] if isinstance(cost, list) else cost)['flops']
   formula = bench.model_flops(model_cfg, rows * length, rows * length, length, length)
@@ -232,7 +232,7 @@ def test_bench_mode_reports_and_writes_json(small_corpus, tmp_path):
   config = tiny_config(small_corpus)
   result = bench.run(config, str(tmp_path), steps=2, warmup=1, decode_sentences=4,
                      decode_batch_size=8)
-  saved = json.load(open(os.path.join(tmp_path, workdir_lib.BENCH)))
+  saved = json.load(open(os.path.join(tmp_path, files.BENCH)))
   assert saved['real_tokens_per_sec'] == pytest.approx(result['real_tokens_per_sec'])
   assert saved['batch_rows'] == 8 and saved['parameters'] > 0
   assert 0.5 < saved['real_token_fraction'] <= 1.0
@@ -261,7 +261,7 @@ def test_bfloat16_training_step_keeps_float32_master_weights(small_corpus, tmp_p
   losses = {}
   for dtype in ('float32', 'bfloat16'):
     config.model.dtype = dtype
-    graphdef, params, rest = train_state.create_model(
+    graphdef, params, rest = initialize.create_model(
         config_lib.model_config(config, config.tokenizer.vocab_size), seed=0)
     state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
     step = jax.jit(functools.partial(steps.train_step, graphdef, tx, 0.1, 0, 1))

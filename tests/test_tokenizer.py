@@ -6,7 +6,7 @@ import pytest
 
 from jaxnmt.data import corpus as data
 from jaxnmt import errors
-from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt.data import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope='module')

@@ -11,15 +11,15 @@ import pytest
 
 from jaxnmt import config_lib
 from jaxnmt import errors
-from jaxnmt import inference
-from jaxnmt import inputs
-from jaxnmt import optim
-from jaxnmt import steps
-from jaxnmt import train
-from jaxnmt import train_state
-from jaxnmt import translate
-from jaxnmt import translate_stream
-from jaxnmt import workdir as workdir_lib
+from jaxnmt.decoding import inference
+from jaxnmt.data import inputs
+from jaxnmt.training import optim
+from jaxnmt.training import steps
+from jaxnmt.training import loop
+from jaxnmt.model import initialize
+from jaxnmt.decoding import translation
+from jaxnmt.commands import translate as translate_command
+from jaxnmt.runtime import files
 from tests.tiny_config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def test_loss_falls_when_overfitting_a_few_batches(small_corpus, tmp_path):
   batches = [next(iterator) for _ in range(2)]
   iterator.close()
   tx, _ = optim.make_optimizer(config.optim, 100)
-  graphdef, params, rest = train_state.create_model(
+  graphdef, params, rest = initialize.create_model(
       config_lib.model_config(config, tokenizer.vocab_size), seed=0)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
   step = jax.jit(functools.partial(steps.train_step, graphdef, tx, 0.0, 0, 1))
@@ -56,7 +56,7 @@ def test_training_writes_a_translatable_model(trained_workdir):
   sources = open(os.path.join(splits, 'test.src'), encoding='utf-8').read().splitlines()
   references = open(os.path.join(splits, 'test.ref'), encoding='utf-8').read().splitlines()
   assert len(sources) == len(references) > 0
-  translator = translate.Translator.from_workdir(trained_workdir)
+  translator = translation.Translator.from_workdir(trained_workdir)
   assert translator.step == 20
   outputs = translator.translate(['Hello.', '', 'Where is the station?'], batch_size=2)
   assert len(outputs) == 3 and outputs[1] == ''
@@ -79,13 +79,13 @@ def test_translate_command_reads_stdin_and_keeps_lines(trained_workdir):
 
 
 def test_translate_from_file_matches_stdin(trained_workdir, tmp_path):
-  translator = translate.Translator.from_workdir(trained_workdir)
+  translator = translation.Translator.from_workdir(trained_workdir)
   lines = ['Good morning.', 'How are you?', 'Tom is here.']
   source = tmp_path / 'in.txt'
   source.write_text('\n'.join(lines) + '\n', encoding='utf-8')
   output = tmp_path / 'out.txt'
   with open(output, 'w', encoding='utf-8') as handle:
-    translate_stream.run(trained_workdir, str(source), handle, batch_size=2)
+    translate_command.run(trained_workdir, str(source), handle, batch_size=2)
   assert output.read_text(encoding='utf-8').splitlines() == translator.translate(lines)
 
 
@@ -149,9 +149,9 @@ def test_checkpoints_of_another_layout_are_refused_untouched(trained_workdir, sm
 def test_time_limit_stops_with_a_checkpoint_and_the_finished_marker(small_corpus, tmp_path):
   config = tiny_config(small_corpus)
   config.train_time_limit_minutes = 1e-6  # out of time after the first step
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   assert result['stopped'] == 'time limit' and result['step'] == 1
-  assert workdir_lib.finished_step(str(tmp_path)) == 1
+  assert files.finished_step(str(tmp_path)) == 1
   assert inference.load(str(tmp_path)).step == 1  # the stop step was saved
 
 
@@ -180,7 +180,7 @@ def test_resuming_on_other_prepared_data_is_refused(trained_workdir, small_corpu
   config = tiny_config(small_corpus)
   config.num_train_steps = 30
   with pytest.raises(errors.DataError, match='were trained on other prepared data'):
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
 
 
 def test_a_workdir_tokenizer_other_than_the_prepared_one_is_refused(trained_workdir,
@@ -190,4 +190,4 @@ def test_a_workdir_tokenizer_other_than_the_prepared_one_is_refused(trained_work
   shutil.copytree(trained_workdir, workdir, ignore=shutil.ignore_patterns('checkpoints'))
   shutil.copyfile(workdir / 'data' / 'manifest.json', workdir / 'tokenizer.model')
   with pytest.raises(errors.DataError, match='is not the tokenizer of the prepared data'):
-    train.train_and_evaluate(tiny_config(small_corpus), str(workdir))
+    loop.train_and_evaluate(tiny_config(small_corpus), str(workdir))

@@ -13,14 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnmt import inference
-from jaxnmt import tokenizer as tokenizer_lib
-from jaxnmt import translate
-from jaxnmt import translate_stream
+from jaxnmt.decoding import inference
+from jaxnmt.data import tokenizer as tokenizer_lib
+from jaxnmt.decoding import translation
+from jaxnmt.commands import translate as translate_command
 from jaxnmt.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEAM2 = translate.DecodeOptions(beam_size=2)
+BEAM2 = translation.DecodeOptions(beam_size=2)
 
 
 @pytest.fixture(scope='module')
@@ -53,7 +53,7 @@ def _lines_of(pipe) -> queue.Queue:
 
 
 def test_stdin_is_streamed_line_by_line(trained_workdir, loaded):
-  expected = translate.Translator(loaded, BEAM2).translate(['Hello.', 'Where is the station?'])
+  expected = translation.Translator(loaded, BEAM2).translate(['Hello.', 'Where is the station?'])
   process = subprocess.Popen(  # pylint: disable=consider-using-with
       _main(trained_workdir, '--beam_size=2'), cwd=ROOT, stdin=subprocess.PIPE,
       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
@@ -91,7 +91,7 @@ def test_nbest_tsv_from_a_file_and_checkpoint_step(trained_workdir, loaded, tmp_
   assert (scores[[0, 2], 0] >= scores[[0, 2], 1]).all() and (scores[[0, 2]] < 0).all()
   assert [row[3] for row in rows[2:4]] == ['', '']  # the blank line
   # The same as the library on checkpoint 10.
-  at_10 = translate.Translator.from_workdir(trained_workdir, 10, dataclasses.replace(
+  at_10 = translation.Translator.from_workdir(trained_workdir, 10, dataclasses.replace(
       BEAM2, beam_size=3), devices=jax.local_devices())
   assert at_10.step == 10
   expected = at_10.translate_nbest(lines, 2)
@@ -101,14 +101,14 @@ def test_nbest_tsv_from_a_file_and_checkpoint_step(trained_workdir, loaded, tmp_
 
 def test_nbest_beyond_the_beam_is_a_user_error(trained_workdir):
   with pytest.raises(UserError, match='--nbest must be in'):
-    translate_stream.run(trained_workdir, None, nbest=3, options=BEAM2)
+    translate_command.run(trained_workdir, None, nbest=3, options=BEAM2)
   result = subprocess.run(_main(trained_workdir, '--nbest=2', '--beam_size=1'), cwd=ROOT,
                           input='Hello.\n', capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and 'error: --nbest must be in [0, 1]' in result.stderr
 
 
 def test_token_batching_gives_the_one_by_one_results(loaded, test_sources):
-  translator = translate.Translator(loaded, BEAM2, batch_tokens=256)
+  translator = translation.Translator(loaded, BEAM2, batch_tokens=256)
   sources = test_sources[:14] + ['', 'Hi.']
   batched = translator.translate_nbest(sources, 2, batch_size=16)
   plan = translator.plan([len(ids or ()) for ids in translator.encode(sources)], 16)
@@ -150,10 +150,10 @@ def _best_lengths(translator, sources):
 def test_min_length_keeps_outputs_from_ending_early(loaded, search):
   eager = _eos_logit_set(loaded, 30.0)  # every search ends at once unless kept from it
   sources = ['Where is the station?', 'I am tired.']
-  plain = translate.Translator(eager, translate.DecodeOptions(**search))
+  plain = translation.Translator(eager, translation.DecodeOptions(**search))
   lengths, scores = _best_lengths(plain, sources)
   assert (lengths == 1).all(), lengths
-  floored = translate.Translator(eager, translate.DecodeOptions(**search, min_length=5))
+  floored = translation.Translator(eager, translation.DecodeOptions(**search, min_length=5))
   floored_lengths, floored_scores = _best_lengths(floored, sources)
   assert (floored_lengths >= 6).all(), floored_lengths  # 5 tokens, then EOS
   # The floor removes hypotheses, never rescores one: the best is less likely now.
@@ -161,7 +161,7 @@ def test_min_length_keeps_outputs_from_ending_early(loaded, search):
 
 
 def test_greedy_hypotheses_carry_their_score(loaded):
-  translator = translate.Translator(loaded, translate.DecodeOptions(beam_size=1))
+  translator = translation.Translator(loaded, translation.DecodeOptions(beam_size=1))
   [[hypothesis]] = translator.translate_nbest(['Good morning.'])
   assert np.isfinite(hypothesis.score) and hypothesis.score < 0
 
@@ -183,7 +183,7 @@ def _never_ending(loaded):
 
 
 def test_long_inputs_are_translated_whole(loaded, caplog):
-  translator = translate.Translator(_never_ending(loaded), translate.DecodeOptions(beam_size=1))
+  translator = translation.Translator(_never_ending(loaded), translation.DecodeOptions(beam_size=1))
   data = translator.config.data
   long_line = ' '.join(['the cat sleeps on the sofa and the dog barks'] * 12)
   source_tokens = len(translator.tokenizer.encode(long_line)) + 1
@@ -220,29 +220,29 @@ def test_long_inputs_are_translated_whole(loaded, caplog):
 def test_a_line_beyond_a_learned_position_table_is_refused_by_name(loaded):
   learned = dataclasses.replace(loaded, model_config=dataclasses.replace(
       loaded.model_config, position_embedding='learned', max_length=40))
-  translator = translate.Translator(learned)
+  translator = translation.Translator(learned)
   assert translator.max_source_tokens == 40 and translator.output_cap(30) == 40
   with pytest.raises(UserError, match='input line 2 has .* tokens, more than the 40'):
     translator.translate(['Hello.', 'word ' * 50])
 
 
 def test_length_buckets_are_few():
-  assert [translate.length_bucket(n) for n in (1, 16, 17, 64, 65, 97, 129, 200, 300)] == [
+  assert [translation.length_bucket(n) for n in (1, 16, 17, 64, 65, 97, 129, 200, 300)] == [
       16, 16, 32, 64, 96, 128, 192, 256, 384]
-  assert len({translate.length_bucket(n) for n in range(1, 1025)}) == 12
+  assert len({translation.length_bucket(n) for n in range(1, 1025)}) == 12
 
 
 def test_sentences_are_split_where_they_end():
-  assert translate.split_sentences('Tom is here. He is tired! Is he? "Yes." 10 came.') == [
+  assert translation.split_sentences('Tom is here. He is tired! Is he? "Yes." 10 came.') == [
       'Tom is here.', 'He is tired!', 'Is he?', '"Yes."', '10 came.']
-  assert translate.split_sentences('I met Mr. Smith. Pi is 3.14 here.') == [
+  assert translation.split_sentences('I met Mr. Smith. Pi is 3.14 here.') == [
       'I met Mr. Smith.', 'Pi is 3.14 here.']
-  assert translate.split_sentences('¿Dónde está? ¡Aquí!') == ['¿Dónde está?', '¡Aquí!']
-  assert translate.split_sentences('no end at all') == ['no end at all']
+  assert translation.split_sentences('¿Dónde está? ¡Aquí!') == ['¿Dónde está?', '¡Aquí!']
+  assert translation.split_sentences('no end at all') == ['no end at all']
 
 
 def test_a_long_line_of_sentences_is_translated_sentence_by_sentence(loaded, test_sources):
-  translator = translate.Translator(loaded, BEAM2)
+  translator = translation.Translator(loaded, BEAM2)
   trained = translator.config.data.max_source_length
   sentences = [s for s in test_sources if s.rstrip().endswith(('.', '?', '!'))
                and s[:1].isupper()][:8]

@@ -11,14 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnmt import averaging
-from jaxnmt import checkpoint as checkpoint_lib
-from jaxnmt import evaluate
-from jaxnmt import inference
-from jaxnmt import steps
-from jaxnmt import train
-from jaxnmt import translate
-from jaxnmt import workdir as workdir_lib
+from jaxnmt.decoding import averaging
+from jaxnmt.runtime import checkpointing
+from jaxnmt.commands import evaluate
+from jaxnmt.decoding import inference
+from jaxnmt.training import steps
+from jaxnmt.training import loop
+from jaxnmt.decoding import translation
+from jaxnmt.runtime import files
 from jaxnmt.errors import CheckpointError, ConfigError, UserError, WorkdirError
 from tests.tiny_config import tiny_config
 
@@ -36,7 +36,7 @@ def _config(corpus: str, **overrides):
 def ema_run(small_corpus, tmp_path_factory) -> str:
   """20 steps with a moving average (decay 0.9), a checkpoint every 5 steps."""
   workdir = str(tmp_path_factory.mktemp('ema'))
-  train.train_and_evaluate(_config(small_corpus, ema_decay=0.9), workdir)
+  loop.train_and_evaluate(_config(small_corpus, ema_decay=0.9), workdir)
   return workdir
 
 
@@ -82,12 +82,12 @@ def test_ema_cannot_be_switched_on_when_resuming(trained_workdir, small_corpus, 
   config.num_train_steps = 30
   config.ema_decay = 0.99
   with pytest.raises(WorkdirError, match='ema_decay'):
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
 
 
 def test_ema_decay_is_validated(small_corpus, tmp_path):
   with pytest.raises(ConfigError, match='ema_decay'):
-    train.train_and_evaluate(_config(small_corpus, ema_decay=1.0), str(tmp_path))
+    loop.train_and_evaluate(_config(small_corpus, ema_decay=1.0), str(tmp_path))
 
 
 def test_average_is_the_mean_of_the_last_checkpoints(ema_run):
@@ -95,7 +95,7 @@ def test_average_is_the_mean_of_the_last_checkpoints(ema_run):
   assert info['steps'] == [10, 15, 20] and info['name'] == 'last3'
   loaded = inference.load(ema_run, weights='last3')
   assert (loaded.step, loaded.weights) == (20, 'last3')
-  reader = checkpoint_lib.Checkpointer(ema_run, read_only=True)
+  reader = checkpointing.Checkpointer(ema_run, read_only=True)
   try:
     each = [_leaves(reader.restore_params(step, loaded.abstract_params))
             for step in (10, 15, 20)]
@@ -127,25 +127,25 @@ def test_averaged_weights_survive_training_on_and_retention(ema_run, small_corpu
   shutil.copytree(ema_run, workdir)
   averaging.average(workdir, last=2, name='kept')
   config = _config(small_corpus, ema_decay=0.9, num_train_steps=30, keep_checkpoints=1)
-  train.train_and_evaluate(config, workdir)
-  assert checkpoint_lib.Checkpointer(workdir, read_only=True).all_steps() == [30]
+  loop.train_and_evaluate(config, workdir)
+  assert checkpointing.Checkpointer(workdir, read_only=True).all_steps() == [30]
   assert inference.load(workdir, weights='kept').step == 20
 
 
 def _write_results(workdir: str, bleu_by_step: dict[int, float]) -> None:
   for step, value in bleu_by_step.items():
-    workdir_lib.append_result(workdir, {'step': step, 'valid_bleu': value, 'bleu': value})
+    files.append_result(workdir, {'step': step, 'valid_bleu': value, 'bleu': value})
 
 
 def test_retention_never_deletes_the_best_checkpoint(ema_run, small_corpus, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(ema_run, workdir)
   _write_results(workdir, {5: 3.0, 10: 7.5, 15: 7.5, 20: 6.0})  # best: 10 (the earliest)
-  assert workdir_lib.best_result(workdir)['step'] == 10
-  assert workdir_lib.checkpoints_since_best(workdir) == 2
+  assert files.best_result(workdir)['step'] == 10
+  assert files.checkpoints_since_best(workdir) == 2
   config = _config(small_corpus, ema_decay=0.9, num_train_steps=30, keep_checkpoints=1)
-  train.train_and_evaluate(config, workdir)
-  assert checkpoint_lib.Checkpointer(workdir, read_only=True).all_steps() == [10, 30]
+  loop.train_and_evaluate(config, workdir)
+  assert checkpointing.Checkpointer(workdir, read_only=True).all_steps() == [10, 30]
 
 
 @pytest.mark.slow
@@ -156,15 +156,15 @@ def test_early_stopping_after_patience_checkpoints_without_gain(ema_run, small_c
   _write_results(workdir, {10: 5.0, 15: 4.0, 20: 4.5})  # two scored since the best
   config = _config(small_corpus, ema_decay=0.9, num_train_steps=40,
                    early_stopping_patience=3)
-  result = train.train_and_evaluate(config, workdir)
+  result = loop.train_and_evaluate(config, workdir)
   assert result['stopped'] is None  # 2 < 3: trains on to the end
   assert result['step'] == 40
   _write_results(workdir, {25: 4.9})  # now three
   config.num_train_steps = 200
-  result = train.train_and_evaluate(config, workdir)
+  result = loop.train_and_evaluate(config, workdir)
   assert result['stopped'] == 'early stopping'
   assert result['step'] == 50  # the first validation of the resumed run
-  assert workdir_lib.finished_step(workdir) == 50
+  assert files.finished_step(workdir) == 50
   assert inference.load(workdir, weights='raw').step == 50
 
 
@@ -173,26 +173,26 @@ def test_eval_worker_scores_the_average_and_keeps_the_best(ema_run, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(ema_run, workdir)
   results = evaluate.run_eval_worker(workdir, max_test_sentences=8, max_valid_sentences=8,
-                                     options=translate.DecodeOptions(beam_size=2))
+                                     options=translation.DecodeOptions(beam_size=2))
   assert [r['step'] for r in results] == [5, 10, 15, 20]
   assert all(r['weights'] == 'ema' and 'valid_bleu' in r for r in results)
-  best = workdir_lib.best_result(workdir)
+  best = files.best_result(workdir)
   with open(os.path.join(workdir, 'eval', 'best.json'), encoding='utf-8') as handle:
     assert json.load(handle)['step'] == best['step']
-  before = workdir_lib.read_results(workdir)
+  before = files.read_results(workdir)
   averaging.average(workdir, last=2, name='two')
   [result] = evaluate.run_eval_worker(workdir, weights='two', max_test_sentences=8,
                                       max_valid_sentences=8,
-                                      options=translate.DecodeOptions(beam_size=2))
+                                      options=translation.DecodeOptions(beam_size=2))
   assert result['weights'] == 'two' and result['averaged_steps'] == [15, 20]
   assert os.path.exists(os.path.join(workdir, 'eval', 'averaged_two.json'))
   assert os.path.exists(os.path.join(workdir, 'eval', 'test_hypotheses_two.txt'))
-  assert workdir_lib.read_results(workdir) == before  # per-checkpoint results untouched
+  assert files.read_results(workdir) == before  # per-checkpoint results untouched
 
 
 def test_trainer_writes_greedy_validation_samples_to_tensorboard(ema_run):
   events = glob.glob(os.path.join(ema_run, 'valid', 'events.out.tfevents.*'))
   data = b''.join(open(path, 'rb').read() for path in events)
-  first_source = workdir_lib.read_lines(workdir_lib.split_file(ema_run, 'valid.src'))[0]
+  first_source = files.read_lines(files.split_file(ema_run, 'valid.src'))[0]
   assert b'samples' in data
   assert first_source.encode('utf-8') in data

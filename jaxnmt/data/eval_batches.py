@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt.data import tokenizer as tokenizer_lib
 
 
 def encode_pair(pair: tuple[str, str], tokenizer, max_source_length: int,

@@ -39,7 +39,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.data.order import GlobalOrder
 from jaxnmt.data.records import BLOCK_PAIRS, decode_record
 from jaxnmt.errors import DataError, RuntimeFailure

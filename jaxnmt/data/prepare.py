@@ -33,8 +33,8 @@ import zlib
 import numpy as np
 import tqdm
 
-from jaxnmt import storage
-from jaxnmt import tokenizer as tokenizer_lib
+from jaxnmt.runtime import files
+from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.data import corpus as corpus_lib
 from jaxnmt.data import records as records_lib
 from jaxnmt.errors import ConfigError, DataError, UserError
@@ -53,7 +53,7 @@ def prepared_dir(config, workdir: str) -> str:
   must be local (ArrayRecord reads local files): with a gs:// workdir, each host
   prepares into, or holds a copy of, config.data.prepared_dir."""
   directory = config.data.prepared_dir
-  if storage.is_remote(workdir) and not directory:
+  if files.is_remote(workdir) and not directory:
     raise ConfigError(f'--workdir={workdir} is on Cloud Storage: set '
                       f'config.data.prepared_dir to a local folder on every host')
   if directory and '://' in directory:
@@ -314,9 +314,9 @@ def _split_corpus(config, spec: str, name: str, raw_dir: str, test_sources: set,
       heldout[split].add(pair)
   writer.close()
   report.check()
-  files = corpus_lib.corpus_files(spec, data.source_lang, data.target_lang)
+  corpus_paths = corpus_lib.corpus_files(spec, data.source_lang, data.target_lang)
   return {'files': [{'path': os.path.abspath(f), 'bytes': os.path.getsize(f),
-                     'sha256': corpus_lib.file_sha256(f)} for f in files],
+                     'sha256': corpus_lib.file_sha256(f)} for f in corpus_paths],
           'lines': report.lines, 'malformed': dict(report.malformed),
           'filtered': dict(filtered), 'raw_shards': writer.count}
 

@@ -1,0 +1,160 @@
+"""SentencePiece tokenizer: trained once on a sample of the training split, stored, reloaded.
+
+Fixed ids: PAD=0, UNK=1, BOS=2, EOS=3. Text is not normalised (no lowercasing, no
+Unicode rewriting), and unknown characters fall back to UTF-8 bytes, so decoding
+restores the original casing and punctuation of anything the model reproduces.
+"""
+
+import json
+import os
+import random
+import tempfile
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+from jaxnmt.runtime import files
+from jaxnmt.errors import ConfigError, WorkdirError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+  """Encodes text to token ids and back."""
+
+  def __init__(self, model_path: str):
+    if not files.exists(model_path):
+      raise FileNotFoundError(f'tokenizer model not found: {model_path}')
+    self.model_path = model_path
+    # From the bytes, so the model may lie on gs:// too.
+    self._processor = spm.SentencePieceProcessor(
+        model_proto=files.read_bytes(model_path))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._processor.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without BOS/EOS."""
+    return self._processor.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text (one call into SentencePiece)."""
+    return self._processor.encode(list(texts), out_type=int)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; stops at the first EOS and ignores PAD and BOS."""
+    kept = []
+    for token in ids:
+      token = int(token)
+      if token == EOS_ID:
+        break
+      if token not in (PAD_ID, BOS_ID):
+        kept.append(token)
+    return self._processor.decode(kept)
+
+  def __getstate__(self):  # Grain may pickle the pipeline; keep only the path.
+    return {'model_path': self.model_path}
+
+  def __setstate__(self, state):
+    self.__init__(state['model_path'])
+
+
+def train(sentences: Sequence[str], model_path: str, vocab_size: int,
+          model_type: str = 'unigram', max_sentences: int = 0, seed: int = 0) -> Tokenizer:
+  """Trains a SentencePiece model on `sentences` and writes it to `model_path`."""
+  sentences = [s for s in sentences if s]
+  if max_sentences and len(sentences) > max_sentences:
+    sentences = random.Random(seed).sample(sentences, max_sentences)
+  # SentencePiece writes local files: into a scratch folder beside the model (or a
+  # local one for a gs:// model), then published whole.
+  directory = None if files.is_remote(model_path) else files.dirname(model_path)
+  if directory is not None:
+    os.makedirs(directory, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=directory) as scratch:
+    prefix = os.path.join(scratch, 'spm')
+    try:
+      _train_sentencepiece(sentences, prefix, vocab_size, model_type)
+    except RuntimeError as error:  # SentencePiece reports a bad request this way
+      message = str(error).splitlines()[0]
+      if 'Vocabulary size too high' in message:
+        raise ConfigError(f'config.tokenizer.vocab_size={vocab_size} is too large for '
+                          f'{len(sentences)} training sentences: {message.split("] ")[-1]}'
+                          ) from None
+      raise
+    # Atomic publish: a crash never leaves a half-written model at `model_path`.
+    if directory is None:
+      files.copy_file(prefix + '.model', model_path)
+    else:
+      os.replace(prefix + '.model', model_path)
+  return Tokenizer(model_path)
+
+
+def _train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: str) -> None:
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences),
+      model_prefix=prefix,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=0.9999,
+      byte_fallback=True,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+  )
+
+
+class CharTokenizer:
+  """Character-level tokenizer with the same interface as `Tokenizer`: every distinct
+  character of the training text gets an id after the four special ids. Characters
+  never seen in training map to UNK."""
+
+  def __init__(self, model_path: str):
+    if not files.exists(model_path):
+      raise FileNotFoundError(f'tokenizer model not found: {model_path}')
+    self.model_path = model_path
+    self.characters = json.loads(files.read_text(model_path))['characters']
+    self._ids = {char: index + 4 for index, char in enumerate(self.characters)}
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.characters) + 4
+
+  def encode(self, text: str) -> list[int]:
+    return [self._ids.get(char, UNK_ID) for char in text]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(text) for text in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    chars = []
+    for token in ids:
+      token = int(token)
+      if token == EOS_ID:
+        break
+      if 4 <= token < len(self.characters) + 4:  # ids past the vocabulary are padding
+        chars.append(self.characters[token - 4])
+    return ''.join(chars)
+
+
+def train_chars(text: str, model_path: str) -> CharTokenizer:
+  """Writes the character vocabulary of `text` to `model_path` (JSON)."""
+  files.write_text(model_path, json.dumps({'characters': sorted(set(text))},
+                                            ensure_ascii=False))
+  return CharTokenizer(model_path)
+
+
+def load(model_path: str, model_type: str):
+  """The tokenizer stored at `model_path`: CharTokenizer for 'char', else SentencePiece."""
+  return CharTokenizer(model_path) if model_type == 'char' else Tokenizer(model_path)
+
+
+def from_workdir(workdir: str, model_type: str):
+  """The tokenizer a run stored in `workdir` (SentencePiece, or a char vocabulary)."""
+  target = files.tokenizer_path(workdir)
+  if not files.exists(target):
+    raise WorkdirError(f'{target} not found: train a model in {workdir} first')
+  return load(target, model_type)

@@ -1,0 +1,239 @@
+"""Orbax checkpoints: the train state, every process's data-iterator position, and the
+run's metadata (config, tokenizer fingerprint).
+
+Layout: WORKDIR/checkpoints/<step>/{state, data_iterators, metadata}. Saves are
+asynchronous: the train loop hands the arrays to Orbax and goes on; Orbax writes to a
+temporary folder and renames it when complete (on gs://, which has no rename, it writes
+in place and marks the step complete with <step>/commit_success.txt last), so a
+half-written step is never listed or read. A checkpoint that cannot be read is moved aside (never deleted) and the next
+older one is used.
+"""
+
+import json
+import logging
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxnmt.runtime import distributed
+from jaxnmt.runtime import files
+from jaxnmt.errors import CheckpointError, RuntimeFailure, WorkdirError
+
+# A data-iterator state must fit in this many bytes of JSON to be gathered across hosts.
+MAX_ITERATOR_STATE_BYTES = 1 << 20
+# On gs:// Orbax lists a step only once this object exists in it.
+_COMMIT_MARKER = 'commit_success.txt'
+# The layout of the saved state (the parameter tree); stored in each checkpoint's
+# metadata. 2: one Transformer block for encoder, decoder and LM.
+FORMAT = 2
+
+
+class SaveError(RuntimeFailure):
+  """A checkpoint could not be written (disk full, permissions, the store): training
+  stops on every process; complete checkpoints are untouched."""
+
+
+def check_compatible(metadata: dict, where: str, tokenizer_path: str,
+                     tokenizer_sha256: str | None) -> None:
+  """Refuses a checkpoint of another state layout, or one trained with another
+  tokenizer than the workdir's (`tokenizer_sha256`; None: no tokenizer yet), before
+  anything is read or moved."""
+  found = metadata.get('format', 1)
+  if found != FORMAT:
+    raise WorkdirError(f'the checkpoints in {where} have layout {found}, this jaxnmt reads '
+                       f'layout {FORMAT} (an earlier model definition); train in a new '
+                       f'--workdir, or use the jaxnmt version that wrote them')
+  saved = metadata.get('tokenizer_sha256')
+  if tokenizer_sha256 and saved and saved != tokenizer_sha256:
+    raise WorkdirError(f'{tokenizer_path} is not the tokenizer the checkpoints in {where} '
+                       f'were trained with (sha256 differs)')
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, max_to_keep: int | None = 3, read_only: bool = False):
+    self.directory = files.checkpoints_dir(workdir)
+    if files.is_remote(self.directory):
+      files.configure()  # before Orbax (TensorStore, epath) touches gs://
+    # Orbax's own barriers wait as long as jaxnmt's agreement points do.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=True,
+        async_options=ocp.options.AsyncOptions(
+            timeout_secs=int(distributed.collective_timeout_s())))
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, data_iterator_state: dict | None = None,
+           metadata: dict | None = None) -> None:
+    """Starts an asynchronous save at `step`. Every process calls it (it is collective):
+    `data_iterator_state` is this process's; all of them are gathered and stored."""
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator_state is not None:
+      items['data_iterators'] = ocp.args.JsonSave(
+          {'per_process': gather_json(data_iterator_state, step)})
+    if metadata is not None:
+      items['metadata'] = ocp.args.JsonSave(metadata)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as error:  # pylint: disable=broad-except  # OSError, TensorStore, ...
+      raise self._save_error(f'could not save checkpoint {step}', error) from error
+
+  def _save_error(self, what: str, error: Exception) -> SaveError:
+    return SaveError(f'{what} in {self.directory}: {type(error).__name__}: '
+                     f'{str(error).splitlines()[0][:300] if str(error) else ""}; the '
+                     f'complete checkpoints there are untouched: rerun to resume')
+
+  def restore(self, step: int, abstract_state) -> tuple[object, dict | None, dict | None]:
+    """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with
+    .sharding). Returns (state, the data-iterator states of every process that saved it
+    or None, metadata or None)."""
+    path = files.join(self.directory, str(step))
+    try:
+      present = set(files.listdir(path))
+      items = {'state': ocp.args.StandardRestore(abstract_state)}
+      for name in ('data_iterators', 'metadata'):
+        if name in present:
+          items[name] = ocp.args.JsonRestore()
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # Orbax raises many types for unreadable files.
+      raise CheckpointError(f'checkpoint {path} could not be read: '
+                            f'{type(error).__name__}: {str(error)[:300]}') from error
+    iterator_states = None
+    if restored.get('data_iterators') is not None:
+      iterator_states = restored['data_iterators']['per_process']
+    return restored['state'], iterator_states, restored.get('metadata')
+
+  def restore_params(self, step: int, abstract_params, which: str = 'params'):
+    """The parameters of checkpoint `step` alone ('params', or 'ema': their moving
+    average), onto the shardings of `abstract_params` (ShapeDtypeStructs with
+    .sharding): the optimizer state stored beside them is never read or allocated."""
+    item = {which: abstract_params}
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True)))
+    except Exception as error:  # Orbax raises many types for unreadable files.
+      raise CheckpointError(f'checkpoint {files.join(self.directory, str(step))} could '
+                            f'not be read: {type(error).__name__}: '
+                            f'{str(error)[:300]}') from error
+    params = restored['state'].get(which)
+    if params is None:
+      raise CheckpointError(f'checkpoint {files.join(self.directory, str(step))} holds no '
+                            f'{which!r} weights')
+    missing = [jax.tree_util.keystr(path) for path, leaf in
+               jax.tree_util.tree_leaves_with_path(params)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:  # a partial restore leaves what the checkpoint lacks unfilled
+      raise CheckpointError(f'checkpoint {files.join(self.directory, str(step))} holds no '
+                            f'{missing[0]} (and {len(missing) - 1} more parameters): it was '
+                            f'written by another model definition')
+    return params
+
+  def restore_latest(self, abstract_state):
+    """(step, state, iterator states, metadata) of the newest readable checkpoint, or
+    None when there is none. Unreadable ones are reported and moved aside; if none is
+    readable this raises rather than letting training silently start over. Every
+    decision is agreed: process 0's list of steps, and whether each step could be read
+    on every process."""
+    steps = distributed.gather_json(self.all_steps(), 'listing the checkpoints')[0]
+    for step in reversed(steps):
+      problem = self._unreadable_files(step)
+      if not distributed.agree([problem is not None], f'checking checkpoint {step}')[0]:
+        try:
+          restored = self.restore(step, abstract_state)
+        except CheckpointError as error:
+          problem = str(error)
+        if not distributed.agree([problem is not None], f'restoring checkpoint {step}')[0]:
+          return (step, *restored)
+      logging.warning('%s; falling back to an older checkpoint',
+                      problem or f'checkpoint {step} could not be read on another process')
+      self.set_aside(step)
+    if steps:
+      raise CheckpointError(f'none of the checkpoints {steps} in {self.directory} could be '
+                            f'read (moved to {self.directory}/unreadable-*); not starting '
+                            f'over: remove them to train from scratch')
+    return None
+
+  def _unreadable_files(self, step: int) -> str | None:
+    """What is wrong with the JSON files of checkpoint `step` (None: they parse). Every
+    process reads the same files, so all reach the same verdict before Orbax's restore,
+    which is collective: a restore that fails on one process alone leaves the others
+    waiting inside Orbax until the collective timeout."""
+    base = files.join(self.directory, str(step))
+    names = ['_CHECKPOINT_METADATA', 'state/_METADATA', 'state/_sharding',
+             'metadata/metadata', 'data_iterators/metadata']
+    names += [f'state/array_metadatas/{name}' for name in
+              files.listdir(files.join(base, 'state', 'array_metadatas'))]
+    for name in names:
+      target = files.join(base, *name.split('/'))
+      try:
+        if files.exists(target):
+          json.loads(files.read_text(target))
+      except (OSError, ValueError) as error:
+        return (f'checkpoint {base} could not be read: {name}: {type(error).__name__}: '
+                f'{str(error)[:200]}')
+    return None
+
+  def set_aside(self, step: int) -> None:
+    """Moves an unreadable step out of Orbax's sight, keeping its files."""
+    if jax.process_index() == 0:
+      source = files.join(self.directory, str(step))
+      target = files.join(self.directory, f'unreadable-{step}-{int(time.time())}')
+      if files.exists(source):
+        if files.is_remote(source):
+          # The move copies object by object: first take the step out of Orbax's list
+          # in one deletion, so a move cut short never leaves a half step listed.
+          files.remove(files.join(source, _COMMIT_MARKER))
+        files.move(source, target)
+        logging.warning('Moved unreadable checkpoint %s to %s', source, target)
+    distributed.barrier(f'setting aside unreadable checkpoint {step}')
+    self._manager.reload()
+
+  def prune(self, keep: int, protected: set[int] = frozenset(),
+            saving: int | None = None) -> list[int]:
+    """Deletes all but the newest `keep` checkpoints (counting `saving`, a step still
+    being written), sparing `protected` steps. Process 0 decides, so every process
+    deletes the same steps. Returns them."""
+    steps = sorted(set(self.all_steps()) | ({saving} if saving is not None else set()))
+    doomed = [step for step in steps[:max(len(steps) - keep, 0)] if step not in protected]
+    doomed = distributed.gather_json(doomed, f'pruning at step {saving}')[0]
+    for step in doomed:
+      if step != saving:
+        self._manager.delete(step)
+    return doomed
+
+  def read_metadata(self, step: int) -> dict | None:
+    """The run metadata stored with `step` (config, tokenizer fingerprint), if any."""
+    return files.read_json(files.join(self.directory, str(step), 'metadata',
+                                          'metadata'))
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises SaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except  # from Orbax's save thread
+      raise self._save_error('could not finish saving a checkpoint', error) from error
+
+  def close(self) -> None:
+    self.wait()
+    self._manager.close()
+
+
+def gather_json(iterator_state, step: int) -> list:
+  """Every process's data-iterator state, in process order."""
+  encoded = json.dumps(iterator_state).encode()
+  if len(encoded) > MAX_ITERATOR_STATE_BYTES:
+    raise CheckpointError(f'data-iterator state of {len(encoded)} bytes exceeds '
+                          f'{MAX_ITERATOR_STATE_BYTES}')
+  return distributed.gather_json(iterator_state, f'the checkpoint save of step {step}')

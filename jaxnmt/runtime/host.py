@@ -1,0 +1,401 @@
+"""Host-side settings for the CPU backend, made before JAX starts: `python -m
+jaxnmt.main` calls `prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process)`
+first thing and logs `describe()`. Two settings decide much of a CPU step's time
+(measured in BUILD_NOTES.md, "Speed"):
+
+* **XLA:CPU library fusions** (`--cpu_library_fusions`): XLA hands only matrix
+  multiplies to YNNPACK by default; `--xla_cpu_experimental_ynn_fusion_type=
+  individual_dot,eltwise,reduce` hands it the elementwise loops and reductions too.
+  `auto` adds it for the jaxlib versions it was checked with (`TESTED_JAXLIB`;
+  `tests/test_host_runtime.py` compares losses with and without it on each install),
+  `on` for any jaxlib, `off` never; never over a value the user put in XLA_FLAGS.
+  For decoding commands (translate, serve, eval, generate) `auto` hands YNNPACK the
+  matrix multiplies and reductions only (`DECODING_LIBRARY_FUSIONS`): their loop runs
+  hundreds of small elementwise operations a step, where YNNPACK's fixed cost per call
+  (tens of microseconds) outweighs its faster loops.
+* **The allocator** (`--allocator`): glibc serves XLA's large per-step temporaries
+  with fresh `mmap`s and unmaps them on `free`, so each step page-faults its working
+  set in again, 4 KiB at a time. `auto` restarts the process once with tcmalloc
+  preloaded when the system has it (`apt install libtcmalloc-minimal4`), which reuses
+  that memory; else with glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35 and
+  kernel THP `always` or `madvise`), which faults it in 2 MiB at a time; else leaves
+  glibc as it is. `tcmalloc`, `hugepages` or a library's path ask for one (an error
+  where impossible); `system` keeps glibc as it is; `glibc` tunes glibc in place with
+  `mallopt` (no restart; as fast as tcmalloc, but a much larger resident set).
+
+`auto` (either flag) applies nothing unless JAX will compute on the CPU
+(`backend_platform`) in a single-process run, where the settings were measured.
+Explicit choices are honoured on any backend and process count.
+
+A restart sets LD_PRELOAD or GLIBC_TUNABLES for the loader only: the restarted process
+puts both back as the user had them (a private marker variable, removed too, carries
+them across `execve`), so the processes it starts inherit the user's environment.
+Nothing here imports JAX at import time; `detected_cluster` imports JAX's own cluster
+detection (`jax._src.clusters`), which starts no backend and reads no XLA_FLAGS.
+"""
+
+import ctypes
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import pkgutil
+import sys
+
+from jaxnmt.errors import UserError
+
+YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
+CPU_LIBRARY_FUSIONS = 'individual_dot,eltwise,reduce'
+DECODING_LIBRARY_FUSIONS = 'individual_dot,reduce'
+# jaxlib minor versions whose XLA:CPU was measured and checked with CPU_LIBRARY_FUSIONS.
+TESTED_JAXLIB = ('0.10.',)
+LIBRARY_FUSIONS = ('auto', 'on', 'off')
+
+HUGETLB_TUNABLE = 'glibc.malloc.hugetlb'
+_MARKER = '_JAXNMT_HOST_RESTART'  # the user's LD_PRELOAD and GLIBC_TUNABLES, as JSON
+_RESTORED = ('LD_PRELOAD', 'GLIBC_TUNABLES')
+_ALLOCATOR_NAMES = ('tcmalloc', 'jemalloc', 'mimalloc')
+_TCMALLOC_NAMES = ('libtcmalloc_minimal.so.4', 'libtcmalloc.so.4')
+_LIBRARY_DIRS = ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64',
+                 '/usr/lib', '/usr/local/lib', '/lib/x86_64-linux-gnu', '/lib64')
+_ACCELERATOR_MODULES = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin',
+                        'jax_rocm60_plugin', 'jax_rocm7_plugin')
+_CHOICES = 'use auto, system, tcmalloc, hugepages, glibc or the path of a malloc library'
+
+
+class AllocatorError(UserError, ValueError):
+  """An --allocator or --cpu_library_fusions choice this host cannot honour."""
+
+
+# JAX's cluster types by the name messages use ("the SLURM cluster"); others by JAX's.
+_CLUSTER_NAMES = {'OmpiCluster': 'Open MPI', 'SlurmCluster': 'SLURM',
+                  'GceTpuCluster': 'Cloud TPU', 'GkeTpuCluster': 'GKE TPU',
+                  'K8sCluster': 'Kubernetes'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """What `jax.distributed.initialize()` without arguments reads from the environment
+  (`describe_cluster`). Values JAX could not read are None, and `error` says why."""
+  name: str  # for messages: 'SLURM', 'Open MPI', 'Cloud TPU', ...
+  jax_type: str  # JAX's ClusterEnv subclass, e.g. 'SlurmCluster'
+  process_count: int | None
+  process_id: int | None
+  local_process_id: int | None  # off TPUs JAX shows a process only this local device
+  coordinator_address: str | None  # None too when not asked for
+  error: str = ''
+
+
+def describe_cluster(coordinator_timeout_s: int | None = 10) -> Cluster | None:
+  """The cluster environment JAX would configure `jax.distributed.initialize()` from,
+  found by JAX's own detection rather than ours, so jaxnmt joins exactly the clusters
+  JAX can, with the values JAX derives; None where there is none. Mirrors JAX's choice
+  (`ClusterEnv.auto_detect_unset_distributed_params`): the first registered type whose
+  `is_env_present()` holds, skipping opt-in types (mpi4py) as JAX does unless named.
+  A check that raises counts as absent (JAX would raise only once asked to join).
+
+  Fast and offline without a cluster: the TPU types consult the metadata server only
+  on a Cloud TPU VM, Kubernetes only inside a pod. `coordinator_timeout_s`: how long
+  the TPU and Kubernetes types may wait for the coordinator's name to resolve; None
+  leaves the address out. Imports JAX (no backend): call it before `prepare` freely."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src import clusters  # JAX's detection, not a public API: pinned by tests
+  found = None
+  for kind in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if kind.opt_in_only_method:
+      continue
+    try:
+      present = kind.is_env_present()
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning('cluster detection: %s: %s: %s', kind.__name__,
+                      type(error).__name__, error)
+      continue
+    if present:
+      found = kind
+      break
+  if found is None:
+    return None
+  errors = []
+
+  def read(getter):
+    try:
+      return getter()
+    except Exception as error:  # pylint: disable=broad-except
+      errors.append(f'{type(error).__name__}: {error}')
+      return None
+
+  coordinator = None
+  if coordinator_timeout_s is not None:
+    coordinator = os.environ.get('JAX_COORDINATOR_ADDRESS') or read(
+        lambda: found.get_coordinator_address(
+            timeout_secs=coordinator_timeout_s,
+            override_coordinator_port=os.environ.get('JAX_COORDINATOR_PORT')))
+  return Cluster(name=_CLUSTER_NAMES.get(found.__name__, found.name or found.__name__),
+                 jax_type=found.__name__, process_count=read(found.get_process_count),
+                 process_id=read(found.get_process_id),
+                 local_process_id=read(found.get_local_process_id),
+                 coordinator_address=coordinator, error='; '.join(errors))
+
+
+# Every cluster type JAX detects needs one of these (see each `is_env_present`), or
+# the TPU runtime: without them there is no cluster, and JAX need not be imported
+# before `prepare` (which may restart the process).
+_CLUSTER_VARIABLES = ('SLURM_JOB_ID', 'OMPI_MCA_orte_hnp_uri', 'KUBERNETES_SERVICE_HOST')
+
+
+def tpu_runtime_installed() -> bool:
+  return (bool(os.environ.get('TPU_LIBRARY_PATH')) or
+          importlib.util.find_spec('libtpu') is not None)
+
+
+def detected_cluster() -> str | None:
+  """The name of the cluster environment JAX joins by itself (`describe_cluster`) when
+  it holds more than one process, else None. A one-task job (`srun -n 1`) runs as a
+  single process like no cluster; so does one JAX cannot read, with a warning: joining
+  it would fail, and explicit --coordinator_address flags still work there."""
+  if not (tpu_runtime_installed() or any(name in os.environ for name in _CLUSTER_VARIABLES)):
+    return None  # the common case, decided without importing JAX
+  cluster = describe_cluster(coordinator_timeout_s=None)
+  if cluster is None:
+    return None
+  if cluster.error:
+    logging.warning('%s environment found, but JAX cannot read it (%s): running as a '
+                    'single process', cluster.name, cluster.error)
+    return None
+  return cluster.name if cluster.process_count > 1 else None
+
+
+def accelerator_plugins(environ=os.environ) -> list[str]:
+  """The JAX accelerator plugins installed, found as JAX finds them but without
+  importing anything: known modules, `jax_plugins.*`, `jax_plugins` entry points."""
+  found = [name for name in _ACCELERATOR_MODULES if importlib.util.find_spec(name)]
+  spec = importlib.util.find_spec('jax_plugins')
+  if spec and spec.submodule_search_locations:
+    found += [f'jax_plugins.{module.name}'
+              for module in pkgutil.iter_modules(spec.submodule_search_locations)]
+  found += [point.value for point in importlib.metadata.entry_points(group='jax_plugins')]
+  if environ.get('PJRT_NAMES_AND_LIBRARY_PATHS'):
+    found.append('PJRT_NAMES_AND_LIBRARY_PATHS')
+  return list(dict.fromkeys(found))
+
+
+def backend_platform(environ, plugins) -> str:
+  """The platform JAX will compute on: JAX_PLATFORM_NAME if set (it picks the default
+  backend), else the first entry of JAX_PLATFORMS, else the first accelerator plugin
+  installed (`accelerator_plugins`), else 'cpu'."""
+  chosen = (environ.get('JAX_PLATFORM_NAME', '').strip()
+            or environ.get('JAX_PLATFORMS', '').split(',')[0].strip())
+  return chosen.lower() if chosen else (plugins[0] if plugins else 'cpu')
+
+
+def _jaxlib_version() -> str:
+  try:
+    return importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    return ''
+
+
+def cpu_xla_flags(current: str, jaxlib_version: str | None = None,
+                  force: bool = False, fusions: str = CPU_LIBRARY_FUSIONS) -> str:
+  """XLA_FLAGS with the CPU library fusions added, unless `current` already chooses
+  them or (without `force`) this jaxlib was not tested with them."""
+  jaxlib_version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
+  if YNN_FLAG in current or not (force or jaxlib_version.startswith(TESTED_JAXLIB)):
+    return current
+  return f'{current} {YNN_FLAG}={fusions}'.strip()
+
+
+def find_tcmalloc(directories=_LIBRARY_DIRS) -> str | None:
+  paths = (os.path.join(folder, name) for folder in directories for name in _TCMALLOC_NAMES)
+  return next((path for path in paths if os.path.exists(path)), None)
+
+
+def glibc_version() -> tuple[int, ...]:
+  """(2, 36) for glibc 2.36; () on other C libraries."""
+  name = (os.confstr('CS_GNU_LIBC_VERSION') or '') if sys.platform == 'linux' else ''
+  try:
+    return tuple(int(part) for part in name.split()[1].split('.')[:2])
+  except (ValueError, IndexError):
+    return ()
+
+
+def transparent_hugepages(path: str = '/sys/kernel/mm/transparent_hugepage/enabled') -> str:
+  """The kernel's transparent huge page mode ('always', 'madvise', 'never'), '' if unknown."""
+  try:
+    with open(path, encoding='utf-8') as handle:
+      text = handle.read()
+  except OSError:
+    return ''
+  return text[text.find('[') + 1:text.find(']')] if '[' in text else ''
+
+
+def hugepages_available() -> bool:
+  """Whether glibc's `glibc.malloc.hugetlb` tunable works here (glibc >= 2.35 and a
+  kernel THP mode other than 'never')."""
+  return glibc_version() >= (2, 35) and transparent_hugepages() in ('always', 'madvise')
+
+
+def restart_environment(allocator: str, environ, tcmalloc: str | None,
+                        hugepages: bool) -> dict | None:
+  """The environment to restart with for `allocator`, or None to go on as is ('auto':
+  tcmalloc, else huge pages, unless the user preloaded an allocator or set the hugetlb
+  tunable). `tcmalloc`: the library found; `hugepages`: `hugepages_available()`."""
+  preload, tunables = environ.get('LD_PRELOAD', ''), environ.get('GLIBC_TUNABLES', '')
+  if allocator == 'auto':
+    users = HUGETLB_TUNABLE in tunables or any(name in preload for name in _ALLOCATOR_NAMES)
+    allocator = ('system' if users or sys.platform != 'linux' else
+                 'tcmalloc' if tcmalloc else 'hugepages' if hugepages else 'system')
+  if allocator in ('system', 'glibc'):
+    return None
+  if sys.platform != 'linux':
+    raise AllocatorError(f'--allocator={allocator}: needs Linux ({_CHOICES})')
+  if allocator == 'hugepages':
+    if not hugepages:
+      raise AllocatorError('--allocator=hugepages: needs glibc >= 2.35 and the kernel\'s '
+                           'transparent huge pages (/sys/kernel/mm/transparent_hugepage/'
+                           'enabled: always or madvise)')
+    if f'{HUGETLB_TUNABLE}=1' in tunables.split(':'):
+      return None  # set already
+    changed = {'GLIBC_TUNABLES': f'{tunables}:{HUGETLB_TUNABLE}=1'.lstrip(':')}
+  elif allocator == 'tcmalloc' and not tcmalloc:
+    raise AllocatorError(f'--allocator=tcmalloc: not found in {", ".join(_LIBRARY_DIRS)} '
+                         '(Debian/Ubuntu: apt install libtcmalloc-minimal4; or pass its path)')
+  elif allocator != 'tcmalloc' and not os.path.isfile(allocator):
+    raise AllocatorError(f'--allocator={allocator}: no such library ({_CHOICES} such as '
+                         '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4)')
+  else:
+    library = tcmalloc if allocator == 'tcmalloc' else os.path.abspath(allocator)
+    if library in preload.replace(':', ' ').split():
+      return None  # preloaded already
+    changed = {'LD_PRELOAD': f'{library} {preload}'.strip()}
+  saved = {name: environ.get(name) for name in _RESTORED}
+  return {**environ, **changed, _MARKER: json.dumps({**saved, 'set': changed})}
+
+
+def restore_environment(environ) -> dict | None:
+  """After a restart: removes the marker and puts LD_PRELOAD and GLIBC_TUNABLES back as
+  the user had them (the loader has applied them already). Returns the variables the
+  restart set, or None if this process does not come from one."""
+  if (marker := environ.pop(_MARKER, None)) is None:
+    return None
+  saved = json.loads(marker)
+  for name in _RESTORED:
+    if saved[name] is None:
+      environ.pop(name, None)
+    else:
+      environ[name] = saved[name]
+  return saved['set']
+
+
+# mallopt parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+_glibc_tuned = False
+
+
+def tune_glibc_malloc() -> bool:
+  """Makes glibc keep and reuse freed memory: one arena (other arenas `mmap` large
+  blocks whatever the settings), no `mmap` for large blocks, no trimming (a positive
+  threshold is at most 2 GiB, less than a large step frees), the heap grown 64 MiB at
+  a time. Call before other threads start. Returns whether glibc took the settings."""
+  global _glibc_tuned
+  if not glibc_version():
+    return False
+  mallopt = ctypes.CDLL(None).mallopt
+  mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
+              (_M_TOP_PAD, 64 << 20))
+  _glibc_tuned = all([mallopt(parameter, value) == 1 for parameter, value in settings])
+  return _glibc_tuned
+
+
+_state: dict | None = None  # what `prepare` did, for `describe`
+
+
+def prepare(allocator: str = 'auto', library_fusions: str = 'auto',
+            multi_process: bool = False, decoding: bool = False) -> None:
+  """Applies --allocator and --cpu_library_fusions (see the module docstring). Call once,
+  first thing, before JAX is imported and other threads start: it may restart this
+  command once (`execve` of the same argv); later calls do nothing. `decoding`: the
+  command mostly decodes (library fusions `auto` then adds DECODING_LIBRARY_FUSIONS)."""
+  global _state
+  if _state is not None:
+    return
+  if library_fusions not in LIBRARY_FUSIONS:
+    raise AllocatorError(f'--cpu_library_fusions={library_fusions}: use auto, on or off')
+  restarted = restore_environment(os.environ)  # before anything reads LD_PRELOAD
+  platform = backend_platform(os.environ, accelerator_plugins())
+  skipped = (f'the backend is {platform}, not the CPU' if platform != 'cpu' else
+             'a multi-process run' if multi_process else '')
+  state = {'allocator': allocator, 'skipped': skipped, 'restarted': restarted,
+           'added': '', 'notes': []}
+  if restarted is None and allocator != 'glibc' and not (allocator == 'auto' and skipped):
+    environment = restart_environment(allocator, os.environ, find_tcmalloc(),
+                                      hugepages_available())
+    if environment is not None:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+      except OSError as error:
+        state['notes'].append(f'could not restart with --allocator={allocator}: {error}')
+  if allocator == 'glibc' and not any(name in os.environ.get('LD_PRELOAD', '')
+                                      for name in _ALLOCATOR_NAMES):
+    if not tune_glibc_malloc():
+      raise AllocatorError('--allocator=glibc: needs GNU libc (use auto, system, tcmalloc '
+                           'or the path of a malloc library)')
+  if library_fusions == 'on' or (library_fusions == 'auto' and not skipped):
+    before, version = os.environ.get('XLA_FLAGS', ''), _jaxlib_version()
+    fusions = (DECODING_LIBRARY_FUSIONS if decoding and library_fusions == 'auto' else
+               CPU_LIBRARY_FUSIONS)
+    os.environ['XLA_FLAGS'] = cpu_xla_flags(before, version, force=library_fusions == 'on',
+                                            fusions=fusions)
+    state['added'] = os.environ['XLA_FLAGS'][len(before):].strip()
+    if YNN_FLAG in before:
+      state['notes'].append(f'XLA_FLAGS already sets {YNN_FLAG}: kept')
+    elif not version.startswith(TESTED_JAXLIB):
+      state['notes'].append(f'jaxlib {version or "(none)"} is not tested with the CPU '
+                            'library fusions' + (': added as asked' if state['added'] else
+                                                 ' (--cpu_library_fusions=on adds them)'))
+  _state = state
+
+
+def describe_allocator() -> str:
+  """How this process allocates host memory, for logs and bench.json."""
+  try:
+    with open('/proc/self/maps', encoding='utf-8') as maps:
+      loaded = {line.split()[-1] for line in maps if '/' in line}
+  except OSError:
+    loaded = set()
+  for name in _ALLOCATOR_NAMES:
+    if paths := sorted(path for path in loaded if name in os.path.basename(path)):
+      return f'{name} ({paths[0]})'
+  ours = (_state or {}).get('restarted') or {}
+  if ours.get('LD_PRELOAD'):
+    library = ours['LD_PRELOAD'].split()[0]
+    found = os.path.realpath(library) in loaded or not loaded
+    return f'{library} (preloaded{"" if found else " but not loaded"})'
+  if _glibc_tuned:
+    name = 'glibc malloc (tuned: one arena, no mmap, no trim)'
+  elif f'{HUGETLB_TUNABLE}=1' in ours.get('GLIBC_TUNABLES',
+                                          os.environ.get('GLIBC_TUNABLES', '')):
+    name = 'glibc malloc (transparent huge pages)'
+  else:
+    name = 'glibc malloc'
+  preload = os.environ.get('LD_PRELOAD')
+  return f'{name} (LD_PRELOAD={preload})' if preload else name
+
+
+def describe() -> str:
+  """One line for the log: the allocator running, the XLA flags added, and why
+  nothing was applied where that is so."""
+  if _state is None:
+    return f'allocator: {describe_allocator()}; host.prepare was not called'
+  allocator, skipped = describe_allocator(), _state['skipped']
+  if _state['allocator'] == 'auto' and not skipped and allocator == 'glibc malloc':
+    allocator += ' (tcmalloc makes CPU steps faster: apt install libtcmalloc-minimal4)'
+  line = f'allocator: {allocator}; XLA_FLAGS added: {_state["added"] or "none"}'
+  if skipped:
+    line += f'; --allocator=auto and --cpu_library_fusions=auto apply nothing: {skipped}'
+  return '; '.join([line, *_state['notes']])

@@ -23,6 +23,7 @@ datasheet dense bf16 peak of an accelerator (table below), or on a CPU a float32
 multiply timed on this machine.
 """
 
+import dataclasses
 import json
 import os
 import resource
@@ -33,21 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxnmt.runtime import checkpointing
-from jaxnmt import config_lib
-from jaxnmt.training import feeding
-from jaxnmt.runtime import host
 from jaxnmt.decoding import inference
-from jaxnmt.data import inputs as inputs_lib
-from jaxnmt.training import fit
-from jaxnmt.model import transformer
-from jaxnmt.training import optim
-from jaxnmt.runtime import sharding
-from jaxnmt.training import steps as steps_lib
-from jaxnmt.runtime import files
-from jaxnmt.model import initialize
-from jaxnmt.training import train_state
 from jaxnmt.decoding import translation
+from jaxnmt.model import initialize
+from jaxnmt.model import transformer
+from jaxnmt.runtime import checkpointing
+from jaxnmt.runtime import files
+from jaxnmt.runtime import host
+from jaxnmt.training import feeding
+from jaxnmt.training import fit
+from jaxnmt.training import setup
 
 # Dense bf16 peak FLOP/s per JAX device (datasheets; TPU v2/v3 devices are single
 # cores, half a chip). Matched in order against `device.device_kind`.
@@ -127,82 +123,34 @@ def peak_memory_bytes() -> tuple[int | None, str]:
 def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
         decode_sentences: int = 128, decode_batch_size: int = 64) -> dict:
   """Benchmarks `config` (see the module docstring); returns and writes the results."""
-  config_lib.validate(config)
-  config_lib.check_mesh(config, jax.device_count(), jax.process_count())
-  mesh, rules = sharding.plan_mesh(config)
-  files.makedirs(workdir)
-  run_inputs = inputs_lib.training_inputs(config, workdir)
-  model_cfg = config_lib.model_config(config, run_inputs.tokenizer.vocab_size)
+  mesh, rules = setup.plan(config)
   result = {'config': config.to_dict(), 'devices': jax.device_count(),
             'processes': jax.process_count(), 'device_kind': jax.devices()[0].device_kind,
             'mesh': dict(mesh.shape)}
-  if config.data.fit_batch_to_memory:
-    rows, tried = fit.fit_batch_size(config, model_cfg, mesh, rules)
-    result['memory_fit'] = {'rows': rows, 'bytes_by_rows': tried}
-    if rows != config.data.batch_size:
-      config.data.batch_size = rows
-      run_inputs = inputs_lib.training_inputs(config, workdir)
+  training, state = setup.build(config, workdir, mesh, rules)
+  if training.memory_fit is not None:
+    result['memory_fit'] = training.memory_fit
   result['batch_rows'] = config.data.batch_size
-
-  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  graphdef, state, rest, shardings = train_state.create_train_state(model_cfg, tx,
-                                                                    config.seed, mesh, rules)
   result['parameters'] = initialize.count_params(state['params'])
-  step_fn, _ = steps_lib.compile_steps(graphdef, tx, config, mesh, rules, shardings)
-  iterator = iter(run_inputs.train_data)
-  feeder = feeding.DeviceFeeder(iterator, sharding.batch_sharding(mesh, rules),
-                                config.data.prefetch_to_device)
-  try:
-    batch, _ = next(feeder)
-    started = time.perf_counter()
-    compiled = step_fn.lower(state, rest, batch).compile()
-    result['compile_seconds'] = time.perf_counter() - started
-    result['compiled_step_bytes_per_device'] = fit.step_bytes(compiled)
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):  # older jax: one dict per program
-      cost = cost[0] if cost else {}
-    result['xla_flops_per_step_per_device'] = float(cost.get('flops', 0.0))
+  state, timing = _time_steps(training, state, config.data.prefetch_to_device, steps, warmup)
+  result.update(timing.compiled)
 
-    # On a shared CPU the matmul rate moves with the neighbours' load: measure it
-    # before and after the timed steps and divide by the higher (conservative MFU).
-    peak_before = device_peak()
-    for _ in range(warmup):
-      state, metrics = compiled(state, rest, batch)
-      batch, _ = next(feeder)
-      jax.block_until_ready(metrics)
-    times, real_source, real_target, slots = [], 0.0, 0.0, 0
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    window_started = time.perf_counter()
-    for _ in range(steps):
-      step_started = time.perf_counter()
-      state, metrics = compiled(state, rest, batch)
-      batch, batch_slots = next(feeder)  # the next batch loads while this step runs
-      metrics = jax.device_get(metrics)
-      times.append(time.perf_counter() - step_started)
-      real_source += float(metrics['source_tokens'])
-      real_target += float(metrics['tokens'])
-      slots += batch_slots
-    window = time.perf_counter() - window_started
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-  finally:
-    feeder.close()
-    iterator.close()
-
-  real = real_source + real_target
-  flops = model_flops(model_cfg, real_source, real_target, config.data.max_source_length,
-                      config.data.max_target_length)
-  peak, peak_source = max(peak_before, device_peak())
+  real_source, real_target = timing.real_source_tokens, timing.real_target_tokens
+  real, window = real_source + real_target, timing.window_seconds
+  flops = model_flops(training.model_cfg, real_source, real_target,
+                      config.data.max_source_length, config.data.max_target_length)
+  peak, peak_source = max(timing.peak_before, device_peak())
   devices = jax.device_count()
   memory, memory_source = peak_memory_bytes()
   result.update({
       'steps_timed': steps,
-      'median_step_seconds': float(np.median(times)),
-      'step_seconds': [round(t, 4) for t in times],
+      'median_step_seconds': float(np.median(timing.step_seconds)),
+      'step_seconds': [round(t, 4) for t in timing.step_seconds],
       'real_tokens_per_sec': real / window,
       'real_tokens_per_sec_per_device': real / window / devices,
-      'padded_tokens_per_sec': slots / window,
-      'padded_tokens_per_sec_per_device': slots / window / devices,
-      'real_token_fraction': real / slots,
+      'padded_tokens_per_sec': timing.slots / window,
+      'padded_tokens_per_sec_per_device': timing.slots / window / devices,
+      'real_token_fraction': real / timing.slots,
       'model_flops_per_real_token': flops / real,
       'model_flops_per_sec': flops / window,
       'peak_flops_per_sec': peak,
@@ -215,19 +163,78 @@ def run(config, workdir: str, *, steps: int = 20, warmup: int = 3,
       'peak_memory_source': memory_source,
       'host_max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       # Page faults show an allocator that hands memory back to the OS every step.
-      'host_page_faults_per_step': faults / steps,
+      'host_page_faults_per_step': timing.page_faults / steps,
       'host_allocator': host.describe_allocator(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
   })
   if decode_sentences and config.task != 'lm':
-    result['decode'] = _decode_throughput(config, workdir, run_inputs.tokenizer, model_cfg,
-                                          state['params'], decode_sentences,
-                                          decode_batch_size)
+    result['decode'] = _decode_throughput(config, workdir, training.inputs.tokenizer,
+                                          training.model_cfg, state['params'],
+                                          decode_sentences, decode_batch_size)
   if jax.process_index() == 0:
-    files.write_text(files.join(workdir, files.BENCH),
-                       json.dumps(result, indent=2))
+    files.write_text(files.join(workdir, files.BENCH), json.dumps(result, indent=2))
     print(format_table(result), flush=True)
   return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timing:
+  """What `_time_steps` measured."""
+  compiled: dict  # compile_seconds, compiled_step_bytes_per_device, xla_flops_per_step_per_device
+  peak_before: tuple[float, str]  # device_peak() before the timed steps
+  step_seconds: list[float]
+  real_source_tokens: float
+  real_target_tokens: float
+  slots: int  # batch slots, padding included
+  window_seconds: float
+  page_faults: int  # minor page faults of the process over the timed steps
+
+
+def _time_steps(training: setup.Run, state, prefetch: int, steps: int,
+                warmup: int) -> tuple[dict, _Timing]:
+  """Compiles the training step ahead of time, runs `warmup` steps, then times `steps`
+  (each the dispatch of a step, the load of the next batch and the fetch of the step's
+  metrics). Returns (the state after them, the timing)."""
+  iterator = iter(training.inputs.train_data)
+  feeder = feeding.DeviceFeeder(iterator, training.batch_sharding, prefetch)
+  try:
+    batch, _ = next(feeder)
+    started = time.perf_counter()
+    compiled = training.step_fn.lower(state, training.rest, batch).compile()
+    compile_seconds = time.perf_counter() - started
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):  # older jax: one dict per program
+      cost = cost[0] if cost else {}
+    figures = {'compile_seconds': compile_seconds,
+               'compiled_step_bytes_per_device': fit.step_bytes(compiled),
+               'xla_flops_per_step_per_device': float(cost.get('flops', 0.0))}
+
+    # On a shared CPU the matmul rate moves with the neighbours' load: measure it
+    # before and after the timed steps and divide by the higher (conservative MFU).
+    peak_before = device_peak()
+    for _ in range(warmup):
+      state, metrics = compiled(state, training.rest, batch)
+      batch, _ = next(feeder)
+      jax.block_until_ready(metrics)
+    times, real_source, real_target, slots = [], 0.0, 0.0, 0
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    window_started = time.perf_counter()
+    for _ in range(steps):
+      step_started = time.perf_counter()
+      state, metrics = compiled(state, training.rest, batch)
+      batch, batch_slots = next(feeder)  # the next batch loads while this step runs
+      metrics = jax.device_get(metrics)
+      times.append(time.perf_counter() - step_started)
+      real_source += float(metrics['source_tokens'])
+      real_target += float(metrics['tokens'])
+      slots += batch_slots
+    window = time.perf_counter() - window_started
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+  finally:
+    feeder.close()
+    iterator.close()
+  return state, _Timing(figures, peak_before, times, real_source, real_target, slots, window,
+                        faults)
 
 
 def _decode_throughput(config, workdir: str, tokenizer, model_cfg, params, sentences: int,

@@ -1,9 +1,9 @@
 """The training loop: feed, step, log, validate, save, stop when all processes agree.
 
 `train_and_evaluate(config, workdir)` reads top to bottom. What it calls lives in rooms
-of its own: `inputs` (corpus, tokenizer, batches), `train_state` (sharded state),
-`steps` (the compiled update), `feeding` (batches onto the devices ahead of time),
-`stopping` (agreed stop requests), `checkpoint` (Orbax) and `workdir` (the files).
+of its own: `setup` (mesh, inputs, fitted batch, sharded state and compiled steps, as
+`--mode=bench` builds them too), `feeding` (batches onto the devices ahead of time),
+`stopping` (agreed stop requests), `checkpointing` (Orbax) and `files` (the workdir).
 """
 
 import contextlib
@@ -21,17 +21,13 @@ from jaxnmt.runtime import checkpointing
 from jaxnmt import config_lib
 from jaxnmt.runtime import distributed
 from jaxnmt.training import feeding
-from jaxnmt.data import inputs as inputs_lib
-from jaxnmt.training import fit
 from jaxnmt.training import metrics as metrics_lib
-from jaxnmt.training import optim
 from jaxnmt.training import samples as samples_lib
-from jaxnmt.runtime import sharding
+from jaxnmt.training import setup
 from jaxnmt.training import steps
 from jaxnmt.training import stopping
 from jaxnmt.runtime import files
 from jaxnmt.model import initialize
-from jaxnmt.training import train_state
 from jaxnmt.runtime import locks
 from jaxnmt.errors import DataError, TrainingError, WorkdirError
 
@@ -40,11 +36,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`, writing TensorBoard logs, config, tokenizer and checkpoints
   to `workdir`; resumes from its latest readable checkpoint. Returns final metrics:
   {'step', 'stopped': None | 'signal' | 'time limit' | 'early stopping', 'valid_*'}."""
-  config_lib.validate(config)
-  config_lib.check_mesh(config, jax.device_count(), jax.process_count())
-  mesh, rules = sharding.plan_mesh(config)
-  logging.info('Mesh %s over %d devices in %d processes', dict(mesh.shape),
-               jax.device_count(), jax.process_count())
+  mesh, rules = setup.plan(config)
   lock = locks.TrainerLock(workdir, owner=jax.process_index() == 0)
   checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=None)  # see _Saver
   try:
@@ -60,24 +52,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
   # ------------------------------------------------------------- data and state
-  run_inputs = inputs_lib.training_inputs(config, workdir)
-  model_cfg = config_lib.model_config(config, run_inputs.tokenizer.vocab_size)
-  if config.data.fit_batch_to_memory:
-    run_inputs = _fit_batch(config, workdir, model_cfg, mesh, rules, run_inputs)
-  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
-  graphdef, state, rest, shardings = train_state.create_train_state(
-      model_cfg, tx, config.seed, mesh, rules, ema=config.ema_decay > 0)
-  logging.info('Model: %s parameters; %d rows per batch, %d per process',
-               f'{initialize.count_params(state["params"]):,}', config.data.batch_size,
-               config.data.batch_size // jax.process_count())
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  valid_batches = feeding.global_eval_batches(run_inputs.valid_batches, batch_sharding)
+  requested_rows = config.data.batch_size
+  run, state = setup.build(config, workdir, mesh, rules)
+  if config.data.batch_size != requested_rows and jax.process_index() == 0:
+    files.save_config(workdir, config)  # the batch fitted to memory
+  run_inputs = run.inputs
+  valid_batches = feeding.global_eval_batches(run_inputs.valid_batches, run.batch_sharding)
 
   with contextlib.ExitStack() as cleanup:  # closed in reverse order, however we leave
     # ----------------------------------------------------------- resume
     train_iterator = iter(run_inputs.train_data)
     cleanup.callback(train_iterator.close)
-    restored = checkpointer.restore_latest(initialize.with_shardings(state, shardings))
+    restored = checkpointer.restore_latest(initialize.with_shardings(state, run.shardings))
     if restored is not None:
       latest, state, iterator_states, metadata = restored
       _check_same_data(metadata, run_inputs.manifest_sha256, checkpointer.directory)
@@ -85,14 +71,13 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       if position:
         train_iterator.set_state(position)
       logging.info('Resumed from checkpoint at step %d', latest)
-    step_fn, eval_fn = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
-    feeder = feeding.DeviceFeeder(train_iterator, batch_sharding,
+    feeder = feeding.DeviceFeeder(train_iterator, run.batch_sharding,
                                   config.data.prefetch_to_device)
     cleanup.callback(feeder.close)
     cleanup.callback(checkpointer.wait)
     saver = _Saver(config, workdir, checkpointer, run_inputs.tokenizer.model_path,
                    run_inputs.manifest_sha256)
-    log = cleanup.enter_context(_Log(workdir, schedule, config.num_train_steps,
+    log = cleanup.enter_context(_Log(workdir, run.schedule, config.num_train_steps,
                                      start=int(state['step'])))
     stops = cleanup.enter_context(stopping.StopRequests(
         config.train_time_limit_minutes, config.preemption_check_every_steps))
@@ -100,14 +85,15 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
              if config.data.get('trace_pairs') else None)
     text_samples = None
     if config.num_text_samples and config.task == 'translation':
-      text_samples = samples_lib.TextSamples(workdir, config, run_inputs.tokenizer, graphdef,
-                                             rest, mesh, config.num_text_samples)
+      text_samples = samples_lib.TextSamples(workdir, config, run_inputs.tokenizer,
+                                             run.graphdef, run.rest, mesh,
+                                             config.num_text_samples)
 
     # ----------------------------------------------------------- the loop
     step, total, stopped, last_eval = int(state['step']), config.num_train_steps, None, {}
     while step < total and stopped is None:
       batch, slots = next(feeder)
-      state, step_metrics = step_fn(state, rest, batch)
+      state, step_metrics = run.step_fn(state, run.rest, batch)
       step += 1
       log.add(step_metrics, slots)
       if trace is not None:
@@ -127,10 +113,11 @@ def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
       if saving:  # first: a preemption's grace period is short
         saver.save(step, state, feeder.iterator_state())
       if evaluating:
-        last_eval = steps.evaluate_loss(eval_fn, state['params'], rest, valid_batches)
+        last_eval = steps.evaluate_loss(run.eval_fn, state['params'], run.rest,
+                                        valid_batches)
         if 'ema' in state:
           last_eval.update({f'ema_{key}': value for key, value in steps.evaluate_loss(
-              eval_fn, state['ema'], rest, valid_batches).items()})
+              run.eval_fn, state['ema'], run.rest, valid_batches).items()})
         log.validation(step, last_eval)
         if text_samples is not None:  # by the weights inference uses by default
           log.text(step, text_samples.table(state.get('ema', state['params'])))
@@ -163,19 +150,6 @@ def _early_stop(workdir: str, patience: int, step: int) -> str | None:
   if distributed.agree([exhausted], f'the early-stopping check after step {step}')[0]:
     return 'early stopping'
   return None
-
-
-def _fit_batch(config, workdir, model_cfg, mesh, rules, run_inputs):
-  """config.data.fit_batch_to_memory: replace the batch size by the largest that fits
-  (saved in the workdir's config) and rebuild the inputs for it."""
-  rows, _ = fit.fit_batch_size(config, model_cfg, mesh, rules)
-  if rows == config.data.batch_size:
-    return run_inputs
-  logging.warning('Memory fit: batch_size %d -> %d rows', config.data.batch_size, rows)
-  config.data.batch_size = rows
-  if jax.process_index() == 0:
-    files.save_config(workdir, config)
-  return inputs_lib.training_inputs(config, workdir)
 
 
 def _check_resumable(checkpointer, config, workdir: str) -> None:

@@ -1,8 +1,11 @@
 """Every check of a run config, done before JAX compiles anything, so a bad value is a
-one-line error naming the field: `validate` (the values alone) and `check_mesh` (the
-values against this job's devices and processes). Also the config's translation into
-the model's own `ModelConfig`.
+one-line error naming the field: `validate` (the values alone: each field's own rule in
+FIELD_RULES, then the rules between fields) and `check_mesh` (the values against this
+job's devices and processes). Also the config's translation into the model's own
+`ModelConfig`.
 """
+
+from typing import Callable, NamedTuple
 
 import ml_collections
 
@@ -20,132 +23,123 @@ def _require(condition: bool, field: str, message: str) -> None:
     raise ConfigError(f'config.{field}: {message}')
 
 
-def _positive_int(config, field: str, allow_zero: bool = False) -> None:
-  value = config
-  for part in field.split('.'):
-    value = value[part]
-  low = 0 if allow_zero else 1
-  _require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-           field, f'must be an integer >= {low}, got {value!r}')
+class _Rule(NamedTuple):
+  """What one field's value must be: `holds(value)`, in words `wanted`."""
+  holds: Callable[[object], bool]
+  wanted: str
 
 
-def _fraction(config, field: str, low: float, high: float) -> None:
-  value = config
-  for part in field.split('.'):
-    value = value[part]
-  _require(isinstance(value, (int, float)) and low <= value < high, field,
-           f'must be a number in [{low}, {high}), got {value!r}')
+def _integer(low: int) -> _Rule:
+  return _Rule(lambda value: isinstance(value, int) and not isinstance(value, bool)
+               and value >= low, f'an integer >= {low}')
 
 
-def _choice(config, field: str, choices) -> None:
-  value = config
-  for part in field.split('.'):
-    value = value[part]
-  _require(value in choices, field, f'must be one of {sorted(choices)}, got {value!r}')
+def _number(low: float, high: float = float('inf')) -> _Rule:
+  return _Rule(lambda value: isinstance(value, (int, float)) and low <= value < high,
+               f'a number in [{low}, {high})')
+
+
+def _one_of(*choices: str) -> _Rule:
+  return _Rule(lambda value: value in choices, f'one of {sorted(choices)}')
+
+
+_POSITIVE = _Rule(lambda value: isinstance(value, (int, float)) and value > 0, 'a number > 0')
+_STRING = _Rule(lambda value: isinstance(value, str), 'a string')
+_OFF_OR_AT_LEAST_1 = _Rule(lambda value: isinstance(value, (int, float))
+                           and (value == 0 or value >= 1), '0 (off) or a number >= 1')
+
+# Every field checked on its own, in the order checked: {dotted field: rule}.
+FIELD_RULES = {
+    **dict.fromkeys((
+        'num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+        'keep_checkpoints', 'preemption_check_every_steps', 'data.max_source_length',
+        'data.max_target_length', 'data.batch_size', 'data.eval_batch_size',
+        'data.pairs_per_shard', 'data.max_heldout_pairs', 'tokenizer.vocab_size',
+        'model.num_encoder_layers', 'model.num_decoder_layers', 'model.d_model',
+        'model.num_heads', 'model.d_ff', 'optim.grad_accum_steps'), _integer(1)),
+    **dict.fromkeys((
+        'seed', 'data.split_seed', 'data.prefetch_to_device', 'data.filter_max_tokens',
+        'data.prepare_workers', 'data.pipeline_workers', 'optim.warmup_steps',
+        'optim.loss_chunks', 'tokenizer.max_training_sentences', 'early_stopping_patience',
+        'num_text_samples', 'decode.max_length_offset'), _integer(0)),
+    **dict.fromkeys((
+        'train_time_limit_minutes', 'data.device_memory_gb', 'optim.weight_decay',
+        'optim.grad_clip_norm', 'decode.max_length_ratio'), _number(0.0)),
+    **dict.fromkeys(('data.valid_fraction', 'data.test_fraction'), _number(0.0, 0.5)),
+    **dict.fromkeys((
+        'model.dropout_rate', 'model.attention_dropout_rate', 'optim.label_smoothing',
+        'ema_decay', 'optim.b1', 'optim.b2'), _number(0.0, 1.0)),
+    'data.filter_max_length_ratio': _OFF_OR_AT_LEAST_1,
+    'optim.learning_rate': _POSITIVE,
+    'optim.eps': _POSITIVE,
+    **dict.fromkeys((
+        'data.path', 'data.weights', 'data.test_sets', 'data.source_lang',
+        'data.target_lang', 'data.prepared_dir', 'tokenizer.path'), _STRING),
+    'task': _one_of('translation', 'lm'),
+    'dropout_rng': _one_of('auto', 'threefry2x32', 'philox4x32', 'rbg', 'unsafe_rbg'),
+    'model.activation': _one_of('relu', 'gelu', 'swiglu'),
+    'model.norm': _one_of('layernorm', 'rmsnorm'),
+    'model.dtype': _one_of('float32', 'bfloat16'),
+    'model.attention': _one_of('einsum', 'dot_product'),
+    'model.attention_implementation': _one_of('', 'xla', 'cudnn'),
+    'model.remat': _one_of('none', 'full', 'dots'),
+    'model.position_embedding': _one_of('sinusoidal', 'learned', 'rope'),
+    'optim.schedule': _one_of('rsqrt', 'cosine'),
+    'tokenizer.model_type': _one_of('unigram', 'bpe', 'char'),
+}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first invalid field of `config`."""
-  for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps',
-                'checkpoint_every_steps', 'keep_checkpoints', 'preemption_check_every_steps',
-                'data.max_source_length', 'data.max_target_length', 'data.batch_size',
-                'data.eval_batch_size', 'data.pairs_per_shard',
-                'tokenizer.vocab_size', 'model.num_encoder_layers',
-                'model.num_decoder_layers', 'model.d_model', 'model.num_heads',
-                'model.d_ff'):
-    _positive_int(config, field)
-  _positive_int(config, 'optim.grad_accum_steps')
-  _positive_int(config, 'optim.loss_chunks', allow_zero=True)
-  _require(config.optim.loss_chunks <= config.data.max_target_length, 'optim.loss_chunks',
-           f'{config.optim.loss_chunks} slices of data.max_target_length='
-           f'{config.data.max_target_length} tokens leave some empty')
-  _positive_int(config, 'data.prefetch_to_device', allow_zero=True)
-  _fraction(config, 'data.device_memory_gb', 0.0, float('inf'))
-  _require(config.data.batch_size % config.optim.grad_accum_steps == 0,
-           'optim.grad_accum_steps', f'data.batch_size={config.data.batch_size} must divide '
-           f'by grad_accum_steps={config.optim.grad_accum_steps}')
-  _positive_int(config, 'seed', allow_zero=True)
-  _positive_int(config, 'data.split_seed', allow_zero=True)
-  _positive_int(config, 'optim.warmup_steps', allow_zero=True)
-  _positive_int(config, 'tokenizer.max_training_sentences', allow_zero=True)
-  _fraction(config, 'train_time_limit_minutes', 0.0, float('inf'))
-  _fraction(config, 'data.valid_fraction', 0.0, 0.5)
-  _fraction(config, 'data.test_fraction', 0.0, 0.5)
-  _fraction(config, 'model.dropout_rate', 0.0, 1.0)
-  _fraction(config, 'model.attention_dropout_rate', 0.0, 1.0)
-  _fraction(config, 'optim.label_smoothing', 0.0, 1.0)
-  _fraction(config, 'ema_decay', 0.0, 1.0)
-  _positive_int(config, 'early_stopping_patience', allow_zero=True)
-  _positive_int(config, 'num_text_samples', allow_zero=True)
-  _fraction(config, 'optim.b1', 0.0, 1.0)
-  _fraction(config, 'optim.b2', 0.0, 1.0)
-  _fraction(config, 'optim.weight_decay', 0.0, float('inf'))
-  _fraction(config, 'optim.grad_clip_norm', 0.0, float('inf'))
-  _fraction(config, 'decode.max_length_ratio', 0.0, float('inf'))
-  _positive_int(config, 'decode.max_length_offset', allow_zero=True)
-  _require(isinstance(config.optim.learning_rate, (int, float))
-           and config.optim.learning_rate > 0, 'optim.learning_rate',
-           f'must be a number > 0, got {config.optim.learning_rate!r}')
-  _require(isinstance(config.optim.eps, (int, float)) and config.optim.eps > 0,
-           'optim.eps', f'must be a number > 0, got {config.optim.eps!r}')
-  _choice(config, 'task', {'translation', 'lm'})
-  _choice(config, 'dropout_rng', {'auto', 'threefry2x32', 'philox4x32', 'rbg', 'unsafe_rbg'})
-  _choice(config, 'model.activation', {'relu', 'gelu', 'swiglu'})
-  _choice(config, 'model.norm', {'layernorm', 'rmsnorm'})
-  _choice(config, 'model.dtype', {'float32', 'bfloat16'})
-  _choice(config, 'model.attention', {'einsum', 'dot_product'})
-  _choice(config, 'model.attention_implementation', {'', 'xla', 'cudnn'})
-  _choice(config, 'model.remat', {'none', 'full', 'dots'})
-  dot_product = config.model.attention == 'dot_product'
-  _require(not dot_product or config.model.attention_dropout_rate == 0,
+  """Raises ConfigError naming the first invalid field of `config`: each field of
+  FIELD_RULES alone, then the rules between fields."""
+  for field, rule in FIELD_RULES.items():
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    _require(rule.holds(value), field, f'must be {rule.wanted}, got {value!r}')
+  _check_combinations(config)
+  _check_data_lists(config)
+
+
+def _check_combinations(config) -> None:
+  """The rules between fields (each field's own value is valid by now)."""
+  data, model, optim = config.data, config.model, config.optim
+  _require(optim.loss_chunks <= data.max_target_length, 'optim.loss_chunks',
+           f'{optim.loss_chunks} slices of data.max_target_length={data.max_target_length} '
+           f'tokens leave some empty')
+  _require(data.batch_size % optim.grad_accum_steps == 0, 'optim.grad_accum_steps',
+           f'data.batch_size={data.batch_size} must divide by '
+           f'grad_accum_steps={optim.grad_accum_steps}')
+  dot_product = model.attention == 'dot_product'
+  _require(not dot_product or model.attention_dropout_rate == 0,
            'model.attention_dropout_rate', "must be 0 with model.attention='dot_product' "
-           f'(it has no attention dropout), got {config.model.attention_dropout_rate!r}')
-  _require(dot_product or not config.model.attention_implementation,
+           f'(it has no attention dropout), got {model.attention_dropout_rate!r}')
+  _require(dot_product or not model.attention_implementation,
            'model.attention_implementation', "applies to model.attention='dot_product' "
-           f'only, got {config.model.attention_implementation!r} with '
-           f'{config.model.attention!r}')
-  _require(config.model.attention_implementation != 'cudnn'
-           or config.model.dtype == 'bfloat16', 'model.attention_implementation',
-           f"'cudnn' needs model.dtype='bfloat16' (no float32 kernel), got "
-           f'{config.model.dtype!r}')
-  _choice(config, 'model.position_embedding', {'sinusoidal', 'learned', 'rope'})
-  _choice(config, 'optim.schedule', {'rsqrt', 'cosine'})
-  _choice(config, 'tokenizer.model_type', {'unigram', 'bpe', 'char'})
-  _require(config.model.d_model % config.model.num_heads == 0, 'model.num_heads',
-           f'd_model={config.model.d_model} must divide by num_heads='
-           f'{config.model.num_heads}')
-  head_dim = config.model.d_model // config.model.num_heads
-  _require(config.model.position_embedding != 'rope' or head_dim % 2 == 0,
-           'model.position_embedding', f"'rope' rotates pairs of dimensions: the head "
+           f'only, got {model.attention_implementation!r} with {model.attention!r}')
+  _require(model.attention_implementation != 'cudnn' or model.dtype == 'bfloat16',
+           'model.attention_implementation', "'cudnn' needs model.dtype='bfloat16' (no "
+           f'float32 kernel), got {model.dtype!r}')
+  _require(model.d_model % model.num_heads == 0, 'model.num_heads',
+           f'd_model={model.d_model} must divide by num_heads={model.num_heads}')
+  head_dim = model.d_model // model.num_heads
+  _require(model.position_embedding != 'rope' or head_dim % 2 == 0,
+           'model.position_embedding', "'rope' rotates pairs of dimensions: the head "
            f'width d_model / num_heads = {head_dim} must be even')
-  _require(config.data.valid_fraction + config.data.test_fraction < 0.9,
-           'data.test_fraction', 'valid_fraction + test_fraction must leave training data')
+  _require(data.valid_fraction + data.test_fraction < 0.9, 'data.test_fraction',
+           'valid_fraction + test_fraction must leave training data')
   # SentencePiece needs room for the 4 special ids and 256 byte-fallback pieces.
   _require(config.tokenizer.model_type == 'char' or config.tokenizer.vocab_size >= 300,
            'tokenizer.vocab_size',
            f'must be >= 300 (specials + byte fallback), got {config.tokenizer.vocab_size}')
-  _check_data_lists(config)
-
-
-def _check_data_lists(config) -> None:
-  """The corpus list, mixture weights, test sets and filters of config.data."""
-  data = config.data
-  for field in ('path', 'weights', 'test_sets', 'source_lang', 'target_lang',
-                'prepared_dir'):
-    _require(isinstance(data[field], str), f'data.{field}',
-             f'must be a string, got {data[field]!r}')
-  _require(isinstance(config.tokenizer.path, str), 'tokenizer.path',
-           f'must be a string, got {config.tokenizer.path!r}')
   _require(data.source_lang != data.target_lang and data.source_lang and
            data.target_lang, 'data.target_lang', 'source and target languages must be '
            f'two different names, got {data.source_lang!r} and {data.target_lang!r}')
-  _positive_int(config, 'data.max_heldout_pairs')
-  for field in ('filter_max_tokens', 'prepare_workers', 'pipeline_workers'):
-    _positive_int(config, f'data.{field}', allow_zero=True)
-  _fraction(config, 'data.filter_max_length_ratio', 0.0, float('inf'))
-  _require(data.filter_max_length_ratio == 0 or data.filter_max_length_ratio >= 1,
-           'data.filter_max_length_ratio', f'must be 0 (off) or >= 1, got '
-           f'{data.filter_max_length_ratio!r}')
+
+
+def _check_data_lists(config) -> None:
+  """The comma-separated lists of config.data: corpora, mixture weights, test sets."""
+  data = config.data
   corpora = [item for item in data.path.split(',') if item.strip()]
   _require(config.task == 'translation' or len(corpora) <= 1, 'data.path',
            f"task 'lm' reads one text file, got {len(corpora)}")

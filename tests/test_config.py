@@ -34,6 +34,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('model.attention_implementation', 'cudnn',
      "config.model.attention_implementation: applies to model.attention='dot_product' "
      "only, got 'cudnn' with 'einsum'"),
+    ('model.d_model', True, 'config.model.d_model: must be an integer >= 1, got True'),
+    ('seed', -1, 'config.seed: must be an integer >= 0, got -1'),
+    ('data.device_memory_gb', -1.0,
+     'config.data.device_memory_gb: must be a number in [0.0, inf), got -1.0'),
+    ('optim.eps', 0.0, 'config.optim.eps: must be a number > 0, got 0.0'),
+    ('data.path', None, 'config.data.path: must be a string, got None'),
+    ('data.filter_max_length_ratio', 0.5,
+     'config.data.filter_max_length_ratio: must be 0 (off) or a number >= 1, got 0.5'),
+    ('optim.loss_chunks', 65,
+     'config.optim.loss_chunks: 65 slices of data.max_target_length=64 tokens leave some '
+     'empty'),
+    ('optim.grad_accum_steps', 3,
+     'config.optim.grad_accum_steps: data.batch_size=64 must divide by grad_accum_steps=3'),
+    ('data.target_lang', 'en', 'config.data.target_lang: source and target languages must '
+     "be two different names, got 'en' and 'en'"),
+    ('data.weights', '1,x', 'config.data.weights: needs one number >= 0 per corpus'),
+    ('data.test_sets', 'news', 'config.data.test_sets: expected comma-separated name=corpus'),
 ])
 def test_bad_value_names_the_field(field, value, message):
   config = base.get_config()
@@ -63,6 +80,34 @@ def test_dot_product_attention_needs_no_attention_dropout_and_cudnn_bfloat16():
     config_lib.validate(config)
   config.model.dtype = 'bfloat16'
   config_lib.validate(config)
+
+
+def test_each_field_is_checked_alone_before_the_rules_between_fields():
+  config = base.get_config()
+  config.model.num_heads = 0  # would divide by zero in the rule d_model % num_heads
+  config.data.source_lang = None  # its own rule comes before 'two different names'
+  with pytest.raises(errors.ConfigError) as error:
+    config_lib.validate(config)
+  assert str(error.value) == 'config.model.num_heads: must be an integer >= 1, got 0'
+  config.model.num_heads = 8
+  with pytest.raises(errors.ConfigError) as error:
+    config_lib.validate(config)
+  assert str(error.value) == 'config.data.source_lang: must be a string, got None'
+
+
+def test_every_config_field_has_a_rule():
+  """A field added to configs/base.py without a rule in config_lib fails here: every
+  field is in FIELD_RULES, or a boolean, or the mesh (config_lib.check_mesh)."""
+  def fields(tree, prefix=''):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from fields(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  unchecked = {field for field, value in fields(base.get_config().to_dict())
+               if field not in config_lib.FIELD_RULES and not isinstance(value, bool)
+               and not field.startswith(('mesh.', 'sharding_rules.'))}
+  assert unchecked == {'data.filename', 'data.url'}  # free-form: any name, any address
 
 
 def test_compute_switches_are_harmless_to_resume_across():
@@ -119,6 +164,8 @@ def _main(*flags, cwd=ROOT, **env):
     (['--config=configs/tiny.py', '--num_processes=2'],
      'error: --workdir is required with several processes'),
     (['--mode=translate'], 'error: --workdir is required for --mode=translate'),
+    (['--config=configs/tiny.py', '--workdir=WORKDIR', '--config.model.d_model=-1'],
+     'error: config.model.d_model: must be an integer >= 1, got -1'),
     (['--config=configs/tiny.py', '--workdir=WORKDIR', '--beam_size=0'],
      'error: --beam_size, --batch_size and --serve_batch_size must be >= 1'),
     (['--mode=translate', '--workdir=WORKDIR', '--min_length=-1'],

@@ -3,8 +3,7 @@
 The training stream is defined once for the whole job, whatever the number of
 processes. Row r of every global batch of B rows reads its own sub-stream of pairs,
 whole blocks of BLOCK_PAIRS consecutive records at a time (a random read of one small
-record costs as much as reading a block: 0.55 ms against 1.6 ms for 64, measured on
-this machine's disk, BUILD_NOTES.md "Data at scale"):
+record costs about as much as reading a whole block; measured in BUILD_NOTES.md, Data):
 
   position g = r + B*k (k-th pair of row r)
      └─ block draw q = r + B * (k // BLOCK_PAIRS), offset k % BLOCK_PAIRS

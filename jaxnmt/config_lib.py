@@ -73,8 +73,9 @@ FIELD_RULES = {
     'optim.learning_rate': _POSITIVE,
     'optim.eps': _POSITIVE,
     **dict.fromkeys((
-        'data.path', 'data.weights', 'data.test_sets', 'data.source_lang',
-        'data.target_lang', 'data.prepared_dir', 'tokenizer.path'), _STRING),
+        'data.path', 'data.filename', 'data.url', 'data.weights', 'data.test_sets',
+        'data.source_lang', 'data.target_lang', 'data.prepared_dir', 'tokenizer.path'),
+        _STRING),
     'task': _one_of('translation', 'lm'),
     'dropout_rng': _one_of('auto', 'threefry2x32', 'philox4x32', 'rbg', 'unsafe_rbg'),
     'model.activation': _one_of('relu', 'gelu', 'swiglu'),

@@ -11,14 +11,15 @@ setuptools.setup(
     python_requires='>=3.11',
     # Lower bounds are the versions this project is developed and tested with
     # (BUILD_NOTES.md): Flax 0.12's NNX API (nnx.List, out_sharding metadata) and
-    # Grain 0.2's dataset API (BestFitPackIterDataset) are relied on.
+    # Grain 0.2's dataset API (MapDataset, ThreadPrefetchIterDataset) are relied on.
     install_requires=[
         'jax>=0.10.2',
         'flax>=0.12.8',
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
         'grain>=0.2.18',
-        # Shards of prepared data, read by Grain's ArrayRecordDataSource.
+        # Shards of prepared data (ArrayRecord files, read and written by its reader and
+        # writer).
         'array-record>=0.8.1',
         # .zst corpora.
         'zstandard>=0.22',

@@ -11,7 +11,7 @@
   python -m jaxnmt.main --mode=generate --workdir=runs/lm_char --prompt=ROMEO:
   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh --config=configs/tiny.py --workdir=runs/mp
 
-Every way a run ends has its exit code (README.md, "Exit codes"): a user error (bad
+Every way a run ends has its exit code (docs/checkpoints-and-faults.md, "Exit codes"): a user error (bad
 config, flag, file or mesh) prints one line and exits 2; a runtime failure (non-finite
 loss, a lost peer) one line and exits 1.
 """
@@ -118,7 +118,7 @@ flags.DEFINE_bool('decode_cache', True, 'translate/eval: decode with the KV cach
 flags.DEFINE_string('prompt', '\n', 'generate: text to continue.')
 flags.DEFINE_integer('num_tokens', 300, 'generate: tokens to sample.')
 flags.DEFINE_integer('num_samples', 1, 'generate: independent samples.')
-flags.DEFINE_string('weights', 'auto', 'translate/eval/generate: which weights: auto (a '
+flags.DEFINE_string('weights', 'auto', 'translate/eval/serve/generate: which weights: auto (a '
                     "checkpoint's moving average when the run kept one, else its "
                     'parameters), raw, ema, or the name of averaged weights '
                     '(--mode=average).')

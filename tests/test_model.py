@@ -339,7 +339,7 @@ def test_bfloat16_cached_decoding_matches_full_recomputation():
   full = model.decode(encoded, source_segments, tokens, jnp.ones_like(tokens),
                       jnp.broadcast_to(jnp.arange(6), (2, 6)))
   cache = model.init_cache(encoded, source_segments, max_length=6)
-  assert cache['layers'][0]['keys'].dtype == jnp.bfloat16
+  assert cache.layers[0].keys.dtype == jnp.bfloat16
   for index in range(6):
     step_logits, cache = model.decode_step(cache, tokens[:, index], index)
     assert step_logits.dtype == jnp.float32 and step_logits.shape == (2, 40)
@@ -349,7 +349,7 @@ def test_bfloat16_cached_decoding_matches_full_recomputation():
 def test_bfloat16_language_model_decodes_with_a_bfloat16_cache():
   model = lm_model(dtype='bfloat16', attention='dot_product')
   cache = model.init_cache(2, 4)
-  assert cache['layers'][0]['keys'].dtype == jnp.bfloat16
+  assert cache.layers[0].keys.dtype == jnp.bfloat16
   tokens = jnp.array([5, 6], jnp.int32)
   for index in range(4):
     logits, cache = model.decode_step(cache, tokens, index)

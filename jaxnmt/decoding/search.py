@@ -1,50 +1,25 @@
 """Decoding strategies over a cached step function, independent of the model class.
 
-`step_fn(cache, tokens [B], index) -> (logits [B, V], cache)` is any cached decoder
-(every cache array has the batch as its leading axis). All strategies run under
-`lax.while_loop` with static shapes and stop as soon as every sequence has ended.
-Shapes: B batch, K beams, L max output length, V vocabulary, W window.
+`step_fn(cache, tokens [B], index) -> (logits [B, V], cache)` is any cached decoder.
+All strategies run under `lax.while_loop` with static shapes and stop as soon as every
+sequence has ended. Shapes: B batch, K beams, L max output length, V vocabulary,
+W window.
 
-Four conventions make the search cheap without knowing the model:
-
-* Position slots. A cache array stored under a dict key in `SLOT_NAMES` ('keys',
-  'values': a self-attention KV cache) holds one slot per output position on its
-  axis 2, [rows, heads, L, ...], slot i written at step i. The loop runs in segments over
-  growing windows (8, 16, 32, ... positions; `window`): while decoding positions
-  < W the step function is handed those arrays cut to their first W slots, so early
-  steps attend over W slots instead of L. The step function must take its length
-  from the cache it is given (the models' do).
-* Untouched arrays. An array the step function returns unchanged (the very traced
-  value it was given, e.g. the encoder's cross-attention keys) is the same for every
-  beam of a sentence, so beam search never reorders it.
-* Shared arrays. An array under a dict key in `SHARED_NAMES` ('cross_keys',
-  'cross_values': a cross-attention KV cache) is never repeated for the beams: beam search
-  hands the step function such arrays with B rows next to tokens and other arrays
-  with B*K rows, and the step function reads row b for rows b*K ... b*K + K - 1 (the
-  models' do: `Attention.attend_one`). Such an array must be returned untouched.
-* Beam slots. Beam search never reorders position-slot arrays. After its first step
-  each holds K slots per position, L * K on the axis `BEAM_SLOT_AXES` names ('values'
-  [B, heads, L * K, head_dim]; 'keys' [B, heads, head_dim, L * K], positions last: the
-  scores of a sentence's K queries are then a plain matmul): slot t * K + j is beam j's
-  position t, and every dict that holds slot arrays also gets `HISTORY_NAME`, int32
-  [B*K, L]: for token row b*K + j, which beam's slot holds each of its positions (its
-  own, j, at the position being decoded). The step function writes row b*K + j's
-  slot index * K + j of sentence b and attends, for that row, to the slots its
-  history names (the models' do: `model.Block`). A changed beam costs a gather of the
-  [B*K, L] history, not of the cache.
+A `cache.DecoderCache` (the models' caches; `model/cache.py` is the contract) lets the
+searches save work: its slots grow in windows (8, 16, 32, ... positions; `window`),
+and beam search never repeats its cross arrays for the beams nor reorders its slots
+(beam slots). Any other cache is a pytree of [B, ...] arrays: beam search repeats it
+for the beams and reorders it with them, except an array the step returns untouched
+(the very traced value it was given: the same for every beam of a sentence).
 """
 
 import jax
 import jax.numpy as jnp
 
 from jaxnmt.decoding import selection
+from jaxnmt.model import cache as cache_lib
 
 NEG_INF = -1.0e7
-SLOT_NAMES = ('keys', 'values')
-SLOT_AXIS = 2
-BEAM_SLOT_AXES = {'keys': 3, 'values': 2}  # beam search's slot arrays (to_beam_slots)
-SHARED_NAMES = ('cross_keys', 'cross_values')
-HISTORY_NAME = 'slot_beams'
 WINDOW = 8  # the first window of position slots; each next one is twice as long
 
 
@@ -63,70 +38,47 @@ def window_ends(max_length: int, start: int = 0, window: int | None = WINDOW) ->
   return ends + [max_length]
 
 
-def _is_slot(path, names=SLOT_NAMES) -> bool:
-  key = path[-1]
-  return isinstance(key, jax.tree_util.DictKey) and key.key in names
-
-
-def to_beam_slots(cache, k: int):
-  """`cache` for B rows after the first step -> for K beams per row: slot arrays
-  [B, heads, W, H] -> W * K slots on their `BEAM_SLOT_AXES` axis, with the B rows'
-  slots as beam 0's (every beam's history starts there); shared arrays kept; the rest
-  repeated K times."""
-  def convert(path, x):
-    if _is_slot(path):
-      axis = BEAM_SLOT_AXES[path[-1].key]
-      x = jnp.expand_dims(jnp.moveaxis(x, SLOT_AXIS, axis), axis + 1)     # [..., W, 1, ...]
-      padding = [(0, 0)] * x.ndim
-      padding[axis + 1] = (0, k - 1)
-      x = jnp.pad(x, padding)
-      return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
-    return x if _is_slot(path, SHARED_NAMES) else jnp.repeat(x, k, axis=0)
-  return jax.tree_util.tree_map_with_path(convert, cache)
-
-
-def with_history(cache, history):
-  """`cache` with `history` under `HISTORY_NAME` in every dict that holds slot arrays
-  (None: the key removed)."""
-  if isinstance(cache, dict):
-    cache = {key: with_history(value, history) for key, value in cache.items()
-             if key != HISTORY_NAME}
-    if history is not None and any(name in cache for name in SLOT_NAMES):
-      cache[HISTORY_NAME] = history
-    return cache
-  if isinstance(cache, (list, tuple)):
-    return type(cache)(with_history(value, history) for value in cache)
+def resize_slots(cache, positions: int):
+  """A `DecoderCache`'s slots cut, or zero-padded, to `positions` positions; any other
+  cache as it is."""
+  if isinstance(cache, cache_lib.DecoderCache):
+    return cache.resized(positions)
   return cache
 
 
-def resize_slots(cache, length: int, slot_axes: dict | None = None):
-  """`cache` with every position-slot array cut, or zero-padded, to `length` slots on
-  the axis `slot_axes` names for it (None: SLOT_AXIS for all)."""
-  def resize(path, array):
-    if not _is_slot(path):
-      return array
-    axis = SLOT_AXIS if slot_axes is None else slot_axes[path[-1].key]
-    if array.shape[axis] == length:
-      return array
-    if array.shape[axis] > length:
-      return jax.lax.slice_in_dim(array, 0, length, axis=axis)
-    padding = [(0, 0)] * array.ndim
-    padding[axis] = (0, length - array.shape[axis])
-    return jnp.pad(array, padding)
-  return jax.tree_util.tree_map_with_path(resize, cache)
+def _for_beams(cache, k: int, max_length: int):
+  """`cache` for B rows after the first step -> for K beams a row (a `DecoderCache`: as
+  beam slots; any other cache repeated K times)."""
+  if isinstance(cache, cache_lib.DecoderCache):
+    return cache.for_beams(k, max_length)
+  return jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
 
 
-def _segmented_loop(not_done, body, state: dict, ends: list[int], finish,
-                    slots_per_position: int = 1, slot_axes: dict | None = None):
+def _own_slot(cache, index, own_beam):
+  """`cache` for the step at `index`: each row's history names its own beam there."""
+  if isinstance(cache, cache_lib.DecoderCache):
+    return cache._replace(history=cache.history.at[:, index].set(own_beam))
+  return cache
+
+
+def _reorder(given, returned, rows):
+  """The cache the step `returned` (from `given`) for beam rows b*K + j that continue
+  rows `rows` [B*K]. Of a `DecoderCache` only the history moves (slots stay, the rest
+  is each sentence's); of any other cache every array not returned untouched."""
+  take = lambda x: jnp.take(x, rows, axis=0, mode='clip')  # rows in range by construction
+  if isinstance(returned, cache_lib.DecoderCache):
+    return returned._replace(history=take(given.history))
+  return jax.tree.map(lambda old, new: new if new is old else take(new), given, returned)
+
+
+def _segmented_loop(not_done, body, state: dict, ends: list[int], finish):
   """`finish(lax.while_loop(not_done, body, state))`, run as one while_loop per
-  window: the segment ending at `ends[i]` hands `body` the position slots of
-  `state['cache']` (on `slot_axes`, as resize_slots) cut to ends[i] positions (of
-  `slots_per_position` slots each). A later segment (and its growing of the slots)
-  runs only if the search is not done."""
+  window: the segment ending at `ends[i]` hands `body` the slots of `state['cache']`
+  cut to ends[i] positions (`resize_slots`). A later segment (and its growing of the
+  slots) runs only if the search is not done."""
   def run(state, segment):
     end = ends[segment]
-    state = {**state, 'cache': resize_slots(state['cache'], end * slots_per_position,
-                                            slot_axes)}
+    state = {**state, 'cache': resize_slots(state['cache'], end)}
     state = jax.lax.while_loop(lambda s: (s['index'] < end) & not_done(s), body, state)
     if segment + 1 == len(ends):
       return finish(state)
@@ -247,8 +199,8 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
   * the first step runs on the B rows (every beam starts from the same BOS); only then
     is the cache made ready for the K beams;
   * position slots grow in windows and are never reordered: each beam writes its own
-    slots and reads its history through an index (module docstring, "Beam slots");
-    untouched arrays are never reordered, shared arrays never repeated for the beams;
+    slots and reads its history through an index (`cache.DecoderCache`, beam slots);
+    cross arrays are never repeated for the beams (module docstring);
   * the 2K best of a sentence's K x V candidates by one pass over the logits for the
     maxima of small chunks, then the candidates of the 2K best chunks only
     (`selection.top_candidates`; a small V takes `lax.top_k` over all of them): the
@@ -272,9 +224,7 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
                finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
                finished_scores=jnp.full((batch_size, k), NEG_INF))
   state, _ = _extend(start, logits, 0, k, max_lengths, min_lengths, eos_id, alpha)
-  # Slot arrays W * K slots (BEAM_SLOT_AXES); shared arrays [B, ...]; others [B*K, ...].
-  state.update(index=jnp.int32(1), cache=to_beam_slots(cache, k),
-               history=jnp.zeros((batch_size * k, max_length), jnp.int32))
+  state.update(index=jnp.int32(1), cache=_for_beams(cache, k, max_length))
   own_beam = jnp.arange(batch_size * k, dtype=jnp.int32) % k
 
   def not_done(state):
@@ -285,19 +235,13 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
   def body(state):
     index = state['index']
     previous = state['live_tokens'][:, :, index - 1]                     # [B, K]
-    history = state['history'].at[:, index].set(own_beam)  # each row writes its own slot
-    logits, cache = step_fn(with_history(state['cache'], history), previous.reshape(-1),
-                            index)                                       # [B*K, V]
-    cache = with_history(cache, None)
+    cache = _own_slot(state['cache'], index, own_beam)
+    logits, returned = step_fn(cache, previous.reshape(-1), index)       # [B*K, V]
     new_state, source_beam = _extend(state, logits, index, k, max_lengths, min_lengths,
                                      eos_id, alpha)
-    # Row b*K + j continues row b*K + source_beam[b, j]; rows are in range by construction.
+    # Row b*K + j continues row b*K + source_beam[b, j].
     rows = (jnp.arange(batch_size)[:, None] * k + source_beam).reshape(-1)
-    reorder = lambda path, old, new: (new if new is old or _is_slot(path) else
-                                      jnp.take(new, rows, axis=0, mode='clip'))
-    new_state.update(index=index + 1,
-                     cache=jax.tree_util.tree_map_with_path(reorder, state['cache'], cache),
-                     history=jnp.take(history, rows, axis=0, mode='clip'))
+    new_state.update(index=index + 1, cache=_reorder(cache, returned, rows))
     return new_state
 
   def finish(state):
@@ -310,8 +254,7 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
                        state['finished_scores'])
     return tokens, scores
 
-  return _segmented_loop(not_done, body, state, ends, finish, slots_per_position=k,
-                         slot_axes=BEAM_SLOT_AXES)
+  return _segmented_loop(not_done, body, state, ends, finish)
 
 
 def _extend(state: dict, logits, index, k: int, max_lengths, min_lengths, eos_id: int,

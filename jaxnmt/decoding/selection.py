@@ -12,8 +12,8 @@ import jax.numpy as jnp
 def argmax(logits: jax.Array, banned: tuple[int, jax.Array] | None = None) -> jax.Array:
   """logits [..., V] -> int32 [...]: the index of the largest logit (the first of
   equal ones), as `jnp.argmax`, by `top_k` with k = 1: one pass over the logits for
-  the maxima of small chunks, then a search of the best chunk. XLA:CPU's fused
-  (value, index) reduction is ~6x slower over a [256, 6000] batch. `banned`: as
+  the maxima of small chunks, then a search of the best chunk (faster than XLA:CPU's
+  fused (value, index) reduction, see BUILD_NOTES.md, 'Decoding'). `banned`: as
   `top_k`'s."""
   return top_k(logits, 1, banned)[1][..., 0]
 
@@ -32,8 +32,8 @@ def top_k(values: jax.Array, k: int, banned: tuple[int, jax.Array] | None = None
           ) -> tuple[jax.Array, jax.Array]:
   """values [..., N] -> (the k largest [..., k], their int32 indices [..., k]), largest
   first, the lower index first among equal values: the same as `jax.lax.top_k`
-  (NaNs aside), for small k, in about a third of XLA:CPU's time at N ~ 6000
-  (`top_candidates` with one row per item).
+  (NaNs aside) for small k, faster on XLA:CPU (see BUILD_NOTES.md, 'Decoding'):
+  `top_candidates` with one row per item.
 
   banned: optional (column, rows bool [...]): `values[..., column]` counts as -inf in
   the rows where `rows` is true (e.g. EOS before a minimum length)."""
@@ -102,7 +102,7 @@ def top_candidates(values: jax.Array, k: int,
 
 def _select(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """`jax.lax.top_k` over a few hundred values: for k <= 2 as rounds of argmax
-  (`_small_top_k`), otherwise XLA's own (faster there for k = 8 at 64-256 rows)."""
+  (`_small_top_k`), otherwise XLA's own (faster there, see BUILD_NOTES.md, 'Decoding')."""
   return _small_top_k(values, k) if k <= 2 else jax.lax.top_k(values, k)
 
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxnmt.model import cache as cache_lib
+
 # Logical axis names of parameters.
 VOCAB, EMBED, HEADS, HEAD_DIM, MLP, LENGTH = 'vocab', 'embed', 'heads', 'head_dim', 'mlp', 'length'
 
@@ -233,22 +235,21 @@ class Attention(nnx.Module):
 
   def attend_one(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
                  mask: jax.Array, query_positions: jax.Array | None = None, *,
-                 query: jax.Array | None = None, keys_last: bool = False) -> jax.Array:
-    """Cached decoding, one query per row: hidden [G*B, 1, D]; keys/values [B, N, K, H]
-    (a KV cache, heads before positions; keys [B, N, H, K] if `keys_last`); mask bool
-    [B or G*B, 1, 1, K] -> [G*B, 1, D].
+                 query: jax.Array | None = None,
+                 keys_axes: str = cache_lib.SLOTS) -> jax.Array:
+    """Cached decoding, one query per row: hidden [G*B, 1, D]; keys and values in the
+    cache's axis orders (cache.py: values [B, N, T, H], keys as `keys_axes` says); mask
+    bool [B or G*B, 1, 1, T] -> [G*B, 1, D].
     G = 1 but for keys shared by a group of G consecutive query rows (beam search's
-    cross-attention: row r reads the keys of sentence r // G, which are then stored
-    once, not G times). `query` [G*B, 1, N, H]: the projected query (`project_qkv`),
-    if already computed.
+    cross-attention and beam slots: row r reads the keys of sentence r // G, which are
+    then stored once, not G times). `query` [G*B, 1, N, H]: the projected query
+    (`project_qkv`), if already computed.
 
     The same function as `__call__` without dropout (float32 scores and softmax), for
-    either kind. With the heads before the positions, both products are batched
-    matmuls over (B, N) that read the cache where it lies: on XLA:CPU ~7x faster for
-    the scores than the [B, K, N, H] layout, which must be transposed or reduced
-    across its inner axes at every step and layer (BUILD_NOTES.md). Keys last make the
-    scores a plain matmul: faster for G > 1 queries (beam search's self-attention),
-    slower to write one position into for G = 1."""
+    either kind. Both products are batched matmuls over (B, N) that read the cache
+    where it lies; the [B, T, N, H] layout of `__call__` would have to be transposed
+    or reduced across its inner axes at every step and layer (slower, see
+    BUILD_NOTES.md, 'Decoding')."""
     assert hidden.shape[1] == 1, f'one query per row, got {hidden.shape}'
     batch, group = keys.shape[0], hidden.shape[0] // keys.shape[0]
     assert batch * group == hidden.shape[0], (hidden.shape, keys.shape)
@@ -259,14 +260,14 @@ class Attention(nnx.Module):
       query = apply_rope(query, query_positions)
     query = query.astype(jnp.float32) * (query.shape[-1] ** -0.5)
     query = query.reshape(batch, group, *query.shape[2:])                # [B, G, N, H]
-    logits = jnp.einsum('BGNH,BNHK->BNGK' if keys_last else 'BGNH,BNKH->BNGK', query,
-                        keys.astype(jnp.float32))
-    mask = mask.reshape(batch, -1, mask.shape[-1])[:, None]              # [B, 1, G or 1, K]
+    logits = jnp.einsum(f'BGNH,{keys_axes}->BNGT', query, keys.astype(jnp.float32))
+    mask = mask.reshape(batch, -1, mask.shape[-1])[:, None]              # [B, 1, G or 1, T]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
-    # [B, N, G, H]: with G before H the matmul writes rows as it computes them (13x
-    # faster on XLA:CPU than [B, G, N, H] for beam search's cross-attention).
-    attended = jnp.einsum('BNGK,BNKH->BNGH', weights, values.astype(jnp.float32))
+    # [B, N, G, H]: with G before H the matmul writes rows as it computes them (faster
+    # than [B, G, N, H] for beam search's cross-attention, see BUILD_NOTES.md, 'Decoding').
+    attended = jnp.einsum(f'BNGT,{cache_lib.SLOTS}->BNGH', weights,
+                          values.astype(jnp.float32))
     attended = jnp.swapaxes(attended, 1, 2).reshape(batch * group, -1)   # [G*B, N*H]
     out = self.out[...].astype(self.dtype)
     return (attended.astype(self.dtype) @ out.reshape(-1, out.shape[-1]))[:, None, :]

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxnmt.model import cache as cache_lib
 from jaxnmt.model import layers
 
 
@@ -71,17 +72,17 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def __call__(self, hidden, positions, self_mask, cross=None, *, deterministic: bool,
-               cache: dict | None = None, index=None):
-    """hidden: [B, T, D]; positions: int32 [B, T]; self_mask: bool [B, 1, T, T or T_max];
+               cache: cache_lib.LayerCache | None = None,
+               layout: cache_lib.Layout = cache_lib.ROWS, index=None):
+    """hidden: [B, T, D]; positions: int32 [B, T]; self_mask: bool [B, 1, T, T or slots];
     cross (layers with cross-attention): (keys, values, mask [B, 1, T, S]); keys and
-    values [B, S, N, H], or [B, N, S, H] with `cache`.
-    With `cache` ({'keys', 'values'}: [B, N, T_max, H], or beam slots as
-    `_attend_beam_slots` says; cached decoding, T = 1) the step's keys and values are
-    written at position `index` and both attentions take the one-query path
-    (`Attention.attend_one`). Returns (hidden [B, T, D], updated cache or None)."""
+    values [B, S, N, H], or the cache's [B', N, S, H] with `cache`.
+    With `cache` (cached decoding, T = 1; slots in `layout`, cache.py) the step's keys
+    and values are written at position `index` and both attentions take the one-query
+    path (`Attention.attend_one`). Returns (hidden [B, T, D], updated cache or None)."""
     attended, new_cache = self._self_attend(
         self._sublayer_input(hidden, self.self_attention_norm), positions, self_mask, cache,
-        index, deterministic)
+        layout, index, deterministic)
     hidden = self._residual(hidden, attended, self.self_attention_norm, deterministic)
     if self.cross_attention is not None:
       keys, values, mask = cross
@@ -96,54 +97,26 @@ class Block(nnx.Module):
                            deterministic=deterministic)
     return self._residual(hidden, transformed, self.mlp_norm, deterministic), new_cache
 
-  def _self_attend(self, inputs, positions, mask, cache, index, deterministic):
+  def _self_attend(self, inputs, positions, mask, cache, layout, index, deterministic):
     """inputs: [B, T, D] -> (attended [B, T, D], cache with this step's keys and values,
     or None)."""
     query_positions = positions if self.rope else None
-    if cache is None:
+    if cache is None:  # every position at once: training, teacher forcing
       keys, values = self.self_attention.project_kv(inputs)  # [B, T, N, H]
       if self.rope:
         keys = layers.apply_rope(keys, positions)
       return self.self_attention(inputs, keys, values, mask, deterministic=deterministic,
                                  query_positions=query_positions), None
+    # One query a row against the cached slots (a row's own, or its beams' under beam
+    # slots: `mask` tells them apart), read in the layout they are stored in.
     query, keys, values = self.self_attention.project_qkv(inputs)  # [B, 1, N, H]
     if self.rope:
       keys = layers.apply_rope(keys, positions)
-    if 'slot_beams' in cache:
-      return self._attend_beam_slots(inputs, query, keys, values, query_positions, cache,
-                                     index)
-    write = lambda slots, new: jax.lax.dynamic_update_slice_in_dim(
-        slots, jnp.swapaxes(new, 1, 2).astype(slots.dtype), index, axis=2)
-    keys, values = write(cache['keys'], keys), write(cache['values'], values)
-    attended = self.self_attention.attend_one(inputs, keys, values, mask, query_positions,
-                                              query=query)
-    return attended, {'keys': keys, 'values': values}  # [B, N, T_max, H]
-
-  def _attend_beam_slots(self, inputs, query, keys, values, query_positions, cache, index):
-    """Beam search's cache (decode.py, "Beam slots"): slots 'keys' [B, N, H, T_max * G]
-    and 'values' [B, N, T_max * G, H], G per position, shared by the G beams of a
-    sentence; cache['slot_beams'] int32
-    [B*G, >= T_max] names, for each beam row, the beam whose slot holds each of its
-    positions. Row b*G + g writes its keys and values at slot index * G + g of
-    sentence b and attends over the sentence's T_max * G slots with every slot outside
-    its history masked: one grouped `attend_one`, as cross-attention's, and no
-    reordering of the cache when beams change."""
-    batch, heads, slots, head_dim = cache['values'].shape
-    group = cache['slot_beams'].shape[0] // batch
-    length = slots // group
-    def write(slots, new, order, axis):  # new [B*G, 1, N, H] -> slots index * G + g
-      new = jnp.transpose(new.reshape(batch, group, heads, head_dim), order)
-      return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype),
-                                                 index * group, axis=axis)
-    keys = write(cache['keys'], keys, (0, 2, 3, 1), 3)                  # [B, N, H, G]
-    values = write(cache['values'], values, (0, 2, 1, 3), 2)            # [B, N, G, H]
-    history = cache['slot_beams'][:, :length]                            # [B*G, T_max]
-    mask = ((history[:, :, None] == jnp.arange(group)) &
-            (jnp.arange(length) <= index)[:, None])                      # [B*G, T_max, G]
-    attended = self.self_attention.attend_one(
-        inputs, keys, values, mask.reshape(batch * group, 1, 1, slots), query_positions,
-        query=query, keys_last=True)
-    return attended, {'keys': keys, 'values': values}
+    cache = cache.write(keys, values, index, layout)
+    attended = self.self_attention.attend_one(inputs, cache.keys, cache.values, mask,
+                                              query_positions, query=query,
+                                              keys_axes=layout.keys)
+    return attended, cache
 
   def _sublayer_input(self, hidden, norm):
     """What a sublayer reads: the normalised residual stream under pre-LN."""
@@ -178,39 +151,26 @@ def _run_blocks(blocks, remat: str, hidden, positions, self_mask, encoded=None,
   return hidden
 
 
-def _empty_self_cache(config: ModelConfig, batch: int, max_length: int, dtype) -> dict:
-  head_dim = config.d_model // config.num_heads
-  empty = jnp.zeros((batch, config.num_heads, max_length, head_dim), dtype)
-  return {'keys': empty, 'values': empty}  # [B, N, T_max, H]: heads before positions
-
-
-def _decode_tokens(model, embed, position_table, caches: list, tokens, index,
-                   cross_mask=None):
-  """One step of `model.decoder_layers`: tokens int32 [B] at position `index`; caches:
-  one dict per layer, {'keys', 'values'} [B, N, T_max, H] (plus 'cross_keys',
-  'cross_values' [B, N, S, H] with cross_mask [B, 1, 1, S] for cross-attention)
-  -> (logits [B, V], updated caches). T_max is read from the cache: decode.py hands
-  in windows of the slots (any T_max > index) and leaves the cross arrays untouched.
-  The cross arrays may have B / G rows, each shared by G consecutive token rows (beam
-  search: decode.SHARED_NAMES); cross_mask has B or B / G rows. Under beam search the
-  self-attention slots hold T_max * G positions for B / G rows ('keys' [B / G, N, H,
-  T_max * G], positions last), with 'slot_beams' beside them (decode.py, "Beam
-  slots"), which `Block._attend_beam_slots` builds its mask from."""
-  batch, max_length = tokens.shape[0], caches[0]['values'].shape[2]
+def _decode_tokens(model, embed, position_table, cache: cache_lib.DecoderCache, tokens,
+                   index, cross_mask=None):
+  """One step of `model.decoder_layers`: tokens int32 [R] at position `index` -> (logits
+  [R, V], the cache with the step's keys and values). cross_mask: [B or R, 1, 1, S] for
+  cross-attention over the layers' cross arrays. The number of slots is read from the
+  cache (cache.py: a search may hand in the first W)."""
+  batch = tokens.shape[0]
   positions = jnp.full((batch, 1), index, jnp.int32)
   # Every row is at `index`: its position encoding is computed once ([1, 1, D]).
   hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],
-                  positions[:1], True)  # [B, 1, D]
-  self_mask = None if 'slot_beams' in caches[0] else jnp.broadcast_to(
-      jnp.arange(max_length) <= index, (batch, 1, 1, max_length))
-  new_caches = []
-  for block, cache in zip(model.decoder_layers, caches):
-    cross = None if cross_mask is None else (cache['cross_keys'], cache['cross_values'],
+                  positions[:1], True)  # [R, 1, D]
+  self_mask = cache.visible(index)  # [R, 1, 1, slots]
+  new_layers = []
+  for block, layer in zip(model.decoder_layers, cache.layers):
+    cross = None if cross_mask is None else (layer.cross_keys, layer.cross_values,
                                              cross_mask)
-    hidden, self_cache = block(hidden, positions, self_mask, cross, deterministic=True,
-                               cache=cache, index=index)
-    new_caches.append({**cache, **self_cache})
-  return model.logits(hidden)[:, 0, :], new_caches
+    hidden, layer = block(hidden, positions, self_mask, cross, deterministic=True,
+                          cache=layer, layout=cache.layout, index=index)
+    new_layers.append(layer)
+  return model.logits(hidden)[:, 0, :], cache._replace(layers=tuple(new_layers))
 
 
 def _embed(config: ModelConfig, embed: layers.Embed, position_table, dropout, ids,
@@ -330,24 +290,25 @@ class Transformer(OutputLayer, nnx.Module):
 
   # --------------------------------------------------------------- cached decoding
 
-  def init_cache(self, encoded, source_segment_ids, max_length: int) -> dict:
+  def init_cache(self, encoded, source_segment_ids, max_length: int
+                 ) -> cache_lib.DecoderCache:
     """Cache for step-by-step decoding of up to `max_length` tokens: cross-attention
     keys/values computed once from `encoded` [B, S, D]; empty self-attention slots."""
-    empty = _empty_self_cache(self.config, encoded.shape[0], max_length, encoded.dtype)
-    layers_cache = []
+    config = self.config
+    layer_caches = []
     for layer in self.decoder_layers:
-      cross_keys, cross_values = (jnp.swapaxes(array, 1, 2)  # [B, N, S, H]
+      cross_keys, cross_values = (jnp.swapaxes(array, 1, 2)  # [B, S, N, H] -> SLOTS
                                   for array in layer.cross_attention.project_kv(encoded))
-      layers_cache.append({'cross_keys': cross_keys, 'cross_values': cross_values, **empty})
-    return {'layers': layers_cache, 'source_segment_ids': source_segment_ids}
+      layer_caches.append(cache_lib.LayerCache.empty(
+          encoded.shape[0], config.num_heads, max_length, config.d_model // config.num_heads,
+          encoded.dtype, cross_keys, cross_values))
+    return cache_lib.DecoderCache(tuple(layer_caches), source_segment_ids)
 
-  def decode_step(self, cache: dict, tokens, index):
-    """tokens: int32 [B] at position `index` -> (logits [B, V], updated cache)."""
-    source_segment_ids = cache['source_segment_ids']
-    cross_mask = (source_segment_ids != 0)[:, None, None, :]  # [B, 1, 1, S]
-    logits, new_layers = _decode_tokens(self, self.target_embed, self.target_positions,
-                                        cache['layers'], tokens, index, cross_mask)
-    return logits, {'layers': new_layers, 'source_segment_ids': source_segment_ids}
+  def decode_step(self, cache: cache_lib.DecoderCache, tokens, index):
+    """tokens: int32 [R] at position `index` -> (logits [R, V], updated cache)."""
+    cross_mask = (cache.source_segment_ids != 0)[:, None, None, :]  # [R, 1, 1, S]
+    return _decode_tokens(self, self.target_embed, self.target_positions, cache, tokens,
+                          index, cross_mask)
 
   # --------------------------------------------------------------- uncached decoding
 
@@ -412,17 +373,18 @@ class DecoderLM(OutputLayer, nnx.Module):
                          deterministic=deterministic)
     return self.final_states(hidden)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+  def init_cache(self, batch_size: int, max_length: int, dtype=None
+                 ) -> cache_lib.DecoderCache:
     """Empty key/value slots, in the compute dtype unless `dtype` says otherwise."""
-    empty = _empty_self_cache(self.config, batch_size, max_length,
-                              dtype or self.config.dtype)
-    return {'layers': [dict(empty) for _ in self.decoder_layers]}
+    config = self.config
+    empty = cache_lib.LayerCache.empty(batch_size, config.num_heads, max_length,
+                                       config.d_model // config.num_heads,
+                                       dtype or config.dtype)
+    return cache_lib.DecoderCache(tuple(empty for _ in self.decoder_layers))
 
-  def decode_step(self, cache: dict, tokens, index):
-    """tokens: int32 [B] at position `index` -> (logits [B, V], updated cache)."""
-    logits, new_layers = _decode_tokens(self, self.embed, self.positions, cache['layers'],
-                                        tokens, index)
-    return logits, {'layers': new_layers}
+  def decode_step(self, cache: cache_lib.DecoderCache, tokens, index):
+    """tokens: int32 [R] at position `index` -> (logits [R, V], updated cache)."""
+    return _decode_tokens(self, self.embed, self.positions, cache, tokens, index)
 
 
 def _position_table(config: ModelConfig, *, rngs: nnx.Rngs):

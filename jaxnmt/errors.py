@@ -8,7 +8,7 @@ names the file, field or flag and says what to do.
 non-finite loss, a peer process that was lost, a coordinator that cannot be reached.
 
 `main` catches both and prints `error: <message>`; anything else is a bug and keeps
-its traceback. README.md has the table of every exit code.
+its traceback. docs/checkpoints-and-faults.md has the table of every exit code.
 """
 
 EXIT_USER_ERROR = 2

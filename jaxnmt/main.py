@@ -60,7 +60,7 @@ flags.DEFINE_enum('mode', 'train', list(MODES), '; '.join(
     f'{name}: {mode.help}' for name, mode in MODES.items()) + '.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer and logs '
                     '(train/bench default: runs/<config file name>).')
-# Host settings (CPU backends only; README.md, "Host settings").
+# Host settings (CPU backends only; docs/speed.md, "Host settings").
 flags.DEFINE_string('allocator', 'auto', 'Host memory allocator on a CPU backend: auto '
                     '(one process: tcmalloc if installed, else glibc huge pages where '
                     'available), system, tcmalloc, hugepages, glibc (tuned in place), or '

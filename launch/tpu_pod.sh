@@ -10,7 +10,7 @@
 # the gcs extra for a gs:// WORKDIR), and that WORKDIR is a path every worker reaches:
 # gs://bucket/run, or a shared mount (Filestore/NFS). With gs://, pass
 # --config.data.prepared_dir=<a local path holding the same prepared data on every
-# worker> (README.md, "Workdir on Cloud Storage"). DRY_RUN=1 prints the gcloud command and the command each worker
+# worker> (docs/multi-host.md, "Workdir on Cloud Storage"). DRY_RUN=1 prints the gcloud command and the command each worker
 # runs, and starts nothing (it needs no gcloud).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME, the TPU VM pod name}"

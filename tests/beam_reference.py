@@ -1,8 +1,10 @@
-"""The plain beam search `decode.beam_search` is tested against: the algorithm without
-its optimisations, kept out of the package so that only the fast one ships."""
+"""The plain beam search `search.beam_search` is tested against: the algorithm as a
+Python loop over steps and sentences, with lists of hypotheses, kept out of the package
+so that only the fast one ships."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnmt.decoding.search import NEG_INF, length_penalty
 
@@ -10,83 +12,60 @@ from jaxnmt.decoding.search import NEG_INF, length_penalty
 def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int,
                 bos_id: int, eos_id: int, alpha: float = 0.6,
                 max_lengths: jax.Array | None = None,
-                min_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """The plain beam search `beam_search` is tested against (same contract): every
-  step runs all B*K rows over all max_length cache slots, takes the top 2K of the
-  K*V candidates and gathers the whole cache.
+                min_lengths: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Same contract as `search.beam_search`. Every step runs all B*K rows over all
+  max_length cache slots (the cache repeated for the K beams, every array of it
+  gathered when the beams change); each sentence keeps lists of its live and finished
+  hypotheses and runs until its cap, with no early stop.
 
-  A hypothesis that emits EOS is finished: it is kept (scored log p / length_penalty)
-  and never extended. The search stops when no live beam can beat the finished ones.
-  `cache` is for B rows; it is repeated for the K beams here.
+  At a step, a sentence's candidates are every (live hypothesis, token) pair scored
+  log p(hypothesis) + log p(token), best first (the lower beam, then the lower token,
+  first among equal scores); of the best 2K, those ending in EOS are finished (scored
+  log p / length_penalty) and the first K others live on. At its length cap a
+  hypothesis can only end; before its floor (`min_lengths`) it cannot.
   """
   k = beam_size
-  if max_lengths is None:
-    max_lengths = jnp.full((batch_size,), max_length, jnp.int32)
-  cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)  # [B*K, ...]
-  # Only beam 0 is live at first, so the K beams do not start as K copies.
-  live_logprobs = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch_size, 1))
-  state = dict(
-      index=jnp.int32(0),
-      live_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),  # [B, K, L]
-      live_logprobs=live_logprobs,                                     # [B, K]
-      finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
-      finished_scores=jnp.full((batch_size, k), NEG_INF),              # [B, K]
-      cache=cache)
-
-  def not_done(state):
-    index = state['index']
-    best_possible = state['live_logprobs'][:, 0] / length_penalty(max_length, alpha)
-    worst_finished = state['finished_scores'].min(axis=1)
-    improvable = (best_possible > worst_finished).any()
-    return (index < max_length) & improvable
-
-  def body(state):
-    index = state['index']
-    previous = jnp.where(index == 0, bos_id,
-                         state['live_tokens'][:, :, jnp.maximum(index - 1, 0)])  # [B, K]
-    logits, cache = step_fn(state['cache'], previous.reshape(-1), index)  # [B*K, V]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  caps = np.full(batch_size, max_length) if max_lengths is None else np.asarray(max_lengths)
+  floors = np.zeros(batch_size) if min_lengths is None else np.asarray(min_lengths)
+  step_fn = jax.jit(step_fn)
+  cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)   # row b*K + j: beam j
+  live = [[(np.float32(0.0), [])] for _ in range(batch_size)]  # (log p, tokens) each
+  finished = [[] for _ in range(batch_size)]                     # (score, tokens) each
+  for index in range(max_length):
+    if not any(live):
+      break
+    previous = np.full((batch_size, k), bos_id, np.int32)
+    for b, beams in enumerate(live):
+      for j, (_, tokens) in enumerate(beams if index else []):
+        previous[b, j] = tokens[-1]
+    logits, cache = step_fn(cache, jnp.asarray(previous.reshape(-1)), index)
+    log_probs = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
     vocab = log_probs.shape[-1]
-    log_probs = log_probs.reshape(batch_size, k, vocab)                  # [B, K, V]
-    if min_lengths is not None:  # EOS is no candidate before min_lengths (max_lengths wins)
-      banned = ((index + 1 < min_lengths) & (index + 1 < max_lengths))[:, None, None]
-      log_probs = jnp.where(banned & (jnp.arange(vocab) == eos_id), NEG_INF, log_probs)
-    must_end = (index + 1 >= max_lengths)[:, None, None]
-    eos_only = jnp.full((vocab,), NEG_INF).at[eos_id].set(0.0)
-    log_probs = jnp.where(must_end, jnp.maximum(log_probs + eos_only, NEG_INF), log_probs)
-    candidates = (state['live_logprobs'][:, :, None] + log_probs).reshape(batch_size, -1)
-    # 2K candidates always leave K that do not end in EOS.
-    top_logprobs, top_index = jax.lax.top_k(candidates, 2 * k)           # [B, 2K]
-    beam_of = top_index // vocab
-    token_of = (top_index % vocab).astype(jnp.int32)
-    sequences = jnp.take_along_axis(state['live_tokens'], beam_of[:, :, None], axis=1)
-    sequences = sequences.at[:, :, index].set(token_of)                  # [B, 2K, L]
-    is_eos = token_of == eos_id
+    rows = np.arange(batch_size * k).reshape(batch_size, k)  # the row each new row continues
+    for b, beams in enumerate(live):
+      if not beams:
+        continue
+      scores = np.stack([log_p + log_probs[b * k + j] for j, (log_p, _) in enumerate(beams)])
+      if index + 1 >= caps[b]:  # at its cap a hypothesis can only end
+        scores[:, np.arange(vocab) != eos_id] = -np.inf
+      elif index + 1 < floors[b]:  # before its floor it cannot
+        scores[:, eos_id] = -np.inf
+      best = np.argsort(-scores, axis=None, kind='stable')[:2 * k]  # ties: (beam, token) order
+      kept = [(scores.flat[i], i // vocab, beams[i // vocab][1] + [i % vocab])
+              for i in best if scores.flat[i] > -np.inf]
+      finished[b] += [(log_p / length_penalty(index + 1, alpha), tokens)
+                      for log_p, _, tokens in kept if tokens[-1] == eos_id]
+      finished[b] = sorted(finished[b], key=lambda hypothesis: -hypothesis[0])[:k]
+      continuing = [candidate for candidate in kept if candidate[2][-1] != eos_id][:k]
+      live[b] = [(log_p, tokens) for log_p, _, tokens in continuing]
+      rows[b, :len(continuing)] = [b * k + j for _, j, _ in continuing]
+    cache = jax.tree.map(lambda x, rows=rows.reshape(-1): x[rows], cache)
 
-    # Finished: merge new EOS hypotheses with the old finished ones, keep the best K.
-    real_eos = is_eos & (top_logprobs > NEG_INF / 2)  # not a forced end of a dead beam
-    new_scores = jnp.where(real_eos, top_logprobs / length_penalty(index + 1, alpha), NEG_INF)
-    all_scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)
-    all_tokens = jnp.concatenate([state['finished_tokens'], sequences], axis=1)
-    finished_scores, keep = jax.lax.top_k(all_scores, k)
-    finished_tokens = jnp.take_along_axis(all_tokens, keep[:, :, None], axis=1)
-
-    # Live: the best K candidates that did not end.
-    live_candidates = jnp.where(is_eos, NEG_INF, top_logprobs)
-    live_logprobs, keep = jax.lax.top_k(live_candidates, k)              # [B, K]
-    live_tokens = jnp.take_along_axis(sequences, keep[:, :, None], axis=1)
-    source_beam = jnp.take_along_axis(beam_of, keep, axis=1)             # [B, K]
-    rows = (jnp.arange(batch_size)[:, None] * k + source_beam).reshape(-1)
-    cache = jax.tree.map(lambda x: x[rows], cache)                       # [B*K, ...]
-    return dict(index=index + 1, live_tokens=live_tokens, live_logprobs=live_logprobs,
-                finished_tokens=finished_tokens, finished_scores=finished_scores,
-                cache=cache)
-
-  state = jax.lax.while_loop(not_done, body, state)
-  # A batch row with no finished hypothesis (cannot happen with a forced EOS) keeps
-  # its live beams.
-  none_finished = (state['finished_scores'] <= NEG_INF / 2).all(axis=1)
-  tokens = jnp.where(none_finished[:, None, None], state['live_tokens'],
-                     state['finished_tokens'])
-  scores = jnp.where(none_finished[:, None], state['live_logprobs'], state['finished_scores'])
+  tokens = np.zeros((batch_size, k, max_length), np.int32)
+  scores = np.full((batch_size, k), NEG_INF, np.float32)
+  for b in range(batch_size):
+    # A sentence with no finished hypothesis (cannot happen with a cap) keeps its live ones.
+    for j, (score, sequence) in enumerate(finished[b] or live[b]):
+      tokens[b, j, :len(sequence)] = sequence
+      scores[b, j] = score
   return tokens, scores

@@ -264,8 +264,9 @@ class Attention(nnx.Module):
     mask = mask.reshape(batch, -1, mask.shape[-1])[:, None]              # [B, 1, G or 1, T]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
-    # [B, N, G, H]: with G before H the matmul writes rows as it computes them (faster
-    # than [B, G, N, H] for beam search's cross-attention, see BUILD_NOTES.md, 'Decoding').
+    # [B, N, G, H]: with G before H the matmul writes rows as it computes them (for
+    # beam search's cross-attention faster than [B, G, N, H], see BUILD_NOTES.md,
+    # 'Decoding').
     attended = jnp.einsum(f'BNGT,{cache_lib.SLOTS}->BNGH', weights,
                           values.astype(jnp.float32))
     attended = jnp.swapaxes(attended, 1, 2).reshape(batch * group, -1)   # [G*B, N*H]

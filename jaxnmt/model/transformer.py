@@ -294,14 +294,14 @@ class Transformer(OutputLayer, nnx.Module):
                  ) -> cache_lib.DecoderCache:
     """Cache for step-by-step decoding of up to `max_length` tokens: cross-attention
     keys/values computed once from `encoded` [B, S, D]; empty self-attention slots."""
-    config = self.config
+    heads, head_dim = self.config.num_heads, self.config.d_model // self.config.num_heads
     layer_caches = []
     for layer in self.decoder_layers:
       cross_keys, cross_values = (jnp.swapaxes(array, 1, 2)  # [B, S, N, H] -> SLOTS
                                   for array in layer.cross_attention.project_kv(encoded))
       layer_caches.append(cache_lib.LayerCache.empty(
-          encoded.shape[0], config.num_heads, max_length, config.d_model // config.num_heads,
-          encoded.dtype, cross_keys, cross_values))
+          encoded.shape[0], heads, max_length, head_dim, encoded.dtype, cross_keys,
+          cross_values))
     return cache_lib.DecoderCache(tuple(layer_caches), source_segment_ids)
 
   def decode_step(self, cache: cache_lib.DecoderCache, tokens, index):

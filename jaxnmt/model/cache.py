@@ -61,7 +61,11 @@ class LayerCache(NamedTuple):
   def write(self, keys, values, index, layout: Layout) -> 'LayerCache':
     """This cache with a step's keys and values [R, 1, N, H] written: token row b*G + g
     at slot index*G + g of cache row b (G = R / B; 1 under `ROWS`)."""
-    batch, heads, _, head_dim = self.values.shape
+    sizes = dict(zip(SLOTS, self.values.shape))
+    if self.keys.shape != tuple(sizes[axis] for axis in layout.keys):
+      raise ValueError(f'keys {self.keys.shape} are not in the {layout.keys} order of '
+                       f'values {self.values.shape} ({SLOTS})')
+    batch, heads, head_dim = sizes['B'], sizes['N'], sizes['H']
     group = keys.shape[0] // batch
 
     def put(slots, new, axes):

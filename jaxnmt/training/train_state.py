@@ -20,12 +20,6 @@ from jaxnmt.model import transformer
 from jaxnmt.runtime import sharding
 
 
-
-
-
-
-
-
 def _new_state(params, tx, ema: bool) -> dict:
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
   if ema:
@@ -39,8 +33,6 @@ def abstract_train_state(model_cfg: transformer.ModelConfig, tx, ema: bool = Fal
     model = transformer.build(model_cfg, rngs=initialize.rngs(0))
     return _new_state(nnx.state(model, nnx.Param), tx, ema)
   return jax.eval_shape(build)
-
-
 
 
 def create_train_state(model_cfg: transformer.ModelConfig, tx, seed: int, mesh, rules,
@@ -63,8 +55,5 @@ def create_train_state(model_cfg: transformer.ModelConfig, tx, seed: int, mesh, 
                total / 2**20, per_device / 2**20)
   state, rest = init()
   return graphdef, state, rest, shardings
-
-
-
 
 

@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 
 import ml_collections
 
+from jaxnmt.model import layers
 from jaxnmt.model import transformer
 from jaxnmt.runtime import sharding
 from jaxnmt.errors import ConfigError, MeshError
@@ -81,7 +82,7 @@ FIELD_RULES = {
     'model.activation': _one_of('relu', 'gelu', 'swiglu'),
     'model.norm': _one_of('layernorm', 'rmsnorm'),
     'model.dtype': _one_of('float32', 'bfloat16'),
-    'model.attention': _one_of('einsum', 'dot_product'),
+    'model.attention': _one_of(*layers.ATTENTION_KINDS),
     'model.attention_implementation': _one_of('', 'xla', 'cudnn'),
     'model.remat': _one_of('none', 'full', 'dots'),
     'model.position_embedding': _one_of('sinusoidal', 'learned', 'rope'),
@@ -112,9 +113,8 @@ def _check_combinations(config) -> None:
            f'data.batch_size={data.batch_size} must divide by '
            f'grad_accum_steps={optim.grad_accum_steps}')
   dot_product = model.attention == 'dot_product'
-  _require(not dot_product or model.attention_dropout_rate == 0,
-           'model.attention_dropout_rate', "must be 0 with model.attention='dot_product' "
-           f'(it has no attention dropout), got {model.attention_dropout_rate!r}')
+  problem = layers.attention_problem(model.attention, model.attention_dropout_rate)
+  _require(problem is None, 'model.attention_dropout_rate', str(problem))
   _require(dot_product or not model.attention_implementation,
            'model.attention_implementation', "applies to model.attention='dot_product' "
            f'only, got {model.attention_implementation!r} with {model.attention!r}')

@@ -71,8 +71,8 @@ def test_dot_product_attention_needs_no_attention_dropout_and_cudnn_bfloat16():
   with pytest.raises(errors.ConfigError) as error:
     config_lib.validate(config)  # base keeps attention_dropout_rate = 0.1
   assert str(error.value) == (
-      "config.model.attention_dropout_rate: must be 0 with model.attention='dot_product' "
-      '(it has no attention dropout), got 0.1')
+      "config.model.attention_dropout_rate: attention 'dot_product' has no attention "
+      'dropout: the rate must be 0, got 0.1')
   config.model.attention_dropout_rate = 0.0
   config_lib.validate(config)
   config.model.attention_implementation = 'cudnn'

@@ -162,6 +162,20 @@ def apply_rope(vectors: jax.Array, positions: jax.Array, base: float = 10_000.0)
                          axis=-1).astype(vectors.dtype)
 
 
+ATTENTION_KINDS = ('einsum', 'dot_product')
+
+
+def attention_problem(kind: str, dropout_rate: float) -> str | None:
+  """Why attention `kind` cannot run at attention dropout `dropout_rate` (None: it can).
+  The rule lives here only: `Attention` raises it, `config_lib` reports it for a config."""
+  if kind not in ATTENTION_KINDS:
+    return f'unknown attention kind {kind!r} (one of {", ".join(ATTENTION_KINDS)})'
+  if kind == 'dot_product' and dropout_rate > 0:
+    return (f"attention 'dot_product' has no attention dropout: the rate must be 0, got "
+            f'{dropout_rate!r}')
+  return None
+
+
 class Attention(nnx.Module):
   """Multi-head attention. Keys/values are projected by `project_kv` so a decoder can
   compute them once (cross-attention) or append them to a cache (self-attention).
@@ -172,11 +186,9 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, dropout_rate: float, *, rngs: nnx.Rngs,
                dtype=jnp.float32, kind: str = 'einsum', implementation: str | None = None):
-    if kind not in ('einsum', 'dot_product'):
-      raise ValueError(f'unknown attention kind {kind!r}')
-    if kind == 'dot_product' and dropout_rate > 0:
-      raise ValueError(f"attention 'dot_product' has no attention dropout, got rate "
-                       f'{dropout_rate}')
+    problem = attention_problem(kind, dropout_rate)
+    if problem:
+      raise ValueError(problem)
     self.dtype = jnp.dtype(dtype)
     self.kind = kind
     self.implementation = implementation or None

@@ -1,10 +1,11 @@
-"""Shared fixtures: a small corpus cut from the real one, a tiny config, and a model
-trained once per test session."""
+"""Shared fixtures: a small corpus cut from the real one, models trained once per test
+session (each pytest-xdist worker has its own session), and a local GCS emulator.
+Helpers that are not fixtures live in tests/helpers.py."""
 
+import fcntl
 import os
-import random
+import shutil
 import tempfile
-import zipfile
 
 # Eight CPU devices for every test (set before JAX is imported), so the trainer's
 # sharded path runs on a real mesh: the default mesh is 8-way data parallel.
@@ -21,36 +22,88 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# real_pairs stays importable from here: benchmarks/ import it.
+# pylint: disable-next=unused-import,wrong-import-position
+from tests.helpers import SHARED_DATA, ema_config, real_pairs
 from tests.tiny_config import tiny_config  # pylint: disable=wrong-import-position
 
-SHARED_DATA = os.environ.get(
-    'JAXNMT_DATA_DIR',
-    os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
 
-
-def real_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
-  """`count` random lines of the real spa-eng corpus, as (english, spanish)."""
-  with zipfile.ZipFile(os.path.join(SHARED_DATA, 'spa-eng.zip')) as archive:
-    lines = archive.read('spa-eng/spa.txt').decode('utf-8').splitlines()
-  picked = random.Random(seed).sample(lines, count)
-  return [tuple(line.split('\t')[:2]) for line in picked]
-
-
-@pytest.fixture(scope='session')
-def small_corpus(tmp_path_factory) -> str:
-  """A 3,000-pair TSV of real sentence pairs."""
-  path = tmp_path_factory.mktemp('corpus') / 'pairs.tsv'
-  path.write_text(''.join(f'{en}\t{es}\n' for en, es in real_pairs(3000)), encoding='utf-8')
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """A folder that `build(path)` fills once per test run: the pytest-xdist workers of a
+  run share it (the first to ask builds it, the others wait for it, rather than each
+  building its own). Tests must only read it."""
+  if 'PYTEST_XDIST_WORKER' not in os.environ:
+    path = str(tmp_path_factory.mktemp(name))
+    build(path)
+    return path
+  shared = tmp_path_factory.getbasetemp().parent  # this run's, common to its workers
+  path, done = shared / name, shared / f'{name}.done'
+  with open(shared / f'{name}.lock', 'w', encoding='utf-8') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)  # what a failed build left
+      path.mkdir()
+      build(str(path))
+      done.touch()
   return str(path)
 
 
 @pytest.fixture(scope='session')
-def trained_workdir(tmp_path_factory, small_corpus) -> str:
-  """A workdir holding a tiny model trained for 20 steps."""
+def small_corpus(tmp_path_factory) -> str:
+  """A 3,000-pair TSV of real sentence pairs (one path for every worker, as the shared
+  workdirs below record it)."""
+  def write(folder):
+    with open(os.path.join(folder, 'pairs.tsv'), 'w', encoding='utf-8') as handle:
+      handle.writelines(f'{en}\t{es}\n' for en, es in real_pairs(3000))
+  return os.path.join(built_once(tmp_path_factory, 'corpus', write), 'pairs.tsv')
+
+
+def _train(config, workdir: str) -> None:
   from jaxnmt.training import loop  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp('trained'))
-  loop.train_and_evaluate(tiny_config(small_corpus), workdir)
-  return workdir
+  loop.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory, small_corpus) -> str:
+  """A workdir holding a tiny model trained for 20 steps (checkpoints 10 and 20).
+  Read it only: a test that changes a workdir takes `workdir_copy`."""
+  return built_once(tmp_path_factory, 'trained',
+                    lambda path: _train(tiny_config(small_corpus), path))
+
+
+@pytest.fixture
+def workdir_copy(trained_workdir, tmp_path) -> str:
+  """A copy of `trained_workdir` of the test's own."""
+  path = str(tmp_path / 'run')
+  shutil.copytree(trained_workdir, path)
+  return path
+
+
+@pytest.fixture(scope='session')
+def ema_run(small_corpus, tmp_path_factory) -> str:
+  """20 steps of `ema_config` (checkpoints 5, 10, 15, 20). Read it only: a test that
+  changes it takes `ema_copy`."""
+  return built_once(tmp_path_factory, 'ema', lambda path: _train(ema_config(small_corpus),
+                                                                   path))
+
+
+@pytest.fixture(scope='session')
+def loaded(trained_workdir):
+  """`trained_workdir`'s model loaded for inference on every local device."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jaxnmt.decoding import inference
+  return inference.load(trained_workdir, devices=jax.local_devices())
+
+
+@pytest.fixture(scope='session')
+def pairs_tokenizer(tmp_path_factory):
+  """A 600-piece SentencePiece model of 400 real pairs."""
+  from jaxnmt.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('tok') / 'tokenizer.model')
+  tokenizer_lib.train([side for pair in real_pairs(400) for side in pair], path,
+                      vocab_size=600)
+  return tokenizer_lib.load(path, 'unigram')
 
 
 @pytest.fixture(scope='session')
@@ -66,6 +119,7 @@ def gcs_bucket(tmp_path_factory):
   import sys
   import time
   from tests import gcs_emulator
+  from tests.helpers import ROOT
   with socket.socket() as probe:
     probe.bind(('127.0.0.1', 0))
     port = probe.getsockname()[1]
@@ -73,8 +127,7 @@ def gcs_bucket(tmp_path_factory):
   with open(log, 'w', encoding='utf-8') as output:
     emulator = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, '-m', 'tests.gcs_emulator', f'--port={port}', '--bucket=bucket'],
-        cwd=os.path.join(os.path.dirname(__file__), '..'), stdout=output,
-        stderr=subprocess.STDOUT)
+        cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
   try:
     deadline = time.monotonic() + 60
     while True:
@@ -98,3 +151,18 @@ def gcs_bucket(tmp_path_factory):
   finally:
     emulator.terminate()
     emulator.wait(timeout=30)
+
+
+@pytest.fixture
+def ema_copy(ema_run, tmp_path) -> str:
+  """A copy of `ema_run` of the test's own."""
+  path = str(tmp_path / 'ema_run')
+  shutil.copytree(ema_run, path)
+  return path
+
+
+@pytest.fixture
+def gcs_dir(gcs_bucket, request) -> str:
+  """A fresh prefix of the emulator's bucket for one test."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  return f'{gcs_bucket}/{request.node.name.split("[")[0]}-{uuid.uuid4().hex[:8]}'

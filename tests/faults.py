@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, committed_steps, final_state
+
 STEPS = 60
 FAULT_AFTER = 25
 PEER_TIMEOUT_S = 20
@@ -95,36 +95,9 @@ def wait_for_step(workdir, step, launcher, timeout=300) -> None:
     time.sleep(0.05)
 
 
-def committed_steps(workdir) -> list[int]:
-  folders = (os.path.basename(os.path.dirname(path)) for path in glob.glob(
-      os.path.join(workdir, 'checkpoints', '*', 'commit_success.txt')))
-  return sorted(int(folder) for folder in folders if folder.isdigit())
-
-
-def final_params(workdir, step):
-  """The parameters and optimizer state of checkpoint `step`, on one device."""
-  # pylint: disable=g-import-not-at-top
-  from jaxnmt.runtime import checkpointing
-  from jaxnmt import config_lib
-  from jaxnmt.training import optim
-  from jaxnmt.training import train_state
-  from tests.tiny_config import tiny_config
-  config = tiny_config('')
-  tx, _ = optim.make_optimizer(config.optim, step)
-  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                            sharding=device),
-                          train_state.abstract_train_state(model_cfg, tx))
-  checkpointer = checkpointing.Checkpointer(str(workdir), read_only=True)
-  state, _, _ = checkpointer.restore(step, abstract)
-  checkpointer.close()
-  return jax.tree.leaves(jax.device_get(state))
-
-
 def bitwise_equal(workdir, reference, step) -> bool:
   return all(np.array_equal(a, b) for a, b in
-             zip(final_params(workdir, step), final_params(reference, step)))
+             zip(final_state(workdir, step), final_state(reference, step)))
 
 
 @dataclasses.dataclass

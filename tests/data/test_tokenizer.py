@@ -1,4 +1,5 @@
-"""SentencePiece: fixed special ids, casing and punctuation kept, any Unicode accepted."""
+"""data/tokenizer: SentencePiece with fixed special ids, casing and punctuation kept and
+any Unicode accepted; the character tokenizer round-trips its training text."""
 
 import os
 
@@ -6,7 +7,9 @@ import pytest
 
 from jaxnmt.data import corpus as data
 from jaxnmt import errors
+from jaxnmt.data import lm as lm_lib
 from jaxnmt.data import tokenizer as tokenizer_lib
+from tests.helpers import SHAKESPEARE
 
 
 @pytest.fixture(scope='module')
@@ -50,3 +53,15 @@ def test_vocabulary_too_large_for_the_corpus_is_a_config_error(tmp_path):
     tokenizer_lib.train(['a small corpus', 'of two sentences'], str(tmp_path / 'spm.model'),
                         vocab_size=5000)
   assert not os.path.exists(tmp_path / 'spm.model')
+
+
+def test_char_tokenizer_round_trips_the_training_text(tmp_path):
+  text = open(SHAKESPEARE, encoding='utf-8').read()
+  train_text, valid_text = lm_lib.split_text(text, 0.1)
+  assert len(train_text) + len(valid_text) == 1_115_394
+  tokenizer = tokenizer_lib.train_chars(train_text, str(tmp_path / 'chars.json'))
+  assert tokenizer.vocab_size == len(set(train_text)) + 4
+  assert tokenizer.decode(tokenizer.encode(train_text)) == train_text
+  reloaded = tokenizer_lib.load(str(tmp_path / 'chars.json'), 'char')
+  assert reloaded.encode('ROMEO:') == tokenizer.encode('ROMEO:')
+  assert tokenizer.encode('€')[0] == tokenizer_lib.UNK_ID

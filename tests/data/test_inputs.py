@@ -1,8 +1,10 @@
-"""A corpus download happens on process 0 alone: the others wait for it (a local HTTP
-server counts the requests; no internet is needed)."""
+"""data/inputs: a corpus download happens on process 0 alone, the others wait for it (a
+local HTTP server counts the requests; no internet is needed); a workdir whose tokenizer
+is not the prepared data's is refused."""
 
 import http.server
 import os
+import shutil
 import threading
 
 import jax
@@ -97,3 +99,14 @@ def test_prepare_downloads_the_default_corpus_on_process_zero_only(server, cache
   with pytest.raises(DataError, match='holds no manifest.json'):
     inputs.prepare_data(config, str(tmp_path / 'run'))
   assert server.requests == 0
+
+
+def test_a_workdir_tokenizer_other_than_the_prepared_one_is_refused(trained_workdir,
+                                                                    small_corpus, tmp_path):
+  workdir = tmp_path / 'other_tokenizer_data'
+  shutil.copytree(trained_workdir, workdir, ignore=shutil.ignore_patterns('checkpoints'))
+  config = tiny_config(small_corpus)
+  assert inputs.prepare_data(config, str(workdir), progress=False)  # its own: accepted
+  shutil.copyfile(workdir / 'data' / 'manifest.json', workdir / 'tokenizer.model')
+  with pytest.raises(DataError, match='is not the tokenizer of the prepared data'):
+    inputs.prepare_data(config, str(workdir), progress=False)

@@ -42,12 +42,10 @@ WORKDIR may be a local folder or a Cloud Storage path (gs://bucket/run). The pre
 data then lives elsewhere, on a local path (see data/prepare.py).
 """
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 
@@ -210,20 +208,6 @@ def sha256(target: str) -> str:
     for block in iter(lambda: handle.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def local_copy(target: str):
-  """A local file holding `target`'s bytes, for libraries that only open local paths
-  (the path itself when it is local)."""
-  if not is_remote(target):
-    yield target
-    return
-  with tempfile.TemporaryDirectory(prefix='jaxnmt-') as scratch:
-    copy = os.path.join(scratch, target.rstrip('/').rsplit('/', 1)[-1])
-    with open(copy, 'wb') as handle:
-      handle.write(read_bytes(target))
-    yield copy
 
 
 # ----------------------------------------------------------------------------- writing

@@ -7,7 +7,7 @@ first thing and logs `describe()`. Two settings decide much of a CPU step's time
   multiplies to YNNPACK by default; `--xla_cpu_experimental_ynn_fusion_type=
   individual_dot,eltwise,reduce` hands it the elementwise loops and reductions too.
   `auto` adds it for the jaxlib versions it was checked with (`TESTED_JAXLIB`;
-  `tests/test_host_runtime.py` compares losses with and without it on each install),
+  `tests/runtime/test_host.py` compares losses with and without it on each install),
   `on` for any jaxlib, `off` never; never over a value the user put in XLA_FLAGS.
   For decoding commands (translate, serve, eval, generate) `auto` hands YNNPACK the
   matrix multiplies and reductions only (`DECODING_LIBRARY_FUSIONS`): their loop runs

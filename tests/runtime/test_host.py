@@ -1,5 +1,5 @@
-"""Host runtime settings: backend detection, the XLA:CPU library fusions, the allocator
-restart (and that nothing of it leaks into child processes)."""
+"""runtime/host: backend detection, the XLA:CPU library fusions, the allocator restart
+(and that nothing of it leaks into child processes)."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import pytest
 
 from jaxnmt import errors
 from jaxnmt.runtime import host
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSIONS = f'{host.YNN_FLAG}={host.CPU_LIBRARY_FUSIONS}'
 MARKER = host._MARKER  # pylint: disable=protected-access
 LIB_DIRS = ('/lib/x86_64-linux-gnu', '/lib/aarch64-linux-gnu', '/usr/lib64', '/lib64', '/lib')

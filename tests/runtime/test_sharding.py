@@ -1,5 +1,6 @@
-"""Mesh planning, sharded state, and equivalence of 1 device, an 8-device
-data x fsdp x tensor mesh, and 2 processes x 4 devices (launch/local.sh, gloo)."""
+"""runtime/sharding: mesh planning and its one-line errors, the state split by FSDP, and
+the same training on 1 device, an 8-device data x fsdp x tensor mesh, and 2 processes
+x 4 devices (launch/local.sh, gloo)."""
 
 import os
 import subprocess
@@ -15,8 +16,7 @@ from jaxnmt import errors
 from jaxnmt.training import optim
 from jaxnmt.runtime import sharding
 from jaxnmt.training import train_state
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def mesh_config(data, fsdp, tensor):

@@ -1,26 +1,18 @@
-"""The workdir on Cloud Storage (gs://), against a local GCS emulator that honours
-generation preconditions (tests/gcs_emulator.py): the path layer on a local folder
-and on gs://, the leases, and a run trained, resumed and scored with its workdir on
-gs://."""
+"""runtime/files: the path layer on a local folder and on Cloud Storage (gs://, against
+a local GCS emulator that honours generation preconditions: tests/gcs_emulator.py), the
+results file, and a run trained, resumed and scored with its workdir on gs://."""
 
+import hashlib
 import json
 import logging
 import os
 import time
-import uuid
 
 import pytest
 
 from jaxnmt import errors
 from jaxnmt.runtime import files
-from jaxnmt.runtime import locks
 from tests.tiny_config import tiny_config
-
-
-@pytest.fixture
-def gcs_dir(gcs_bucket, request) -> str:
-  """A fresh prefix of the emulator's bucket for one test."""
-  return f'{gcs_bucket}/{request.node.name.split("[")[0]}-{uuid.uuid4().hex[:8]}'
 
 
 @pytest.fixture(params=['local', 'gs'])
@@ -47,10 +39,7 @@ def test_layer_reads_and_writes(any_dir):
   with pytest.raises(FileNotFoundError):
     files.read_text(files.join(any_dir, 'missing.txt'))
   assert abs(files.getmtime(target) - time.time()) < 120
-  assert len(files.sha256(target)) == 64
-  with files.local_copy(target) as copy:
-    with open(copy, encoding='utf-8') as handle:
-      assert handle.read() == 'two'
+  assert files.sha256(target) == hashlib.sha256(b'two').hexdigest()
 
 
 def test_layer_appends_moves_and_removes(any_dir):
@@ -102,46 +91,8 @@ def test_generation_preconditions_hold(gcs_dir):
   assert files.read_with_generation(target) is None
 
 
-def test_lease_on_gcs(gcs_dir):
-  lease = locks.EvalLock(gcs_dir)
-  with pytest.raises(errors.WorkdirError, match='in use by another eval worker'):
-    locks.EvalLock(gcs_dir)
-  lease.refresh()
-  assert files.worker_alive(gcs_dir)
-  time.sleep(0.2)
-  # A contender that finds the holder silent past its timeout takes the lease over
-  # (deleting only the generation it read); the old holder learns it at its refresh.
-  taker = locks.Lease(gcs_dir, files.WORKER, 'eval worker', timeout_s=0.1)
-  with pytest.raises(errors.WorkdirError, match='lost its lease'):
-    lease.refresh()
-  lease.release()  # no longer ours: leaves the taker's file alone
-  assert files.exists(files.join(gcs_dir, files.WORKER))
-  taker.release()
-  assert not files.exists(files.join(gcs_dir, files.WORKER))
-  locks.EvalLock(gcs_dir).release()  # free again
-
-
-def test_trainer_lock_on_gcs(gcs_dir):
-  lock = locks.TrainerLock(gcs_dir, owner=True)
-  with pytest.raises(errors.WorkdirError, match='in use by another trainer'):
-    locks.TrainerLock(gcs_dir, owner=True)
-  locks.TrainerLock(gcs_dir, owner=False).release()  # other processes take nothing
-  lock.release()
-  locks.TrainerLock(gcs_dir, owner=True).release()
-
-
-def test_gcs_workdir_needs_local_prepared_dir(gcs_dir, small_corpus):
-  from jaxnmt.data import prepare  # pylint: disable=g-import-not-at-top
-  config = tiny_config(small_corpus)
-  with pytest.raises(errors.ConfigError, match='prepared_dir'):
-    prepare.prepared_dir(config, gcs_dir)
-  config.data.prepared_dir = 'gs://bucket/data'
-  with pytest.raises(errors.ConfigError, match='must be a local path'):
-    prepare.prepared_dir(config, gcs_dir)
-
-
 def test_train_resume_eval_on_gcs(gcs_dir, small_corpus, tmp_path, caplog):
-  """train 12 steps (checkpoints at 6 and 12) -> resume to 18 -> score a checkpoint
+  """train 4 steps (checkpoints at 2 and 4) -> resume to 6 -> score a checkpoint
   -> set one aside, all with the workdir on gs://."""
   # pylint: disable=g-import-not-at-top
   from jaxnmt.commands import evaluate
@@ -149,59 +100,81 @@ def test_train_resume_eval_on_gcs(gcs_dir, small_corpus, tmp_path, caplog):
   from jaxnmt.training import loop
   config = tiny_config(small_corpus)
   config.data.prepared_dir = str(tmp_path / 'prepared')  # local on every host
-  config.num_train_steps = 12
-  config.checkpoint_every_steps = 6
-  config.eval_every_steps = 6
-  config.log_every_steps = 6
+  config.num_train_steps = 4
+  config.checkpoint_every_steps = config.eval_every_steps = config.log_every_steps = 2
   started = time.time()
   first = loop.train_and_evaluate(config, gcs_dir)
   trained = time.time() - started
-  assert first['step'] == 12
+  assert first['step'] == 4
   listed = files.listdir(gcs_dir)
   for name in ('config.json', 'tokenizer.model', 'splits', 'checkpoints', 'train',
                'valid'):
     assert name in listed, listed
-  assert {'6', '12'} <= set(files.listdir(files.checkpoints_dir(gcs_dir)))
-  assert files.exists(files.join(gcs_dir, 'checkpoints', '12', 'commit_success.txt'))
-  assert files.finished_step(gcs_dir) == 12
+  assert {'2', '4'} <= set(files.listdir(files.checkpoints_dir(gcs_dir)))
+  assert files.exists(files.join(gcs_dir, 'checkpoints', '4', 'commit_success.txt'))
+  assert files.finished_step(gcs_dir) == 4
   assert not files.exists(files.join(gcs_dir, files.LOCK))  # released
   records = metrics.read_jsonl(files.join(gcs_dir, 'train', files.METRICS))
-  assert [r['step'] for r in records] == [6, 12]
+  assert [r['step'] for r in records] == [2, 4]
   assert any(name.startswith('events.out.tfevents')
              for name in files.listdir(files.join(gcs_dir, 'train')))
-  assert files.load_config(gcs_dir).num_train_steps == 12
+  assert files.load_config(gcs_dir).num_train_steps == 4
 
-  config.num_train_steps = 18
+  config.num_train_steps = 6
   started = time.time()
   with caplog.at_level(logging.INFO):
     second = loop.train_and_evaluate(config, gcs_dir)
   resumed = time.time() - started
-  assert second['step'] == 18
-  assert 'Resumed from checkpoint at step 12' in caplog.text
+  assert second['step'] == 6
+  assert 'Resumed from checkpoint at step 4' in caplog.text
   records = metrics.read_jsonl(files.join(gcs_dir, 'train', files.METRICS))
-  assert [r['step'] for r in records] == [6, 12, 18]
+  assert [r['step'] for r in records] == [2, 4, 6]
 
   started = time.time()
-  results = evaluate.run_eval_worker(gcs_dir, checkpoint_step=12, batch_size=16,
-                                     max_test_sentences=16)
+  results = evaluate.run_eval_worker(gcs_dir, checkpoint_step=4, batch_size=16,
+                                     max_test_sentences=8, max_valid_sentences=8)
   scored = time.time() - started
-  assert [r['step'] for r in results] == [12]
-  assert files.scored_steps(gcs_dir) == {12}
+  assert [r['step'] for r in results] == [4]
+  assert files.scored_steps(gcs_dir) == {4}
   assert files.exists(results[0]['hypotheses'])
   assert not files.exists(files.join(gcs_dir, files.WORKER))  # released
   # An unreadable step set aside on gs://: out of Orbax's list, its files kept.
   from jaxnmt.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointer = checkpointing.Checkpointer(gcs_dir)
-  assert checkpointer.all_steps() == [6, 12, 18]
-  checkpointer.set_aside(6)
-  assert checkpointer.all_steps() == [12, 18]
+  assert checkpointer.all_steps() == [2, 4, 6]
+  checkpointer.set_aside(2)
+  assert checkpointer.all_steps() == [4, 6]
   checkpointer.close()
   aside = [name for name in files.listdir(files.checkpoints_dir(gcs_dir))
-           if name.startswith('unreadable-6-')]
-  assert len(aside) == 1 and '6' not in files.listdir(files.checkpoints_dir(gcs_dir))
+           if name.startswith('unreadable-2-')]
+  assert len(aside) == 1 and '2' not in files.listdir(files.checkpoints_dir(gcs_dir))
   assert files.exists(files.join(files.checkpoints_dir(gcs_dir), aside[0],
                                      'state', 'manifest.ocdbt'))
   logging.warning('gs:// workdir: train %.1f s, resume %.1f s, eval %.1f s', trained,
                   resumed, scored)
   print(json.dumps({'train_s': round(trained, 1), 'resume_s': round(resumed, 1),
                     'eval_s': round(scored, 1)}))
+
+
+def test_results_never_hold_a_step_twice(tmp_path):
+  workdir = str(tmp_path)
+  os.makedirs(os.path.join(workdir, 'eval'))
+  target = os.path.join(workdir, files.RESULTS)
+  with open(target, 'w') as handle:  # an older jaxnmt's duplicate, then a killed write
+    handle.write(''.join(json.dumps(r) + '\n' for r in (
+        {'step': 10, 'bleu': 1.0}, {'step': 20, 'bleu': 2.0}, {'step': 10, 'bleu': 3.0})))
+    handle.write('{"step": 30, "bl')
+  # Readers keep the last result of a step and skip the cut line.
+  assert [(r['step'], r['bleu']) for r in files.read_results(workdir)] == [
+      (20, 2.0), (10, 3.0)]
+  assert files.scored_steps(workdir) == {10, 20}
+
+  def lines():
+    return [(json.loads(line)['step'], json.loads(line)['bleu'])
+            for line in open(target).read().splitlines()]
+  files.append_result(workdir, {'step': 30, 'bleu': 4.0})  # after the cut line
+  assert lines() == [(20, 2.0), (10, 3.0), (30, 4.0)]
+  files.append_result(workdir, {'step': 20, 'bleu': 5.0})  # scored again
+  assert lines() == [(10, 3.0), (30, 4.0), (20, 5.0)]
+  files.append_result(workdir, {'step': 40, 'bleu': 6.0})
+  assert lines() == [(10, 3.0), (30, 4.0), (20, 5.0), (40, 6.0)]

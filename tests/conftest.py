@@ -23,8 +23,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # real_pairs stays importable from here: benchmarks/ import it.
-# pylint: disable-next=unused-import,wrong-import-position
-from tests.helpers import SHARED_DATA, ema_config, real_pairs
+from tests.helpers import ema_config, real_pairs  # pylint: disable=wrong-import-position
 from tests.tiny_config import tiny_config  # pylint: disable=wrong-import-position
 
 

@@ -42,12 +42,6 @@ def with_shardings(abstract_tree, shardings):
                       abstract_tree, shardings)
 
 
-def create_model(model_cfg: transformer.ModelConfig, seed: int):
-  """(graphdef, params, rest) initialised on the default device, unsharded (small
-  models: tests, examples)."""
-  return nnx.split(transformer.build(model_cfg, rngs=rngs(seed)), nnx.Param, ...)
-
-
 def inference_model(model_cfg: transformer.ModelConfig, where: jax.sharding.Sharding):
   """(graphdef, abstract params, rest) for inference: the parameters are never
   initialised (they come from a checkpoint); `rest`, the model's few bytes of RNG

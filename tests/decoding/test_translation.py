@@ -1,110 +1,25 @@
-"""`--mode=translate`: streaming stdin, n-best TSV, --checkpoint_step, token batching,
-and inputs of any length translated whole."""
+"""decoding/translation: the Translator's batching by tokens, minimum lengths, scores,
+inputs of any length translated whole (or sentence by sentence), and its length buckets."""
 
 import dataclasses
 import logging
 import os
-import queue
-import subprocess
-import sys
-import threading
 
 import jax
 import numpy as np
 import pytest
 
-from jaxnmt.decoding import inference
 from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.decoding import translation
-from jaxnmt.commands import translate as translate_command
 from jaxnmt.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEAM2 = translation.DecodeOptions(beam_size=2)
-
-
-@pytest.fixture(scope='module')
-def loaded(trained_workdir):
-  return inference.load(trained_workdir, devices=jax.local_devices())
 
 
 @pytest.fixture(scope='module')
 def test_sources(trained_workdir):
   with open(os.path.join(trained_workdir, 'splits', 'test.src'), encoding='utf-8') as handle:
     return handle.read().splitlines()
-
-
-def _main(workdir, *flags):
-  return [sys.executable, '-m', 'jaxnmt.main', '--mode=translate', f'--workdir={workdir}',
-          *flags]
-
-
-def _lines_of(pipe) -> queue.Queue:
-  """A queue the lines of `pipe` arrive on (None at its end)."""
-  lines = queue.Queue()
-
-  def read():
-    for line in iter(pipe.readline, ''):
-      lines.put(line)
-    lines.put(None)
-
-  threading.Thread(target=read, daemon=True).start()
-  return lines
-
-
-def test_stdin_is_streamed_line_by_line(trained_workdir, loaded):
-  expected = translation.Translator(loaded, BEAM2).translate(['Hello.', 'Where is the station?'])
-  process = subprocess.Popen(  # pylint: disable=consider-using-with
-      _main(trained_workdir, '--beam_size=2'), cwd=ROOT, stdin=subprocess.PIPE,
-      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
-  try:
-    outputs = _lines_of(process.stdout)
-    # Each translation comes back while stdin is still open.
-    process.stdin.write('Hello.\n')
-    process.stdin.flush()
-    assert outputs.get(timeout=240) == expected[0] + '\n'
-    process.stdin.write('\nWhere is the station?\n')
-    process.stdin.flush()
-    assert outputs.get(timeout=60) == '\n'  # a blank line stays a blank line
-    assert outputs.get(timeout=60) == expected[1] + '\n'
-    process.stdin.close()
-    assert outputs.get(timeout=60) is None
-    assert process.wait(timeout=60) == 0
-  finally:
-    process.kill()
-
-
-@pytest.mark.slow
-def test_nbest_tsv_from_a_file_and_checkpoint_step(trained_workdir, loaded, tmp_path):
-  lines = ['Good morning.', '', 'Tom is here.']
-  source = tmp_path / 'in.txt'
-  source.write_text('\n'.join(lines) + '\n', encoding='utf-8')
-  result = subprocess.run(
-      _main(trained_workdir, f'--input={source}', '--beam_size=3', '--nbest=2',
-            '--checkpoint_step=10'), cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert 'weights of checkpoint 10' in result.stderr
-  rows = [line.split('\t') for line in result.stdout.splitlines()]
-  assert [(int(r[0]), int(r[1])) for r in rows] == [(i, k) for i in range(3) for k in range(2)]
-  assert all(len(row) == 4 for row in rows)
-  scores = np.array([float(row[2]) for row in rows]).reshape(3, 2)
-  assert (scores[[0, 2], 0] >= scores[[0, 2], 1]).all() and (scores[[0, 2]] < 0).all()
-  assert [row[3] for row in rows[2:4]] == ['', '']  # the blank line
-  # The same as the library on checkpoint 10.
-  at_10 = translation.Translator.from_workdir(trained_workdir, 10, dataclasses.replace(
-      BEAM2, beam_size=3), devices=jax.local_devices())
-  assert at_10.step == 10
-  expected = at_10.translate_nbest(lines, 2)
-  assert [row[3] for row in rows] == [h.text for hs in expected for h in hs]
-  np.testing.assert_allclose(scores, [[h.score for h in hs] for hs in expected], atol=1e-3)
-
-
-def test_nbest_beyond_the_beam_is_a_user_error(trained_workdir):
-  with pytest.raises(UserError, match='--nbest must be in'):
-    translate_command.run(trained_workdir, None, nbest=3, options=BEAM2)
-  result = subprocess.run(_main(trained_workdir, '--nbest=2', '--beam_size=1'), cwd=ROOT,
-                          input='Hello.\n', capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2 and 'error: --nbest must be in [0, 1]' in result.stderr
 
 
 def test_token_batching_gives_the_one_by_one_results(loaded, test_sources):

@@ -1,5 +1,5 @@
-"""`--mode=serve`: the HTTP translation server, started once per module on the tiny
-trained model and spoken to with http.client."""
+"""`--mode=serve` (commands/serve): the HTTP translation server, started once per module
+on the tiny trained model and spoken to with http.client."""
 
 import http.client
 import json
@@ -7,26 +7,22 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import jax
 import pytest
 
-from jaxnmt.decoding import inference
 from jaxnmt.commands import serve
 from jaxnmt.decoding import translation
+from tests.helpers import start_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMITS = serve.Limits(max_request_sentences=8, max_sentence_tokens=48)
 
 
 @pytest.fixture(scope='module')
-def server(trained_workdir):
-  translator = translation.Translator(
-      inference.load(trained_workdir, devices=jax.local_devices()),
-      translation.DecodeOptions(beam_size=2))
+def server(loaded):
+  translator = translation.Translator(loaded, translation.DecodeOptions(beam_size=2))
   running = serve.Server(translator, port=0, limits=LIMITS, batch_size=16).start()
   yield running
   running.stop()
@@ -59,11 +55,14 @@ def _translate(server, payload):
   return answer
 
 
-def test_health(server):
+def test_health_reports_the_model_and_limits_the_server_runs_with(server):
   status, answer = _request(server, 'GET', '/health')
   assert status == 200
-  assert answer['status'] == 'ok' and answer['step'] == 20 and answer['beam_size'] == 2
-  assert answer['devices'] == len(jax.local_devices())
+  assert answer['status'] == 'ok' and answer['step'] == 20 and answer['weights'] == 'raw'
+  assert answer['beam_size'] == 2 and answer['devices'] == len(jax.local_devices())
+  assert answer['queued_requests'] == 0 and answer['uptime_s'] >= 0
+  # The limits it reports are the ones it enforces (test_bad_requests_...).
+  assert (answer['max_request_sentences'], answer['max_sentence_tokens']) == (8, 48)
 
 
 def test_translate_and_nbest(server, sentences):
@@ -170,9 +169,8 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, sentences, 
 
 @pytest.mark.slow
 def test_serve_mode_stops_on_sigterm(trained_workdir):
-  process = subprocess.Popen(  # pylint: disable=consider-using-with
-      [sys.executable, '-m', 'jaxnmt.main', '--mode=serve', f'--workdir={trained_workdir}',
-       '--port=0', '--beam_size=1'], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  process = start_main('--mode=serve', f'--workdir={trained_workdir}', '--port=0',
+                       '--beam_size=1', stdout=subprocess.DEVNULL, start_new_session=False)
   try:
     deadline, url, log = time.monotonic() + 240, None, []
     while url is None and time.monotonic() < deadline:

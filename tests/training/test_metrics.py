@@ -1,5 +1,6 @@
-"""A run resumed from checkpoint step S leaves no step twice in its logs: metrics.jsonl
-loses the killed run's records after S, and TensorBoard is told to hide its events."""
+"""training/metrics: a run resumed from checkpoint step S leaves no step twice in its
+logs: metrics.jsonl loses the killed run's records after S, and TensorBoard is told to
+hide its events."""
 
 import json
 import os

@@ -2,28 +2,23 @@
 answers, through the project's own data pipeline, train step, loader and decoders."""
 
 import functools
-import os
 import random
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 import sacrebleu
 
-from configs import base, big, lm_char, lm_subword, tiny
+from configs import lm_char, tiny
 from jaxnmt import config_lib
-from jaxnmt.decoding import inference
-from jaxnmt.training import optim
-from jaxnmt.training import steps
-from jaxnmt.data import tokenizer as tokenizer_lib
-from jaxnmt.training import loop
-from jaxnmt.model import initialize
-from jaxnmt.decoding import translation
 from jaxnmt.data import lm as lm_lib
 from jaxnmt.data import pipeline
 from jaxnmt.data import records as records_lib
-from tests.conftest import SHARED_DATA
+from jaxnmt.data import tokenizer as tokenizer_lib
+from jaxnmt.decoding import inference
+from jaxnmt.decoding import translation
+from jaxnmt.training import optim
+from jaxnmt.training import steps
+from tests.helpers import create_model, new_state, train_step_fn
 
 # 120 symbols, one character each, none of them a space: a sentence of n symbols is n
 # tokens of the character tokenizer.
@@ -56,11 +51,10 @@ def _copy_task_config():
 def _train(config, model_cfg, batches, num_steps: int):
   """`num_steps` updates of the project's train step on host `batches` -> params."""
   tx, _ = optim.make_optimizer(config.optim, num_steps)
-  graphdef, params, rest = initialize.create_model(model_cfg, seed=0)
-  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
-  step = jax.jit(functools.partial(steps.train_step, graphdef, tx,
-                                   config.optim.label_smoothing, 0, 1,
-                                   loss_chunks=config.optim.loss_chunks))
+  graphdef, params, rest = create_model(model_cfg, seed=0)
+  state = new_state(params, tx)
+  step = train_step_fn(graphdef, tx, label_smoothing=config.optim.label_smoothing,
+                       loss_chunks=config.optim.loss_chunks)
   for _ in range(num_steps):
     state, _ = step(state, rest, next(batches))
   return graphdef, state['params'], rest
@@ -117,38 +111,3 @@ def test_language_model_learns_a_repeated_pattern(tmp_path):
   loss = float(sums['nll'] / sums['tokens'])
   print(f'repeated pattern: held-out loss {loss:.4f} nats/token')  # shown with pytest -s
   assert loss <= 0.05, loss
-
-
-def _shrunk(get_config, corpus):
-  """A shipped config cut to two quick steps: its model as shipped, smaller batches,
-  rows and (for the translation configs, trained on a small corpus) vocabulary."""
-  config = get_config()
-  # The state split over the 8 test devices (FSDP), not replicated on each: Transformer-
-  # big's parameters and AdamW moments are 2.2 GB.
-  config.mesh.data, config.mesh.fsdp = 1, 8
-  config.num_train_steps = 2
-  config.train_time_limit_minutes = 0.0
-  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
-  config.data.batch_size = config.data.eval_batch_size = 8
-  config.optim.warmup_steps = 1
-  if config.task == 'lm':
-    config.data.path = os.path.join(SHARED_DATA, 'tinyshakespeare.txt')
-    config.data.max_target_length = min(config.data.max_target_length, 32)
-  else:
-    config.data.path = corpus
-    config.data.max_source_length = config.data.max_target_length = 24
-    config.tokenizer.vocab_size = 1000
-    config.optim.loss_chunks = min(config.optim.loss_chunks, 4)
-  return config
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('get_config', [tiny.get_config, lm_char.get_config,
-                                        lm_subword.get_config, base.get_config,
-                                        big.get_config])
-def test_every_shipped_config_trains_two_steps(get_config, small_corpus, tmp_path):
-  config = _shrunk(get_config, small_corpus)
-  result = loop.train_and_evaluate(config, str(tmp_path))
-  assert result['step'] == 2 and np.isfinite(result['valid_loss'])
-  loaded = inference.load(str(tmp_path))
-  assert loaded.step == 2

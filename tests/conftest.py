@@ -3,6 +3,7 @@ session (each pytest-xdist worker has its own session), and a local GCS emulator
 Helpers that are not fixtures live in tests/helpers.py."""
 
 import fcntl
+import functools
 import os
 import shutil
 import tempfile
@@ -45,6 +46,13 @@ def built_once(tmp_path_factory, name: str, build) -> str:
       build(str(path))
       done.touch()
   return str(path)
+
+
+@pytest.fixture(scope='session')
+def build_once(tmp_path_factory):
+  """`built_once` for tests: build_once(name, build) -> the folder `build` filled once
+  in this test run."""
+  return functools.partial(built_once, tmp_path_factory)
 
 
 @pytest.fixture(scope='session')

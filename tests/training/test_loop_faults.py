@@ -17,15 +17,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, small_corpus):
-  """Uninterrupted 2-process runs, by number of steps."""
-  made = {}
-
+def reference(build_once, small_corpus):
+  """Uninterrupted 2-process runs, by number of steps (each made once per test run)."""
   def of(steps):
-    if steps not in made:
-      made[steps] = str(tmp_path_factory.mktemp(f'reference{steps}') / 'run')
-      faults.run(made[steps], small_corpus, 2, 1, steps)
-    return made[steps]
+    def make(folder):
+      faults.run(os.path.join(folder, 'run'), small_corpus, 2, 1, steps)
+    return os.path.join(build_once(f'fault_reference_{steps}', make), 'run')
   return of
 
 

@@ -1,5 +1,5 @@
 """Fault injection on multi-process runs started through `launch/local.sh`: the slow
-tests in tests/test_faults.py and the matrix in benchmarks/fault_matrix.py use it.
+tests in tests/training/test_loop_faults.py and the matrix in benchmarks/fault_matrix.py use it.
 
 Each fault runs the tiny test config on N processes, injects the fault once training
 is past step FAULT_AFTER (a checkpoint at step 20 is committed by then), and measures

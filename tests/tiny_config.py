@@ -32,7 +32,7 @@ def tiny_config(corpus_path: str):
   config.eval_every_steps = 10
   config.checkpoint_every_steps = 10
   config.optim.warmup_steps = 5
-  config.ema_decay = 0.0  # tests/test_weights.py turns the moving average on
+  config.ema_decay = 0.0  # tests/decoding/test_averaging.py turns the moving average on
   return config
 
 

@@ -1,5 +1,5 @@
 """`--mode=bench` (commands/bench): what it measures and writes, and its FLOPs formula
-against XLA's count. (tests/test_bench.py holds the bench's memory-fit tests.)"""
+against XLA's count. (tests/training/test_setup.py holds the bench's memory-fit tests.)"""
 
 import json
 import os

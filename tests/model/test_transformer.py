@@ -98,7 +98,7 @@ def test_decoder_is_causal():
 
 
 # Every switch of the block and the embeddings, each value at least once (the LM's
-# counterpart is tests/test_lm.py::test_cached_generation_equals_full_recomputation).
+# counterpart is tests/model/test_transformer_lm.py::test_cached_generation_equals_full_recomputation).
 TRANSFORMER_OPTIONS = [
     {},  # pre-LN, layernorm, relu, sinusoidal positions, shared embeddings
     dict(pre_layer_norm=False, norm='rmsnorm', activation='gelu',

@@ -12,8 +12,9 @@ from flax import nnx
 
 from jaxnmt.model import cache as cache_lib
 from jaxnmt.model import transformer
+from tests import helpers
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'jaxnmt')
+PACKAGE = os.path.join(helpers.ROOT, 'jaxnmt')
 BOS = 2
 
 

@@ -16,6 +16,7 @@ from jaxnmt.decoding import inference
 from jaxnmt.decoding import translation
 from jaxnmt.runtime import checkpointing
 from jaxnmt.training import loop
+from tests import faults
 from tests.helpers import committed_steps, last_error, run_main
 from tests.tiny_config import tiny_config
 
@@ -52,12 +53,7 @@ def test_a_failed_save_is_a_clear_error_and_keeps_the_complete_checkpoints(tmp_p
 
 @pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back(workdir_copy, small_corpus):
-  latest = committed_steps(workdir_copy)[-1]
-  for path in glob.glob(os.path.join(workdir_copy, 'checkpoints', str(latest), 'state', '**',
-                                     '*'), recursive=True):
-    if os.path.isfile(path) and os.path.getsize(path) > 64:
-      with open(path, 'r+b') as handle:
-        handle.truncate(os.path.getsize(path) // 2)
+  latest = faults.corrupt_latest(workdir_copy)
   result = _train_on(workdir_copy, small_corpus, latest + 2)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'could not be read' in result.stderr and 'falling back' in result.stderr

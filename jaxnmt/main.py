@@ -216,6 +216,7 @@ def main(argv) -> None:
   logging.getLogger('absl').setLevel(logging.WARNING)
   # pylint: disable=g-import-not-at-top
   from jaxnmt import errors
+  from jaxnmt.runtime import clusters
   from jaxnmt.runtime import host
   try:
     if len(argv) > 1:
@@ -226,7 +227,7 @@ def main(argv) -> None:
     # Explicit multi-process flags win over the environment, as in `distributed`.
     explicit = any(value is not None for value in (
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
-    cluster = None if explicit else host.detected_cluster()
+    cluster = None if explicit else clusters.detected_cluster()
     multi_process = (FLAGS.num_processes or 1) > 1 or cluster is not None
     workdir = _workdir(multi_process)
     # First, before JAX starts a backend: may restart this command once.

@@ -1,8 +1,7 @@
 """The launchers (`launch/*`). Each launcher's dry run (DRY_RUN=1) must print exactly
 the commands a real launch runs: the tests run those lines with stand-ins for python,
 srun and gcloud that report the arguments they receive, so the quoting is checked end
-to end. (The cluster detection the launched processes rely on: tests/runtime/
-test_host_cluster.py.)"""
+to end. (The cluster detection the launched processes rely on: tests/runtime/test_clusters.py.)"""
 
 import json
 import os

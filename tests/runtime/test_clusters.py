@@ -1,4 +1,4 @@
-"""runtime/host's cluster detection, which is JAX's own (`host.describe_cluster`): a
+"""runtime/clusters: cluster detection, which is JAX's own (`clusters.describe_cluster`): a
 subprocess gets the environment SLURM or Open MPI would give and reports what JAX
 derives from it (nothing of JAX is mocked); `python -m jaxnmt.main` in a one-task SLURM
 step runs as a single process, in a four-task one as a job of four."""
@@ -40,15 +40,15 @@ SCENARIOS = {
 # (JAX reads os.environ on every call); one JSON line.
 _DESCRIBE = r'''
 import dataclasses, json, os, sys, time
-from jaxnmt.runtime import host
+from jaxnmt.runtime import clusters
 import jax._src.clusters  # timed apart: importing JAX takes seconds on a busy machine
 reports, clean = {}, dict(os.environ)
 for name, environ in json.loads(sys.argv[1]).items():
   os.environ.clear()
   os.environ.update({**clean, **environ})
   start = time.perf_counter()
-  cluster = host.describe_cluster()
-  detected = host.detected_cluster()
+  cluster = clusters.describe_cluster()
+  detected = clusters.detected_cluster()
   reports[name] = {'cluster': cluster and dataclasses.asdict(cluster),
                    'detected': detected, 'seconds': time.perf_counter() - start}
 from jax._src import xla_bridge

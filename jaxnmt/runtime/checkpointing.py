@@ -14,7 +14,6 @@ import logging
 import time
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxnmt.runtime import distributed

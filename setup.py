@@ -2,6 +2,11 @@
 
 import setuptools
 
+# The jax this project is developed and tested with; the TPU compiler is pinned to it
+# (`jax[tpu]==X` brings the libtpu built for jax X: 0.10.2 brings libtpu 0.0.42.1).
+JAX_VERSION = '0.10.2'
+TPU_COMPILER = f'jax[tpu]=={JAX_VERSION}'
+
 setuptools.setup(
     name='jaxnmt',
     version='0.1.0',
@@ -13,7 +18,7 @@ setuptools.setup(
     # (BUILD_NOTES.md): Flax 0.12's NNX API (nnx.List, out_sharding metadata) and
     # Grain 0.2's dataset API (MapDataset, ThreadPrefetchIterDataset) are relied on.
     install_requires=[
-        'jax>=0.10.2',
+        f'jax>={JAX_VERSION}',
         'flax>=0.12.8',
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
@@ -36,9 +41,13 @@ setuptools.setup(
         # A workdir on Cloud Storage (gs://...): gcsfs, and with it google-cloud-storage,
         # which Orbax's GCS deletes and tensorboardX's gs:// writer use too.
         'gcs': ['gcsfs>=2026.10.1'],
-        # The gs:// tests run against a local GCS emulator (tests/gcs_emulator.py).
+        # --mode=compile: the TPU compiler (libtpu), to compile for TPU slices on a machine
+        # without TPUs; installing it pins jax to JAX_VERSION, the release libtpu is built for.
+        'tpu-compile': [TPU_COMPILER],
+        # The gs:// tests run against a local GCS emulator (tests/gcs_emulator.py); the
+        # TPU-compile tests need the TPU compiler (they fail under CI=true without it).
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'gcsfs>=2026.10.1',
-                 'gcp-storage-emulator>=2026.7.19'],
+                 'gcp-storage-emulator>=2026.7.19', TPU_COMPILER],
         # benchmarks/ct2_compare.py: decoding speed against CTranslate2 on the same weights.
         'bench': ['ctranslate2>=4.8'],
     },

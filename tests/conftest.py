@@ -4,6 +4,7 @@ Helpers that are not fixtures live in tests/helpers.py."""
 
 import fcntl
 import functools
+import importlib
 import os
 import shutil
 import tempfile
@@ -16,6 +17,10 @@ from jaxnmt.runtime import host  # pylint: disable=wrong-import-position
 os.environ['XLA_FLAGS'] = host.cpu_xla_flags(
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# libtpu, where installed without TPU chips, compiles for TPUs only: let every test
+# process load it at once (as `host.prepare` does for `python -m jaxnmt.main`).
+if host.tpu_compiler_only():
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 # One compilation cache for the session, shared with the processes the tests start
 # (JAX reads these variables): a program several tests compile is compiled once.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jaxnmt_test_xla_'))
@@ -26,6 +31,27 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 # real_pairs stays importable from here: benchmarks/ import it.
 from tests.helpers import ema_config, real_pairs  # pylint: disable=wrong-import-position
 from tests.tiny_config import tiny_config  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def libtpu() -> str:
+  """The TPU compiler (libtpu, from the `tpu-compile` extra, which `test` includes): the
+  path of its library. Request it in every test that compiles for TPU slices
+  (`jax.experimental.topologies.get_topology_desc(platform='tpu', ...)`):
+
+      def test_base_on_v5e_8(libtpu): ...
+      pytestmark = pytest.mark.usefixtures('libtpu')  # or for a whole module
+
+  Without libtpu such a test is skipped, except under CI=true (.ci/run), where it
+  fails: CI installs the extra, and TPU tests that skip there would prove nothing."""
+  try:
+    return importlib.import_module('libtpu').get_library_path()
+  except ImportError as error:
+    message = f"libtpu is not importable ({error}): pip install -e '.[tpu-compile]'"
+  if os.environ.get('CI', '').lower() in ('true', '1'):
+    pytest.fail(f'{message}; CI=true, so the TPU-compile tests fail rather than skip',
+                pytrace=False)
+  pytest.skip(message)
 
 
 def built_once(tmp_path_factory, name: str, build) -> str:

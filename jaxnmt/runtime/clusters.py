@@ -5,9 +5,10 @@ first thing, since host settings (`host.prepare`) apply to a single process only
 """
 
 import dataclasses
-import importlib.util
 import logging
 import os
+
+from jaxnmt.runtime import host
 
 
 # JAX's cluster types by the name messages use ("the SLURM cluster"); others by JAX's.
@@ -81,14 +82,16 @@ def describe_cluster(coordinator_timeout_s: int | None = 10) -> Cluster | None:
 
 
 # Every cluster type JAX detects needs one of these (see each `is_env_present`), or
-# the TPU runtime: without them there is no cluster, and JAX need not be imported
-# before `prepare` (which may restart the process).
+# the TPU runtime on a TPU host: without them there is no cluster, and JAX need not be
+# imported before `prepare` (which may restart the process).
 _CLUSTER_VARIABLES = ('SLURM_JOB_ID', 'OMPI_MCA_orte_hnp_uri', 'KUBERNETES_SERVICE_HOST')
 
 
-def tpu_runtime_installed() -> bool:
-  return (bool(os.environ.get('TPU_LIBRARY_PATH')) or
-          importlib.util.find_spec('libtpu') is not None)
+def tpu_runtime_installed(environ=os.environ) -> bool:
+  """Whether JAX's TPU cluster types could be present: they need JAX to find a Cloud
+  TPU VM at import, i.e. libtpu and TPU chips (`host.tpu_host`). libtpu alone, the
+  TPU compiler of a CPU machine (`--mode=compile`), keeps JAX unimported here."""
+  return host.tpu_runtime_installed(environ) and host.tpu_host(environ)
 
 
 def detected_cluster() -> str | None:

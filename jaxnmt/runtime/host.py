@@ -27,6 +27,13 @@ first thing and logs `describe()`. Two settings decide much of a CPU step's time
 (`backend_platform`) in a single-process run, where the settings were measured.
 Explicit choices are honoured on any backend and process count.
 
+libtpu (the `tpu-compile` extra) on a host without TPU chips only compiles for TPU
+slices (`--mode=compile`): it counts as an accelerator only where `tpu_host` finds
+chips, and `prepare` sets JAX_PLATFORMS (when unset) so that JAX does not try to start
+a TPU backend here, which prints libtpu's complaints about the missing TPU metadata
+(compiling for a TPU topology works with it set), and lets several processes load
+libtpu at once (ALLOW_MULTIPLE_LIBTPU_LOAD): it has no chips to guard here.
+
 A restart sets LD_PRELOAD or GLIBC_TUNABLES for the loader only: the restarted process
 puts both back as the user had them (a private marker variable, removed too, carries
 them across `execve`), so the processes it starts inherit the user's environment.
@@ -35,6 +42,7 @@ process) is `runtime/clusters.py`'s answer, asked before `prepare`.
 """
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import json
@@ -60,17 +68,68 @@ _LIBRARY_DIRS = ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/us
                  '/usr/lib', '/usr/local/lib', '/lib/x86_64-linux-gnu', '/lib64')
 _ACCELERATOR_MODULES = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin',
                         'jax_rocm60_plugin', 'jax_rocm7_plugin')
+# The JAX platform each known GPU plugin provides.
+_GPU_PLATFORMS = {'jax_cuda12_plugin': 'cuda', 'jax_cuda13_plugin': 'cuda'}
 _CHOICES = 'use auto, system, tcmalloc, hugepages, glibc or the path of a malloc library'
+# TPU chips on the PCI bus: Google's vendor id and a TPU device id (v3 to TPU7x), as
+# JAX's `hardware_utils.num_available_tpu_chips_and_device_id` lists them.
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_TPU_PCI_DEVICES = frozenset({'0x0027', '0x0056', '0x005e', '0x0062', '0x0063', '0x006f',
+                              '0x0076'})
+PCI_DEVICES = '/sys/bus/pci/devices'
 
 
 class AllocatorError(UserError, ValueError):
   """An --allocator or --cpu_library_fusions choice this host cannot honour."""
 
 
-def accelerator_plugins(environ=os.environ) -> list[str]:
+def _read(path: str) -> str:
+  try:
+    with open(path, encoding='utf-8') as handle:
+      return handle.read().strip()
+  except OSError:
+    return ''
+
+
+def tpu_chips(pci_devices: str = PCI_DEVICES) -> int:
+  """The TPU chips on this host's PCI bus (`pci_devices`: sysfs' device folders), counted
+  as JAX counts them at `import jax` to decide whether it runs on a Cloud TPU VM."""
+  return sum(_read(os.path.join(device, 'device')) in _TPU_PCI_DEVICES
+             for device in glob.glob(os.path.join(pci_devices, '*'))
+             if _read(os.path.join(device, 'vendor')) == _GOOGLE_PCI_VENDOR)
+
+
+def tpu_host(environ=os.environ, pci_devices: str = PCI_DEVICES, dev: str = '/dev') -> bool:
+  """Whether JAX may compute on TPU chips here: `tpu_chips`, or the devices through which
+  TPUs newer than JAX's list would show (`/dev/accel*`, VFIO groups in `/dev/vfio`), or
+  JAX_FORCE_TPU_INIT (JAX's own override). TPU_LIBRARY_PATH says nothing: importing
+  libtpu sets it, and every process started from one that imported JAX inherits it."""
+  if 'JAX_FORCE_TPU_INIT' in environ or tpu_chips(pci_devices):
+    return True
+  groups = glob.glob(os.path.join(dev, 'vfio', '[0-9]*'))
+  return bool(groups or glob.glob(os.path.join(dev, 'accel*')))
+
+
+def tpu_runtime_installed(environ=os.environ) -> bool:
+  """libtpu installed (or named by TPU_LIBRARY_PATH): on a TPU host, JAX's TPU runtime;
+  elsewhere the TPU compiler only (`tpu_compiler_only`). Found without importing it."""
+  return (bool(environ.get('TPU_LIBRARY_PATH')) or
+          importlib.util.find_spec('libtpu') is not None)
+
+
+def tpu_compiler_only(environ=os.environ) -> bool:
+  """libtpu installed on a host without TPU chips, where it only compiles for TPUs."""
+  return tpu_runtime_installed(environ) and not tpu_host(environ)
+
+
+def accelerator_plugins(environ=os.environ, tpu: bool | None = None) -> list[str]:
   """The JAX accelerator plugins installed, found as JAX finds them but without
-  importing anything: known modules, `jax_plugins.*`, `jax_plugins` entry points."""
-  found = [name for name in _ACCELERATOR_MODULES if importlib.util.find_spec(name)]
+  importing anything: known modules, `jax_plugins.*`, `jax_plugins` entry points.
+  libtpu only where `tpu` (default: `tpu_host(environ)`): without TPU chips JAX computes
+  elsewhere, and libtpu serves to compile for TPUs."""
+  tpu = tpu_host(environ) if tpu is None else tpu
+  found = [name for name in _ACCELERATOR_MODULES
+           if (tpu or name != 'libtpu') and importlib.util.find_spec(name)]
   spec = importlib.util.find_spec('jax_plugins')
   if spec and spec.submodule_search_locations:
     found += [f'jax_plugins.{module.name}'
@@ -88,6 +147,21 @@ def backend_platform(environ, plugins) -> str:
   chosen = (environ.get('JAX_PLATFORM_NAME', '').strip()
             or environ.get('JAX_PLATFORMS', '').split(',')[0].strip())
   return chosen.lower() if chosen else (plugins[0] if plugins else 'cpu')
+
+
+def quiet_platforms(environ, plugins) -> str | None:
+  """The JAX_PLATFORMS that keeps JAX from trying the TPU backend on a host where
+  libtpu is installed without TPU chips (`tpu_host`), or None to leave JAX its choice:
+  'cpu', or 'cuda,cpu' with a CUDA plugin (JAX skips CUDA where no NVIDIA GPU shows,
+  as it does unasked). `plugins`: `accelerator_plugins` less libtpu. None where the user
+  chose (JAX_PLATFORMS, JAX_PLATFORM_NAME) or another plugin is installed, whose
+  platform name is not known here."""
+  chosen = environ.get('JAX_PLATFORMS', '').strip() or environ.get('JAX_PLATFORM_NAME', '')
+  if chosen or not tpu_compiler_only(environ):
+    return None
+  if any(plugin not in _GPU_PLATFORMS for plugin in plugins):
+    return None
+  return ','.join(dict.fromkeys([*(_GPU_PLATFORMS[plugin] for plugin in plugins), 'cpu']))
 
 
 def _jaxlib_version() -> str:
@@ -225,7 +299,8 @@ def prepare(allocator: str = 'auto', library_fusions: str = 'auto',
   if library_fusions not in LIBRARY_FUSIONS:
     raise AllocatorError(f'--cpu_library_fusions={library_fusions}: use auto, on or off')
   restarted = restore_environment(os.environ)  # before anything reads LD_PRELOAD
-  platform = backend_platform(os.environ, accelerator_plugins())
+  plugins = accelerator_plugins()
+  platform = backend_platform(os.environ, plugins)
   skipped = (f'the backend is {platform}, not the CPU' if platform != 'cpu' else
              'a multi-process run' if multi_process else '')
   state = {'allocator': allocator, 'skipped': skipped, 'restarted': restarted,
@@ -240,6 +315,16 @@ def prepare(allocator: str = 'auto', library_fusions: str = 'auto',
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
       except OSError as error:
         state['notes'].append(f'could not restart with --allocator={allocator}: {error}')
+  if tpu_compiler_only():
+    # libtpu locks /tmp/libtpu_lockfile to own the chips; without chips there is nothing
+    # to own, and compiles for TPUs may run side by side.
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  if (platforms := quiet_platforms(os.environ, plugins)) is not None:
+    os.environ['JAX_PLATFORMS'] = platforms
+    if (jax := sys.modules.get('jax')) is not None and jax.config.jax_platforms is None:
+      jax.config.update('jax_platforms', platforms)  # imported before (cluster detection)
+    state['notes'].append(f'JAX_PLATFORMS={platforms}: libtpu is installed, but this host '
+                          'has no TPU chips')
   if allocator == 'glibc' and not any(name in os.environ.get('LD_PRELOAD', '')
                                       for name in _ALLOCATOR_NAMES):
     if not tune_glibc_malloc():

@@ -127,3 +127,26 @@ def test_main_in_a_four_task_slurm_step_is_multi_process():
   assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
       'error: --workdir is required with several processes: they must share one path '
       '(e.g. on a shared filesystem)')
+
+
+_IMPORTS = r'''
+import json, sys, time
+from jaxnmt.runtime import clusters
+start = time.perf_counter()
+detected = clusters.detected_cluster()
+print(json.dumps({'detected': detected, 'seconds': time.perf_counter() - start,
+                  'jax': 'jax' in sys.modules, 'tpu': clusters.tpu_runtime_installed()}))
+'''
+
+
+@pytest.mark.skipif(host.tpu_host(), reason='a TPU host')
+def test_libtpu_without_tpu_chips_leaves_jax_unimported(libtpu):
+  """The TPU compiler installed on a CPU machine: no cluster found, without importing
+  JAX (JAX's TPU cluster types need TPU chips), so `prepare` may still restart cheaply."""
+  env = {k: v for k, v in without_cluster(os.environ).items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run([sys.executable, '-c', _IMPORTS], cwd=ROOT, env=env, timeout=60,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report == {**report, 'detected': None, 'jax': False, 'tpu': False}
+  assert report['seconds'] < 0.5, report

@@ -10,7 +10,7 @@ import pytest
 
 from jaxnmt import errors
 from jaxnmt.runtime import host
-from tests.helpers import ROOT
+from tests.helpers import ROOT, without_cluster
 
 FUSIONS = f'{host.YNN_FLAG}={host.CPU_LIBRARY_FUSIONS}'
 MARKER = host._MARKER  # pylint: disable=protected-access
@@ -45,8 +45,9 @@ def test_backend_platform_without_importing_jax():
 
 
 def test_accelerator_plugins_found_as_jax_finds_them(tmp_path, monkeypatch):
-  (tmp_path / 'jax_cuda12_plugin').mkdir()
-  (tmp_path / 'jax_cuda12_plugin' / '__init__.py').write_text('raise ImportError\n')
+  for module in ('jax_cuda12_plugin', 'libtpu'):
+    (tmp_path / module).mkdir()
+    (tmp_path / module / '__init__.py').write_text('raise ImportError\n')
   (tmp_path / 'jax_plugins' / 'xla_fake').mkdir(parents=True)  # a namespace package
   (tmp_path / 'jax_plugins' / 'xla_fake' / '__init__.py').write_text('raise ImportError\n')
   info = tmp_path / 'jax_rocm7_plugin-0.1.dist-info'
@@ -55,11 +56,69 @@ def test_accelerator_plugins_found_as_jax_finds_them(tmp_path, monkeypatch):
   (info / 'entry_points.txt').write_text('[jax_plugins]\nxla_rocm7 = jax_rocm7_plugin\n')
   assert 'jax_cuda12_plugin' not in host.accelerator_plugins({})
   monkeypatch.syspath_prepend(str(tmp_path))
-  found = host.accelerator_plugins({})
+  found = host.accelerator_plugins({}, tpu=False)
   assert found == ['jax_cuda12_plugin', 'jax_plugins.xla_fake', 'jax_rocm7_plugin'], found
   assert 'jax_cuda12_plugin' not in sys.modules  # found, not imported
+  # libtpu is an accelerator on a TPU host only: elsewhere it compiles for TPUs.
+  assert host.accelerator_plugins({}, tpu=True) == ['libtpu', *found]
   assert host.accelerator_plugins({'PJRT_NAMES_AND_LIBRARY_PATHS': 'x:/x.so'})[-1] \
       == 'PJRT_NAMES_AND_LIBRARY_PATHS'
+
+
+def _pci_device(root, slot, vendor, device):
+  folder = root / slot
+  folder.mkdir(parents=True)
+  (folder / 'vendor').write_text(f'{vendor}\n')
+  (folder / 'device').write_text(f'{device}\n')
+
+
+def test_tpu_chips_and_tpu_host_from_sysfs_and_dev(tmp_path):
+  pci, dev = tmp_path / 'pci', tmp_path / 'dev'
+  dev.mkdir()
+  _pci_device(pci, '0000:00:04.0', '0x1ae0', '0x0042')  # Google's gVNIC: not a TPU
+  _pci_device(pci, '0000:00:05.0', '0x10de', '0x2330')  # an NVIDIA H100
+  (pci / '0000:00:06.0').mkdir()  # no vendor file
+  assert host.tpu_chips(str(pci)) == 0
+  assert not host.tpu_host({}, str(pci), str(dev))
+  (dev / 'vfio').mkdir()
+  (dev / 'vfio' / 'vfio').touch()  # VFIO's control node: no device behind it
+  assert not host.tpu_host({'TPU_LIBRARY_PATH': '/x/libtpu.so'}, str(pci), str(dev))
+  assert host.tpu_host({'JAX_FORCE_TPU_INIT': '1'}, str(pci), str(dev))
+  for slot, device in (('0000:00:07.0', '0x0063'), ('0000:00:08.0', '0x0063')):  # v5e
+    _pci_device(pci, slot, '0x1ae0', device)
+  assert host.tpu_chips(str(pci)) == 2 and host.tpu_host({}, str(pci), str(dev))
+  # TPUs newer than JAX's list still show as devices: a VFIO group, or an accel node.
+  for node in (dev / 'vfio' / '0', dev / 'accel0'):
+    node.touch()
+    assert host.tpu_host({}, str(tmp_path / 'none'), str(dev))
+    node.unlink()
+
+
+def test_tpu_ids_are_jaxs():
+  """JAX's list of TPU PCI ids, which decides at `import jax` whether this is a TPU VM,
+  is ours: a JAX that knows a new TPU fails here until `host` knows it too."""
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  assert set(hardware_utils._TPU_PCI_DEVICE_IDS) <= host._TPU_PCI_DEVICES
+  assert hardware_utils._GOOGLE_PCI_VENDOR_ID == host._GOOGLE_PCI_VENDOR
+  assert host.tpu_chips() == hardware_utils.num_available_tpu_chips_and_device_id()[0]
+
+
+skip_on_tpus = pytest.mark.skipif(host.tpu_host(), reason='a TPU host')
+
+
+@skip_on_tpus
+def test_quiet_platforms_where_libtpu_only_compiles():
+  quiet = host.quiet_platforms
+  libtpu = {'TPU_LIBRARY_PATH': '/x/libtpu.so'}  # installed, as far as `host` can tell
+  assert quiet(libtpu, []) == 'cpu'
+  assert quiet({**libtpu, 'JAX_PLATFORMS': ' '}, []) == 'cpu'  # JAX: unset
+  assert quiet(libtpu, ['jax_cuda13_plugin', 'jax_cuda12_plugin']) == 'cuda,cpu'
+  # The user's choice, or a plugin whose platform is not known here: JAX chooses.
+  for environ, plugins in (({'JAX_PLATFORMS': 'cpu'}, []), ({'JAX_PLATFORM_NAME': 'cpu'}, []),
+                           ({'JAX_FORCE_TPU_INIT': '1'}, []), ({}, ['jax_rocm7_plugin']),
+                           ({}, ['jax_cuda12_plugin', 'PJRT_NAMES_AND_LIBRARY_PATHS'])):
+    assert quiet({**libtpu, **environ}, plugins) is None, (environ, plugins)
 
 
 def _marker(env):
@@ -150,8 +209,10 @@ def _prepare(monkeypatch):
     monkeypatch.setattr(host, 'hugepages_available', lambda: hugepages)
     monkeypatch.setattr(host, '_jaxlib_version', lambda: jaxlib)
     monkeypatch.setattr(host, 'accelerator_plugins', lambda: [])
-    for name in ('LD_PRELOAD', 'GLIBC_TUNABLES', MARKER, 'JAX_PLATFORM_NAME'):
-      monkeypatch.delenv(name, raising=False)
+    for name in ('LD_PRELOAD', 'GLIBC_TUNABLES', MARKER, 'JAX_PLATFORM_NAME',
+                 'TPU_LIBRARY_PATH', 'ALLOW_MULTIPLE_LIBTPU_LOAD'):
+      monkeypatch.setenv(name, '')  # restored after the test, whatever prepare sets
+      monkeypatch.delenv(name)
     monkeypatch.setenv('XLA_FLAGS', '--xla_dump_to=/tmp/x')
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
     for name, value in env.items():
@@ -179,6 +240,66 @@ def test_auto_applies_only_on_a_single_cpu_process(prepare):
     assert env is None and flags == '--xla_dump_to=/tmp/x'
     assert line == ('allocator: glibc malloc; XLA_FLAGS added: none; --allocator=auto and '
                     f'--cpu_library_fusions=auto apply nothing: {why}')
+
+
+@skip_on_tpus
+def test_libtpu_without_tpu_chips_keeps_the_cpu_settings(prepare):
+  # libtpu installed, JAX_PLATFORMS unset: the CPU settings apply, and JAX is told to
+  # start no TPU backend; the user's own JAX_PLATFORMS is left alone.
+  env, line, flags = prepare('auto', 'auto', hugepages=False, JAX_PLATFORMS='',
+                             TPU_LIBRARY_PATH='/x/libtpu.so')
+  assert env is None and flags == f'--xla_dump_to=/tmp/x {FUSIONS}'
+  assert line.endswith('; JAX_PLATFORMS=cpu: libtpu is installed, but this host has no '
+                       'TPU chips')
+  assert os.environ['JAX_PLATFORMS'] == 'cpu'
+  assert os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] == '1'
+  _, line, flags = prepare('auto', 'auto', hugepages=False, JAX_PLATFORMS='cpu',
+                           TPU_LIBRARY_PATH='/x/libtpu.so')
+  assert FUSIONS in flags and 'JAX_PLATFORMS' not in line
+
+
+@skip_on_tpus
+def test_a_cpu_run_with_libtpu_installed_is_a_cpu_run(libtpu, tmp_path):
+  """The `tpu-compile` extra installed: `python -m jaxnmt.main` without JAX_PLATFORMS
+  applies the CPU settings, computes on the CPU, and prints nothing of libtpu's."""
+  assert os.path.isfile(libtpu)
+  assert host.backend_platform({}, host.accelerator_plugins({})) == 'cpu'
+  env = {k: v for k, v in without_cluster(os.environ).items()
+         if k not in ('JAX_PLATFORMS', 'XLA_FLAGS')}
+  result = subprocess.run([sys.executable, '-m', 'jaxnmt.main', '--mode=translate',
+                           f'--workdir={tmp_path / "none"}'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  lines = result.stderr.splitlines()
+  assert result.returncode == 2 and 'config.json not found' in lines[-1], result.stderr
+  host_line = next(line for line in lines if 'Host: allocator:' in line)
+  assert f'XLA_FLAGS added: {host.YNN_FLAG}' in host_line, host_line
+  assert "local devices ['cpu:0']" in result.stderr
+  # Nothing but jaxnmt's log lines (absl's format) and its one-line error.
+  assert all(line[:1] in 'IW' and ' main.py:' in line for line in lines[:-1]), lines
+
+
+_TOPOLOGY = r'''
+import json, os
+from jaxnmt.runtime import host
+host.prepare('system', 'auto')
+import jax
+from jax.experimental import topologies
+devices = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2').devices
+print(json.dumps({'platforms': os.environ.get('JAX_PLATFORMS'), 'kind': devices[0].device_kind,
+                  'count': len(devices), 'default': jax.devices()[0].platform}))
+'''
+
+
+@skip_on_tpus
+def test_a_tpu_topology_after_prepare(libtpu):
+  """`--mode=compile` gets the devices of a TPU slice with the JAX_PLATFORMS `prepare`
+  sets, while JAX computes on the CPU."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run([sys.executable, '-c', _TOPOLOGY], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(result.stdout.splitlines()[-1]) == {
+      'platforms': 'cpu', 'kind': 'TPU v5 lite', 'count': 4, 'default': 'cpu'}
 
 
 def test_decoding_gets_fewer_library_fusions_unless_asked(prepare):

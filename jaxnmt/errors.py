@@ -49,3 +49,8 @@ class DistributedError(UserError):
 
 class TrainingError(RuntimeFailure):
   """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class CompiledStepError(UserError):
+  """A saved compiled train step (--compiled_step) is missing, unreadable, or was
+  compiled for other devices, another config or another jax/libtpu version."""

@@ -32,9 +32,12 @@ from jaxnmt.runtime import locks
 from jaxnmt.errors import DataError, TrainingError, WorkdirError
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       compiled_step: str = '') -> dict:
   """Trains per `config`, writing TensorBoard logs, config, tokenizer and checkpoints
-  to `workdir`; resumes from its latest readable checkpoint. Returns final metrics:
+  to `workdir`; resumes from its latest readable checkpoint. `compiled_step`: a train
+  step saved by `--mode=compile --save_compiled`, run instead of compiling one
+  (`setup.build`). Returns final metrics:
   {'step', 'stopped': None | 'signal' | 'time limit' | 'early stopping', 'valid_*'}."""
   mesh, rules = setup.plan(config)
   lock = locks.TrainerLock(workdir, owner=jax.process_index() == 0)
@@ -44,16 +47,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
       files.save_config(workdir, config)
       files.clear_finished(workdir)  # this run decides the final step
-    return _train(config, workdir, mesh, rules, checkpointer)
+    return _train(config, workdir, mesh, rules, checkpointer, compiled_step)
   finally:
     checkpointer.close()
     lock.release()
 
 
-def _train(config, workdir: str, mesh, rules, checkpointer) -> dict:
+def _train(config, workdir: str, mesh, rules, checkpointer, compiled_step: str) -> dict:
   # ------------------------------------------------------------- data and state
   requested_rows = config.data.batch_size
-  run, state = setup.build(config, workdir, mesh, rules)
+  run, state = setup.build(config, workdir, mesh, rules, compiled_step)
   if config.data.batch_size != requested_rows and jax.process_index() == 0:
     files.save_config(workdir, config)  # the batch fitted to memory
   run_inputs = run.inputs

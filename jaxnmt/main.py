@@ -55,6 +55,9 @@ MODES = {
     'bench': Mode('jaxnmt.commands.bench', 'measure training and decoding speed into '
                   'WORKDIR/bench.json', needs_config=True),
     'curves': Mode('jaxnmt.commands.curves', 'render WORKDIR/curves.png', joins_job=False),
+    'compile': Mode('jaxnmt.commands.compile', 'compile every step for a TPU slice '
+                    '(--topology) from this machine: memory, FLOPs and collectives per '
+                    'chip into WORKDIR/compile/', needs_config=True),
 }
 flags.DEFINE_enum('mode', 'train', list(MODES), '; '.join(
     f'{name}: {mode.help}' for name, mode in MODES.items()) + '.')
@@ -141,6 +144,19 @@ flags.DEFINE_integer('bench_steps', 20, 'bench: timed training steps.')
 flags.DEFINE_integer('bench_warmup', 3, 'bench: untimed steps first (>= 1).')
 flags.DEFINE_integer('bench_decode_sentences', 128,
                      'bench: test sentences decoded greedily and with beam 4 (0 = skip).')
+# Compile (ahead of time, for a slice this machine does not have).
+flags.DEFINE_string('topology', '', "compile: the TPU slice, as Cloud TPU names it "
+                    "('v5e-16' or 'v5litepod-16', 'v4-32', 'v5p-128', 'v6e-64') or as "
+                    "libtpu does ('v5e:4x4'); empty: this job's own devices.")
+flags.DEFINE_integer('num_slices', 1, 'compile: slices of --topology joined over the data '
+                     'center network (multislice); the data axis spans them.')
+flags.DEFINE_bool('plan', False, 'compile: rank the meshes that fit --topology (data x '
+                  'fsdp x tensor, with remat where needed) by bytes communicated per step.')
+flags.DEFINE_bool('save_compiled', False, 'compile: also serialize the compiled train step '
+                  'into WORKDIR/compile/, for train --compiled_step.')
+flags.DEFINE_string('compiled_step', '', 'train: run this serialized train step (written by '
+                    '--mode=compile --save_compiled) instead of compiling one; refused if it '
+                    'was compiled for other devices, another config or jax/libtpu version.')
 config_flags.DEFINE_config_file('config', None, 'Run config file (configs/*.py).',
                                 lock_config=True)
 
@@ -173,6 +189,8 @@ def _check_flags() -> None:
     raise UserError(f'--config is required for --mode={FLAGS.mode}')
   if FLAGS.num_samples < 1 or FLAGS.num_tokens < 1 or FLAGS.poll_seconds < 0:
     raise UserError('--num_samples and --num_tokens must be >= 1, --poll_seconds >= 0')
+  if FLAGS.num_slices < 1:
+    raise UserError(f'--num_slices must be >= 1, got {FLAGS.num_slices}')
   if FLAGS.bench_steps < 1 or FLAGS.bench_warmup < 1 or FLAGS.bench_decode_sentences < 0:
     raise UserError('--bench_steps and --bench_warmup must be >= 1, '
                     '--bench_decode_sentences >= 0')

@@ -57,7 +57,7 @@ def load(workdir: str, step: int | None = None, devices=None,
   config = files.load_config(workdir)
   tokenizer = tokenizer_lib.from_workdir(workdir, config.tokenizer.model_type)
   model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
-  mesh = _mesh(devices)
+  mesh = data_mesh(devices)
   where = NamedSharding(mesh, PartitionSpec())
   graphdef, abstract_params, rest = initialize.inference_model(model_cfg, where)
   abstract_params = initialize.with_shardings(abstract_params, where)
@@ -71,14 +71,16 @@ def load(workdir: str, step: int | None = None, devices=None,
 def from_params(config, tokenizer, model_cfg: transformer.ModelConfig, params,
                 devices=None) -> LoadedModel:
   """A model of parameters in memory (e.g. an untrained one being benchmarked)."""
-  mesh = _mesh(devices)
+  mesh = data_mesh(devices)
   where = NamedSharding(mesh, PartitionSpec())
   graphdef, _, rest = initialize.inference_model(model_cfg, where)
   return LoadedModel(config, tokenizer, model_cfg, mesh, graphdef, rest,
                      jax.device_put(params, where), None)
 
 
-def _mesh(devices) -> jax.sharding.Mesh:
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+  """The 1-D 'data' mesh inference splits sentences over (default: this process's
+  first device)."""
   devices = jax.local_devices()[:1] if devices is None else devices
   return jax.sharding.Mesh(np.asarray(devices), ('data',))
 

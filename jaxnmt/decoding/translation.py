@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxnmt.decoding import search
 from jaxnmt.decoding import inference
+from jaxnmt.model import initialize
 from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.errors import UserError
 
@@ -263,7 +264,7 @@ class Translator:
       key = jax.random.fold_in(jax.random.key(options.seed), self._batches)
       self._batches += 1
       tokens, batch_scores = decoder(
-          self.loaded.params, jax.device_put(inputs, rows_sharding),
+          self.loaded.params, self.loaded.rest, jax.device_put(inputs, rows_sharding),
           jax.device_put(caps, rows_sharding), key,
           max_length=self._output_length(source_length))
       tokens, batch_scores = np.asarray(tokens), np.asarray(batch_scores)
@@ -299,8 +300,7 @@ class Translator:
 
   def _rows(self, source_length: int, batch_size: int) -> int:
     """Rows of a full batch of sources padded to `source_length`."""
-    fit = max(1, min(batch_size, self.batch_tokens // source_length) // self.devices)
-    return self.devices * 2 ** int(math.log2(fit))
+    return full_batch_rows(source_length, batch_size, self.batch_tokens, self.devices)
 
   def _source_length(self, tokens: int) -> int:
     """The padded source length of a `tokens`-token line (within a learned table)."""
@@ -315,16 +315,58 @@ class Translator:
     return length_bucket(cap) if limit is None else min(length_bucket(cap), limit)
 
   def _decoder(self, options: DecodeOptions, scores: bool):
-    """The jitted `_decode_batch` for `options` (scores: compute them for greedy and
-    sampled outputs too); one per options, compiled once per shape."""
+    """The jitted decoder for `options` (scores: compute them for greedy and sampled
+    outputs too); one per options, compiled once per shape."""
     if (options, scores) not in self._decoders:
-      self._decoders[options, scores] = jax.jit(
-          functools.partial(_decode_batch, self.loaded.graphdef, self.loaded.rest, options,
-                            scores), static_argnames=('max_length',))
+      self._decoders[options, scores] = decoder(self.loaded.graphdef, options, scores)
     return self._decoders[options, scores]
 
 
-def _decode_batch(graphdef, rest, options: DecodeOptions, scores: bool, params, inputs,
+def decoder(graphdef, options: DecodeOptions, scores: bool = False):
+  """`_decode_batch` jitted: (params, rest, inputs, max_lengths, key, *, max_length)
+  -> (tokens, scores)."""
+  return jax.jit(functools.partial(_decode_batch, graphdef, options, scores),
+                 static_argnames=('max_length',))
+
+
+def compile_decoder(model_cfg, config, devices, options: DecodeOptions,
+                    batch_size: int = 64, batch_tokens: int = BATCH_TOKENS):
+  """The decoder of a translate or eval-worker batch of the longest training sources,
+  compiled ahead of time from shapes alone for `devices` (parameters replicated,
+  sentences split over them, as `Translator` runs it): (compiled, rows, source length,
+  output length)."""
+  mesh = inference.data_mesh(devices)
+  learned = model_cfg.position_embedding == 'learned'
+  source_length = length_bucket(config.data.max_source_length)
+  cap = max(1, int(config.decode.max_length_ratio * source_length
+                   + config.decode.max_length_offset))
+  output_length = min(length_bucket(cap), model_cfg.max_length) if learned else length_bucket(cap)
+  if learned:
+    source_length = min(source_length, model_cfg.max_length)
+  rows = full_batch_rows(source_length, batch_size, batch_tokens, mesh.size)
+  graphdef, params, rest = initialize.abstract_model(model_cfg)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  split = NamedSharding(mesh, PartitionSpec('data'))
+  key = jax.eval_shape(lambda: jax.random.key(options.seed))
+  compiled = decoder(graphdef, options).lower(
+      initialize.with_shardings(params, replicated), initialize.with_shardings(rest, replicated),
+      jax.ShapeDtypeStruct((rows, source_length), jnp.int32, sharding=split),
+      jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split),
+      jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+      max_length=output_length).compile()
+  return compiled, rows, source_length, output_length
+
+
+def full_batch_rows(source_length: int, batch_size: int, batch_tokens: int,
+                    devices: int) -> int:
+  """Rows of a full decode batch of sources padded to `source_length`: as many as fit
+  `batch_tokens` and `batch_size`, rounded down to `devices` times a power of two (at
+  least one per device)."""
+  fit = max(1, min(batch_size, batch_tokens // source_length) // devices)
+  return devices * 2 ** int(math.log2(fit))
+
+
+def _decode_batch(graphdef, options: DecodeOptions, scores: bool, params, rest, inputs,
                   max_lengths, key, *, max_length: int):
   """inputs: int32 [B, S] (0 = pad); max_lengths: int32 [B] -> (tokens int32 [B, K, L],
   scores float32 [B, K]) best first; K = beam size for beam search, else 1 (scores NaN

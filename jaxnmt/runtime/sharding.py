@@ -11,6 +11,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxnmt.errors import MeshError
@@ -73,10 +74,23 @@ def check_divisibility(sizes: dict[str, int], rules, dims: dict[str, int]) -> No
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
+  """The mesh of `sizes` over `devices`, laid out on the physical topology. Devices
+  of several slices (a multislice TPU job: each device has a `slice_index`) make a
+  hybrid mesh: the `data` axis spans the slices (its outer factor, over the data-center
+  network), every other axis stays inside a slice (ICI)."""
   devices = jax.devices() if devices is None else devices
   shape = tuple(sizes[axis] for axis in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(device, 'slice_index', 0) or 0 for device in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+  if sizes['data'] % slices:
+    raise MeshError(f'mesh data={sizes["data"]} must divide by the {slices} slices: the '
+                    f'data axis spans them (set config.mesh.data to a multiple of {slices})')
+  ici = (sizes['data'] // slices,) + shape[1:]
+  dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
+  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return jax.sharding.Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
 def plan_mesh(config, devices=None) -> tuple[jax.sharding.Mesh, list]:

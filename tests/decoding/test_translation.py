@@ -46,8 +46,8 @@ def _best_lengths(translator, sources):
   calls, jitted = [], translator._decoder  # pylint: disable=protected-access
 
   def spy(options, scores):
-    def decode(params, inputs, max_lengths, key, *, max_length):
-      tokens, batch_scores = jitted(options, scores)(params, inputs, max_lengths, key,
+    def decode(params, rest, inputs, max_lengths, key, *, max_length):
+      tokens, batch_scores = jitted(options, scores)(params, rest, inputs, max_lengths, key,
                                                      max_length=max_length)
       calls.append(np.asarray(tokens)[:len(sources), 0])
       return tokens, batch_scores
@@ -107,8 +107,8 @@ def test_long_inputs_are_translated_whole(loaded, caplog):
   jitted = translator._decoder  # pylint: disable=protected-access
 
   def spy(options, scores):
-    def decode(params, inputs, max_lengths, key, *, max_length):
-      tokens, batch_scores = jitted(options, scores)(params, inputs, max_lengths, key,
+    def decode(params, rest, inputs, max_lengths, key, *, max_length):
+      tokens, batch_scores = jitted(options, scores)(params, rest, inputs, max_lengths, key,
                                                      max_length=max_length)
       calls.append((np.asarray(inputs), np.asarray(max_lengths), max_length,
                     np.asarray(tokens)))

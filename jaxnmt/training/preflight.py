@@ -1,0 +1,270 @@
+"""Before a launch: every function a run compiles, compiled for a mesh of any devices
+(this job's, or the compile-only devices of a TPU slice this machine does not have),
+with what the compiler says each needs per device.
+
+`check` compiles the train step and the eval step through the code a training run
+uses (`fit.compile_train_step`, `steps.compile_steps`) and the greedy and beam decoders
+of translate and the eval worker (`translation.compile_decoder`), and reads each
+program's memory, FLOPs and collectives (`runtime/hlo.py`). `plan` ranks the meshes
+of a device count. Nothing is allocated or run.
+"""
+
+import dataclasses
+import itertools
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxnmt import config_lib
+from jaxnmt.errors import MeshError
+from jaxnmt.decoding import translation
+from jaxnmt.model import initialize
+from jaxnmt.runtime import hlo
+from jaxnmt.runtime import sharding
+from jaxnmt.training import fit
+from jaxnmt.training import optim
+from jaxnmt.training import steps
+from jaxnmt.training import train_state
+
+FUNCTIONS = ('train_step', 'eval_step', 'decode_greedy', 'decode_beam')
+DECODERS = {'decode_greedy': translation.DecodeOptions(beam_size=1),
+            'decode_beam': translation.DecodeOptions(beam_size=4)}
+
+
+@dataclasses.dataclass
+class Report:
+  """One compiled function on one mesh; bytes are per device."""
+  function: str
+  mesh: dict[str, int]
+  rows: int                    # batch rows of one call
+  state: dict[str, int]        # the run's arrays it holds: params, opt_state, ema
+  hbm_bytes: int               # the device's memory
+  memory: dict[str, int] = dataclasses.field(default_factory=dict)  # hlo.memory
+  flops: float = 0.0           # per device per call
+  collectives: list = dataclasses.field(default_factory=list)  # hlo.Collective as dicts
+  largest: str = ''            # the largest buffer of the program
+  compile_s: float = 0.0
+  error: str = ''              # why it does not fit (compiler or arithmetic)
+  compiled: object = dataclasses.field(default=None, repr=False)  # the executable
+
+  @property
+  def needed(self) -> int:
+    return self.memory.get('peak', sum(self.state.values()))
+
+  @property
+  def fits(self) -> bool:
+    return not self.error and self.needed <= self.hbm_bytes
+
+  @property
+  def headroom(self) -> int:
+    return self.hbm_bytes - self.needed
+
+  def collective_bytes(self, dcn_only: bool = False) -> int:
+    return sum(item['bytes'] for item in self.collectives
+               if item['crosses_slices'] or not dcn_only)
+
+  def as_dict(self) -> dict:
+    record = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+              if field.name != 'compiled'}
+    record.update(fits=self.fits, needed=self.needed, headroom=self.headroom)
+    return record
+
+
+def state_bytes(config, model_cfg, mesh, rules) -> dict[str, int]:
+  """Bytes per device (the fullest) of the train state's parts on `mesh`."""
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  abstract = train_state.abstract_train_state(model_cfg, tx, config.ema_decay > 0)
+  shardings = sharding.state_shardings(abstract, mesh, rules)
+  return {part: sharding.planned_bytes(abstract[part], shardings[part])[1]
+          for part in ('params', 'opt_state', 'ema') if part in abstract}
+
+
+def _compile_eval_step(config, model_cfg, mesh, rules, rows: int):
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  abstract = train_state.abstract_train_state(model_cfg, tx)
+  shardings = sharding.state_shardings(abstract, mesh, rules)
+  graphdef, _, rest = initialize.abstract_model(model_cfg, config.seed)
+  _, eval_fn = steps.compile_steps(graphdef, tx, config, mesh, rules, shardings)
+  where = sharding.batch_sharding(mesh, rules)
+  batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=where)
+           for key, shape in fit.batch_shapes(config, rows).items()}
+  return eval_fn.lower(initialize.with_shardings(abstract['params'], shardings['params']),
+                       initialize.with_shardings(rest, sharding.replicated(mesh)),
+                       batch).compile()
+
+
+# The compiler's own words when a program does not fit.
+_OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Ran out of memory', 'exceeded', 'Exceeded')
+
+
+def _compiler_error(error: Exception) -> str:
+  """One line of a compile failure: the compiler's out-of-memory summary if it gave one."""
+  text = str(error)
+  summary = re.search(r'(Ran out of memory[^\n]*|Used [\d.]+[KMGT]? of [\d.]+[KMGT]? '
+                      r'[a-z]+[^\n]*|Exceeded [^\n]*)', text)
+  return (summary.group(1) if summary else text.splitlines()[0] if text else
+          type(error).__name__)[:300]
+
+
+def _collectives(compiled, mesh) -> list[dict]:
+  return [dataclasses.asdict(item) for item in hlo.collectives(compiled, mesh)]
+
+
+def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int) -> Report:
+  """`function` (one of FUNCTIONS) compiled for `devices`, with the run's mesh for the
+  train and eval steps and the 1-D decode mesh for the decoders."""
+  mesh, rules = sharding.plan_mesh(config, devices)
+  started = time.time()
+  if function in DECODERS:
+    decode_mesh = jax.sharding.Mesh(mesh.devices.reshape(-1), ('data',))
+    params = sharding.planned_bytes(initialize.abstract_params(model_cfg),
+                                    sharding.replicated(decode_mesh))[1]
+    report = Report(function, dict(decode_mesh.shape), 0, {'params': params}, hbm_bytes)
+    if params > hbm_bytes:
+      report.error = (f'the parameters alone, replicated on every device for decoding, '
+                      f'need {params / 2**30:.2f} GiB')
+      return report
+    try:
+      compiled, report.rows, _, _ = translation.compile_decoder(
+          model_cfg, config, list(decode_mesh.devices.flat), DECODERS[function],
+          batch_size=config.data.eval_batch_size)
+    except Exception as error:  # pylint: disable=broad-except
+      if not any(sign in str(error) for sign in _OUT_OF_MEMORY):
+        raise
+      report.error = _compiler_error(error)
+      return report
+    mesh = decode_mesh
+  else:
+    state = state_bytes(config, model_cfg, mesh, rules)
+    if function == 'eval_step':
+      state = {'params': state['params']}
+    rows = config.data.batch_size if function == 'train_step' else config.data.eval_batch_size
+    report = Report(function, dict(mesh.shape), rows, state, hbm_bytes)
+    if sum(state.values()) > hbm_bytes:
+      report.error = f'the train state alone needs {sum(state.values()) / 2**30:.2f} GiB'
+      return report
+    try:
+      if function == 'train_step':
+        compiled = fit.compile_train_step(config, model_cfg, mesh, rules, rows)
+      else:
+        compiled = _compile_eval_step(config, model_cfg, mesh, rules, rows)
+    except Exception as error:  # pylint: disable=broad-except
+      if not any(sign in str(error) for sign in _OUT_OF_MEMORY):
+        raise
+      report.error = _compiler_error(error)
+      return report
+  report.compile_s = time.time() - started
+  report.memory = hlo.memory(compiled)
+  report.flops = hlo.flops(compiled)
+  report.collectives = _collectives(compiled, mesh)
+  report.largest = hlo.largest_buffer(compiled)
+  report.compiled = compiled
+  return report
+
+
+def check(config, model_cfg, devices, hbm_bytes: int,
+          functions=FUNCTIONS) -> list[Report]:
+  """A report per function of `functions`, compiled for `devices`."""
+  if config.task == 'lm':
+    functions = [name for name in functions if name not in DECODERS]
+  return [compile_function(name, config, model_cfg, devices, hbm_bytes)
+          for name in functions]
+
+
+def advice(report: Report, config) -> str:
+  """What to change when `report` does not fit."""
+  if report.function in DECODERS:
+    return ('decode fewer rows at once (--batch_size, or config.data.eval_batch_size for '
+            'the eval worker), or a smaller model: decoding replicates the parameters')
+  state = sum(report.state.values())
+  changes = []
+  if state > report.hbm_bytes / 2:
+    changes.append(f'split the state over more devices (--config.mesh.fsdp='
+                   f'{2 * report.mesh.get("fsdp", 1)})')
+  if report.function == 'train_step' and config.model.remat == 'none':
+    changes.append('recompute activations (--config.model.remat=full)')
+  rows = report.rows
+  if report.function == 'train_step' and rows > 1:
+    changes.append(f'fewer rows per micro-batch (--config.optim.grad_accum_steps='
+                   f'{2 * config.optim.grad_accum_steps}, or --config.data.batch_size='
+                   f'{rows // 2})')
+  if config.model.dtype == 'float32':
+    changes.append('bf16 compute (--config.model.dtype=bfloat16)')
+  return '; '.join(changes)
+
+
+def candidate_meshes(config, devices: int) -> list[dict[str, int]]:
+  """Every data x fsdp x tensor mesh of `devices` whose axes divide the model's
+  dimensions and the batch (tensor at most 8: a tensor group stays within a host's
+  chips)."""
+  found = []
+  for tensor, fsdp in itertools.product([1, 2, 4, 8], _divisors(devices)):
+    if devices % (tensor * fsdp):
+      continue
+    sizes = {'data': devices // (tensor * fsdp), 'fsdp': fsdp, 'tensor': tensor}
+    trial = config.copy_and_resolve_references()
+    trial.mesh.update(sizes)
+    try:
+      config_lib.check_mesh(trial, devices, 1)
+    except MeshError:
+      continue
+    found.append(sizes)
+  return found
+
+
+def _divisors(number: int) -> list[int]:
+  return [d for d in range(1, number + 1) if number % d == 0]
+
+
+@dataclasses.dataclass
+class Candidate:
+  mesh: dict[str, int]
+  remat: str
+  state_bytes: int             # params + optimizer (+ ema) per device, by arithmetic
+  report: Report | None = None  # the compiled train step; None: cut before compiling
+  cut: str = ''                # why it was not compiled
+
+  @property
+  def fits(self) -> bool:
+    return self.report is not None and self.report.fits
+
+  def flags(self) -> str:
+    parts = [f'--config.mesh.{axis}={size}' for axis, size in self.mesh.items()]
+    if self.remat != 'none':
+      parts.append(f'--config.model.remat={self.remat}')
+    return ' '.join(parts)
+
+
+def plan(config, model_cfg, devices, hbm_bytes: int, log=print) -> list[Candidate]:
+  """The train step compiled for each candidate mesh of `devices` (with remat if it
+  does not fit without), ranked: fitting first, then by bytes communicated per step,
+  then by memory needed. A mesh whose train state alone exceeds the memory is cut
+  before compiling."""
+  candidates = []
+  for sizes in candidate_meshes(config, len(devices)):
+    trial = config.copy_and_resolve_references()
+    trial.mesh.update(sizes)
+    mesh, rules = sharding.plan_mesh(trial, devices)
+    state = sum(state_bytes(trial, model_cfg, mesh, rules).values())
+    if state > hbm_bytes:
+      candidates.append(Candidate(sizes, config.model.remat, state,
+                                  cut=f'state {state / 2**30:.1f} GiB > HBM'))
+      continue
+    for remat in dict.fromkeys([config.model.remat, 'full']):
+      trial.model.remat = remat
+      trial_model = config_lib.model_config(trial, model_cfg.vocab_size)
+      report = compile_function('train_step', trial, trial_model, devices, hbm_bytes)
+      candidate = Candidate(sizes, remat, state, report)
+      log(f'  {candidate.flags():70s} {"fits" if candidate.fits else "does not fit":12s} '
+          f'{report.needed / 2**30:7.2f} GiB  {report.collective_bytes() / 2**20:9.1f} MiB '
+          f'communicated  ({report.compile_s:.0f} s)')
+      if candidate.fits or remat == 'full':
+        candidates.append(candidate)
+        break
+  return sorted(candidates, key=lambda c: (
+      not c.fits, c.report is None,
+      c.report.collective_bytes() if c.report else 0,
+      c.report.needed if c.report else c.state_bytes))

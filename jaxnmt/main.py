@@ -248,6 +248,10 @@ def main(argv) -> None:
     cluster = None if explicit else clusters.detected_cluster()
     multi_process = (FLAGS.num_processes or 1) > 1 or cluster is not None
     workdir = _workdir(multi_process)
+    if FLAGS.mode == 'compile' and FLAGS.topology:
+      # Compiling for a slice needs only this machine's CPU (and the TPU or GPU
+      # compiler as a library): no local accelerator is started or checked.
+      os.environ.setdefault('JAX_PLATFORMS', 'cpu')
     # First, before JAX starts a backend: may restart this command once.
     host.prepare(FLAGS.allocator, FLAGS.cpu_library_fusions, multi_process,
                          decoding=MODES[FLAGS.mode].decoding)

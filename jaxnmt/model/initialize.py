@@ -8,6 +8,8 @@ parameters' shapes alone, which a checkpoint restore fills: no optimizer moments
 ever allocated to read a model.
 """
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
@@ -19,16 +21,21 @@ def rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(params=seed, dropout=seed + 1)
 
 
+@functools.lru_cache(maxsize=4)
+def _abstract_module(model_cfg: transformer.ModelConfig, seed: int):
+  """The model built from shapes alone; kept, as tracing the build of a deep model
+  takes seconds (per layer), and every abstract view below starts from it."""
+  return nnx.eval_shape(lambda: transformer.build(model_cfg, rngs=rngs(seed)))
+
+
 def abstract_model(model_cfg: transformer.ModelConfig, seed: int = 0):
   """(graphdef, abstract params, rest) of the model: shapes only, nothing allocated."""
-  return nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, rngs=rngs(seed))),
-                   nnx.Param, ...)
+  return nnx.split(_abstract_module(model_cfg, seed), nnx.Param, ...)
 
 
 def abstract_params(model_cfg: transformer.ModelConfig):
   """Shapes of the parameters, as a checkpoint stores them."""
-  return jax.eval_shape(
-      lambda: nnx.state(transformer.build(model_cfg, rngs=rngs(0)), nnx.Param))
+  return nnx.state(_abstract_module(model_cfg, 0), nnx.Param)
 
 
 def with_shardings(abstract_tree, shardings):

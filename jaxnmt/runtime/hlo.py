@@ -4,7 +4,8 @@ device (`memory`), its FLOPs (`flops`) and every collective in its optimized HLO
 
 The collectives are read from `compiled.as_text()`: each all-gather, reduce-scatter,
 all-reduce, all-to-all and collective-permute (synchronous or `-start`), counted once
-per execution: an op inside a loop whose trip count the condition states (`i < 8`)
+per execution (between the slices of a multislice job, the `send`s of the multislice
+runtime, by the transfer they make); an op inside a loop whose trip count the condition states (`i < 8`)
 counts that many times; one in a loop of data-dependent length (a decode loop) counts
 once, per iteration, and is marked so. Its replica groups (explicit `{{0,1},{2,3}}`,
 iota `[4,2]<=[2,4]T(1,0)` or `mesh['axis_0'=4,...] {'axis_0'}`) index the program's
@@ -50,6 +51,15 @@ def flops(compiled) -> float:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
+  if not analysis:  # the CUDA compiler offers none: XLA's HLO cost analysis instead
+    try:
+      # pylint: disable-next=g-import-not-at-top
+      from jax._src import xla_bridge
+      from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+      module = compiled._executable.xla_extension_executable().hlo_modules()[0]  # pylint: disable=protected-access
+      analysis = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'), module)
+    except Exception:  # pylint: disable=broad-except
+      analysis = {}
   return float((analysis or {}).get('flops', 0.0))
 
 
@@ -60,7 +70,8 @@ class Collective:
   axes: tuple[str, ...]  # the mesh axes it runs over; ('?',) if no set of axes matches
   count: int = 0         # executions per call of the program
   bytes: int = 0         # per device per call: the whole buffer (gathered / before scatter)
-  crosses_slices: bool = False  # some group spans devices of two slices (DCN)
+  largest: int = 0       # bytes of the largest single op
+  crosses_slices: bool = False  # between slices, over the data-center network (DCN)
   in_unbounded_loop: bool = False  # inside a loop of data-dependent length: per iteration
 
 
@@ -185,27 +196,29 @@ def _iota(text: str) -> np.ndarray:
   return ids.reshape(-1)
 
 
-def _axes_of(groups: list[list[int]], mesh, permute: bool) -> tuple[str, ...]:
-  """The mesh axes whose groups `groups` are (for a permute: the axes its pairs move
-  along)."""
-  coords = np.stack(np.unravel_index(np.arange(mesh.size), mesh.devices.shape), axis=1)
+def _axes_of(groups: list[list[int]], shape: tuple[int, ...], names: tuple[str, ...],
+             permute: bool) -> tuple[str, ...]:
+  """The axes of a device mesh of `shape` whose groups `groups` are (for a permute: the
+  axes its pairs move along)."""
+  size = math.prod(shape)
+  coords = np.stack(np.unravel_index(np.arange(size), shape), axis=1)
   if permute:
     moved = set()
     for source, target in groups:
       moved.update(np.nonzero(coords[source] != coords[target])[0].tolist())
-    return tuple(mesh.axis_names[axis] for axis in sorted(moved)) or ('?',)
+    return tuple(names[axis] for axis in sorted(moved)) or ('?',)
   wanted = {frozenset(group) for group in groups if len(group) > 1}
   if not wanted:
     return ()
-  active = [axis for axis, size in enumerate(mesh.devices.shape) if size > 1]
+  active = [axis for axis, length in enumerate(shape) if length > 1]
   for count in range(1, len(active) + 1):
     for axes in itertools.combinations(active, count):
-      kept = [axis for axis in range(len(mesh.devices.shape)) if axis not in axes]
+      kept = [axis for axis in range(len(shape)) if axis not in axes]
       partition = collections.defaultdict(set)
-      for index in range(mesh.size):
+      for index in range(size):
         partition[tuple(coords[index][kept])].add(index)
       if {frozenset(group) for group in partition.values()} == wanted:
-        return tuple(mesh.axis_names[axis] for axis in axes)
+        return tuple(names[axis] for axis in axes)
   return ('?',)
 
 
@@ -215,6 +228,14 @@ def collectives(compiled, mesh) -> list[Collective]:
   computations, entry = _computations(compiled.as_text())
   multipliers = _multipliers(computations, entry)
   slices = [getattr(device, 'slice_index', 0) or 0 for device in mesh.devices.flat]
+  by_slice = np.asarray(slices).reshape(mesh.devices.shape)
+  slice_axes = tuple(name for axis, name in enumerate(mesh.axis_names)
+                     if (np.diff(by_slice, axis=axis) != 0).any())
+  # A multislice program is one slice's: its groups index that slice's devices, a mesh
+  # whose slice-spanning axis (data, in `sharding.make_mesh`) holds one slice's share.
+  num_slices = len(set(slices))
+  local_shape = tuple(length // num_slices if name in slice_axes[:1] else length
+                      for name, length in zip(mesh.axis_names, mesh.devices.shape))
   table = {}
   for name, lines in computations.items():
     times, unbounded = multipliers.get(name, (0, False))
@@ -223,11 +244,22 @@ def collectives(compiled, mesh) -> list[Collective]:
     for line in lines:
       shape, tail = _split_shape(line[_INSTRUCTION.match(line).end():])
       op = tail.split('(', 1)[0]
+      dcn = re.search(r'_xla_megascale_transfer_type="(\w+)"', tail) if op == 'send' else None
+      if dcn:  # between slices: a transfer of the multislice runtime, over DCN
+        kind = dcn.group(1).lower().replace('_', '-')
+        entry_ = table.setdefault((kind, slice_axes, 'dcn'), Collective(
+            kind, slice_axes, crosses_slices=True))
+        size = _shape_bytes(shape)[0]
+        entry_.count += times
+        entry_.bytes += times * size
+        entry_.largest = max(entry_.largest, size)
+        entry_.in_unbounded_loop |= unbounded
+        continue
       if op not in _OPS:
         continue
       kind = _OPS[op]
       sizes = _shape_bytes(shape)
-      groups = _groups(tail, mesh.size)
+      groups = _groups(tail, math.prod(local_shape))
       if op == 'all-gather-start' and len(sizes) > 1:
         sizes = sizes[len(sizes) // 2:]  # ((inputs), (gathered outputs))
       elif op == 'collective-permute-start':
@@ -235,13 +267,13 @@ def collectives(compiled, mesh) -> list[Collective]:
       size = sum(sizes)
       if kind == 'reduce-scatter' and groups:
         size *= len(groups[0])  # the whole buffer before the scatter
-      axes = _axes_of(groups, mesh, kind == 'collective-permute') if groups is not None else ('?',)
-      entry_ = table.setdefault((kind, axes), Collective(kind, axes))
+      axes = ('?',) if groups is None else _axes_of(groups, local_shape, mesh.axis_names,
+                                                    kind == 'collective-permute')
+      entry_ = table.setdefault((kind, axes, 'ici'), Collective(kind, axes))
       entry_.count += times
       entry_.bytes += times * size
+      entry_.largest = max(entry_.largest, size)
       entry_.in_unbounded_loop |= unbounded
-      entry_.crosses_slices |= any(len({slices[i] for i in group}) > 1
-                                   for group in groups or [] if group)
   return sorted(table.values(), key=lambda item: -item.bytes)
 
 
@@ -263,3 +295,16 @@ def largest_buffer(compiled) -> str:
     found = (f'{re.sub(r"{[^{}]*}", "", shape)} {best / 2**20:.1f} MiB ({operation}'
              f'{": " + source.group(1)[-80:] if source else ""})')
   return found
+
+
+def argument_bytes(compiled) -> int:
+  """Bytes per device of the program's arguments as their shapes give them (the
+  per-device shards of the inputs), without the padding of the device's memory tiles
+  that `memory()['arguments']` includes."""
+  computations, entry = _computations(compiled.as_text())
+  total = 0
+  for line in computations.get(entry, []):
+    shape, tail = _split_shape(line[_INSTRUCTION.match(line).end():])
+    if tail.startswith('parameter('):
+      total += sum(_shape_bytes(shape))
+  return total

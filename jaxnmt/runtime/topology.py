@@ -1,10 +1,12 @@
-"""TPU slices by name, and their devices on a machine that has none.
+"""TPU slices and GPU clusters by name, and their devices on a machine that has none.
 
 `parse('v5e-256')` reads a slice as Cloud TPU names it (`v4-N` and `v5p-N` count
 TensorCores, two per chip; `v5litepod-N`, `v5e-N` and `v6e-N` count chips) or as libtpu
-does (`v5e:16x16`, `v4:2x2x4`); `devices(slice)` asks libtpu (`pip install
-'jax[tpu]'`) for that slice's devices as compile-only devices: a mesh over them lets
-`jax.jit(...).lower(...).compile()` run the real TPU compiler here, without a TPU.
+does (`v5e:16x16`, `v4:2x2x4`), and `parse('h100-16')` a GPU cluster (16 H100s in
+nodes of 8). `devices(slice)` asks the compiler (libtpu from `pip install 'jax[tpu]'`,
+or the CUDA plugin from `pip install 'jax[cuda12-local]'`) for its compile-only devices:
+a mesh over them lets `jax.jit(...).lower(...).compile()` run the real TPU or GPU
+compiler here, without a TPU or a GPU.
 """
 
 import dataclasses
@@ -27,8 +29,9 @@ class Chip:
   cloud_names: tuple     # Cloud TPU's accelerator-type prefixes
   cores_per_chip: int    # what a Cloud name's N counts per chip
   dimensions: int        # 2-D torus (v5e, v6e) or 3-D (v4, v5p)
-  hbm_gib: float         # HBM per chip
+  hbm_gib: float         # HBM per chip (usable: for a GPU, JAX's default 75% of it)
   bf16_tflops: float     # peak dense bf16 per chip
+  platform: str = 'tpu'
 
 
 CHIPS = {chip.generation: chip for chip in (
@@ -37,6 +40,27 @@ CHIPS = {chip.generation: chip for chip in (
     Chip('v5p', ('v5p',), 2, 3, 95, 459),
     Chip('v6e', ('v6e',), 1, 2, 32, 918),
 )}
+# GPUs, by the name of `--topology=<name>-<count>`; `dimensions` is (nodes, per node).
+GPUS = {'h100': Chip('h100', ('h100',), 1, 2, 0.75 * 79.1, 989, platform='cuda')}
+GPUS_PER_NODE = 8
+
+# The H100 SXM (80 GB) as the CUDA compiler's target (a stream_executor
+# GpuTargetConfigProto; figures from NVIDIA's datasheet and XLA's own H100 spec).
+_H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84942979072
+  shared_memory_per_block_optin: 232448 cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +81,10 @@ class Slice:
 
   @property
   def name(self) -> str:
-    """The Cloud TPU name of one slice, then the slice count: 'v5e-256', '2 x v4-32'."""
+    """The Cloud TPU name of one slice, then the slice count: 'v5e-256', '2 x v4-32';
+    'h100-16' for GPUs."""
+    if self.chip.platform == 'cuda':
+      return f'{self.chip.generation}-{math.prod(self.shape)}'
     cloud = (f'{self.chip.cloud_names[-1]}-'
              f'{math.prod(self.shape) * self.chip.cores_per_chip}')
     return cloud if self.num_slices == 1 else f'{self.num_slices} x {cloud}'
@@ -101,11 +128,21 @@ def parse(name: str, num_slices: int = 1) -> Slice:
                           f'{chip.generation}:{"x".join(["2"] * chip.dimensions)}')
     return Slice(chip, shape, num_slices)
   match = re.fullmatch(r'([a-z0-9]+)-(\d+)', text)
+  if match and match.group(1) in GPUS:
+    count = int(match.group(2))
+    if num_slices != 1:
+      raise TopologyError('--num_slices applies to TPU slices; give GPUs as one count')
+    if count < 1 or (count > GPUS_PER_NODE and count % GPUS_PER_NODE):
+      raise TopologyError(f'--topology={name}: GPUs come in nodes of {GPUS_PER_NODE}: '
+                          f'give up to {GPUS_PER_NODE}, or a multiple of it')
+    per_node = min(count, GPUS_PER_NODE)
+    return Slice(GPUS[match.group(1)], (count // per_node, per_node))
   chip = next((chip for chip in CHIPS.values() if match and match.group(1) in chip.cloud_names),
               None)
   if chip is None:
-    raise TopologyError(f'--topology={name}: expected a Cloud TPU name ({known}) or '
-                        f"libtpu's form (v5e:4x4, v4:2x2x4)")
+      raise TopologyError(f'--topology={name}: expected a Cloud TPU name ({known}), '
+                        f"libtpu's form (v5e:4x4, v4:2x2x4) or GPUs ("
+                        f'{", ".join(f"{gpu}-N" for gpu in GPUS)})')
   count = int(match.group(2))
   if count < chip.cores_per_chip or count & (count - 1):
     raise TopologyError(f'--topology={name}: a slice has a power-of-two number of chips')
@@ -119,8 +156,25 @@ def compiler_installed() -> bool:
   return importlib.util.find_spec('libtpu') is not None
 
 
+def _gpu_devices(cluster: Slice) -> list:
+  """Compile-only GPUs of `cluster` (process_index = node), from the CUDA plugin."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  nodes, per_node = cluster.shape
+  try:
+    found = topologies.get_topology_desc(platform='cuda', target_config=_H100_TARGET,
+                                         topology=f'1x{nodes}x{per_node}').devices
+  except Exception as error:  # pylint: disable=broad-except
+    raise TopologyError(
+        f'no GPU compiler for --topology={cluster.name}: {str(error).splitlines()[0][:200]} '
+        "(pip install 'jax[cuda12-local]' at this jax's version)") from None
+  return list(found)
+
+
 def devices(tpu_slice: Slice) -> list:
-  """The compile-only devices of `tpu_slice` (all its slices), from libtpu."""
+  """The compile-only devices of `tpu_slice` (all its slices), from libtpu or the
+  CUDA plugin."""
+  if tpu_slice.chip.platform == 'cuda':
+    return _gpu_devices(tpu_slice)
   if not compiler_installed():
     raise TopologyError("compiling for a TPU slice needs the TPU compiler: pip install -e "
                         "'.[tpu-compile]' (jax[tpu] at this jax's version)")

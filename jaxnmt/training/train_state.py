@@ -29,10 +29,8 @@ def _new_state(params, tx, ema: bool) -> dict:
 
 def abstract_train_state(model_cfg: transformer.ModelConfig, tx, ema: bool = False) -> dict:
   """Shapes of the train state, e.g. as the target of a checkpoint restore."""
-  def build():
-    model = transformer.build(model_cfg, rngs=initialize.rngs(0))
-    return _new_state(nnx.state(model, nnx.Param), tx, ema)
-  return jax.eval_shape(build)
+  return jax.eval_shape(lambda params: _new_state(params, tx, ema),
+                        initialize.abstract_params(model_cfg))
 
 
 def create_train_state(model_cfg: transformer.ModelConfig, tx, seed: int, mesh, rules,

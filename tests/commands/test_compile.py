@@ -1,0 +1,75 @@
+"""`--mode=compile` from the command line: a multislice slice's table and JSON, the
+one-line refusal of a model no chip holds, and a saved step a training run uses."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from tests.helpers import last_error
+from tests.helpers import losses_by_step
+from tests.helpers import run_main
+
+TEST_CONFIG = '--config=tests/tiny_config.py'
+
+
+@pytest.mark.slow
+def test_two_slices_send_only_the_gradient_reduction_over_dcn(libtpu, tmp_path):
+  result = run_main('--mode=compile', TEST_CONFIG, '--topology=v5e-4', '--num_slices=2',
+                    '--config.mesh.data=2', '--config.mesh.fsdp=4',
+                    # 4 rows per chip (with 1, the partitioner also moves a few KB of
+                    # activations between the slices to reshape the batch).
+                    '--config.data.batch_size=32', '--config.data.eval_batch_size=32',
+                    f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  for function in ('train_step', 'eval_step', 'decode_greedy', 'decode_beam'):
+    assert f'\n{function} ' in result.stdout
+  report = json.load(open(tmp_path / 'compile' / '2xv5e-4.json'))
+  functions = {record['function']: record for record in report['functions']}
+  assert report['devices'] == 8 and all(record['fits'] for record in functions.values())
+  train = functions['train_step']
+  assert train['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  crossing = [item for item in train['collectives'] if item['crosses_slices']]
+  # The gradients' reduction over the data axis, and nothing else, crosses slices.
+  assert {(item['kind'], tuple(item['axes'])) for item in crossing} == {
+      ('all-reduce', ('data',))}
+  assert sum(item['bytes'] for item in crossing) >= train['state']['params']
+  inside = [item for item in train['collectives'] if not item['crosses_slices']]
+  assert all('data' not in item['axes'] for item in inside if item['bytes'] > 1024)
+  # The decoders split sentences over all 8 chips of both slices.
+  assert functions['decode_beam']['mesh'] == {'data': 8}
+
+
+def test_a_model_no_chip_holds_is_one_line_exit_2(libtpu, tmp_path):
+  # 5.9 billion parameters in 2+2 layers: 23 GB in float32 on a 16 GiB chip.
+  result = run_main('--mode=compile', '--config=configs/big.py', '--topology=v5e-1',
+                    '--config.model.d_model=8192', '--config.model.d_ff=32768',
+                    '--config.model.num_heads=64', '--config.tokenizer.vocab_size=256000',
+                    '--config.model.num_encoder_layers=2',
+                    '--config.model.num_decoder_layers=2', f'--workdir={tmp_path}')
+  assert result.returncode == 2, result.stderr[-2000:]
+  error = last_error(result.stderr)
+  assert error.startswith('error: train_step does not fit v5e-1: the train state alone '
+                          'needs'), error
+  assert '--config.mesh.fsdp=2' in error
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_saved_step_trains_like_one_compiled_in_the_run(small_corpus, tmp_path):
+  """--mode=compile --save_compiled on this job's 8 CPU devices, then a run with
+  --compiled_step: the losses of a run that compiles its own step."""
+  compiled = run_main('--mode=compile', TEST_CONFIG, '--save_compiled',
+                      f'--workdir={tmp_path / "plan"}', corpus=small_corpus)
+  assert compiled.returncode == 0, compiled.stderr[-2000:]
+  [saved] = glob.glob(str(tmp_path / 'plan' / 'compile' / '*.train_step'))
+  steps = ('--config.num_train_steps=3', '--config.log_every_steps=1')
+  runs = {}
+  for name, extra in [('compiled', (f'--compiled_step={saved}',)), ('plain', ())]:
+    result = run_main(TEST_CONFIG, *steps, *extra, f'--workdir={tmp_path / name}',
+                      corpus=small_corpus)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs[name] = losses_by_step(tmp_path / name)
+  assert runs['compiled'] == runs['plain'] and sorted(runs['plain']) == [1, 2, 3]
+  assert os.path.getsize(saved) > 0

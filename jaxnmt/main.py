@@ -152,6 +152,9 @@ flags.DEFINE_integer('num_slices', 1, 'compile: slices of --topology joined over
                      'center network (multislice); the data axis spans them.')
 flags.DEFINE_bool('plan', False, 'compile: rank the meshes that fit --topology (data x '
                   'fsdp x tensor, with remat where needed) by bytes communicated per step.')
+flags.DEFINE_list('compile_functions', ['train_step', 'eval_step', 'decode_greedy',
+                                        'decode_beam'],
+                  'compile: which functions to compile (comma-separated).')
 flags.DEFINE_bool('save_compiled', False, 'compile: also serialize the compiled train step '
                   'into WORKDIR/compile/, for train --compiled_step.')
 flags.DEFINE_string('compiled_step', '', 'train: run this serialized train step (written by '

@@ -26,6 +26,7 @@ import jax
 
 from jaxnmt import config_lib
 from jaxnmt.errors import MeshError
+from jaxnmt.errors import UserError
 from jaxnmt.runtime import files
 from jaxnmt.runtime import sharding
 from jaxnmt.runtime import topology
@@ -131,11 +132,18 @@ def main(workdir: str, flags) -> None:
     _plan(config, model_cfg, devices, hbm, target, workdir)
     return
   config_lib.check_mesh(config, len(devices), processes)
+  unknown = [name for name in flags.compile_functions if name not in preflight.FUNCTIONS]
+  if unknown or not flags.compile_functions:
+    raise UserError(f'--compile_functions: unknown {unknown}; choose from '
+                    f'{", ".join(preflight.FUNCTIONS)}')
+  functions = list(flags.compile_functions)
+  if flags.save_compiled and 'train_step' not in functions:
+    functions.insert(0, 'train_step')
   if flags.save_compiled:  # a step from JAX's compilation cache would not serialize whole
     with executables.uncached():
-      reports = preflight.check(config, model_cfg, devices, hbm)
+      reports = preflight.check(config, model_cfg, devices, hbm, functions)
   else:
-    reports = preflight.check(config, model_cfg, devices, hbm)
+    reports = preflight.check(config, model_cfg, devices, hbm, functions)
   print_reports(reports, target, hbm)
   path = _write(workdir, target, False, {
       'target': target, 'devices': len(devices), 'processes': processes,

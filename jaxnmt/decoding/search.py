@@ -61,11 +61,16 @@ def _own_slot(cache, index, own_beam):
   return cache
 
 
-def _reorder(given, returned, rows):
+def _reorder(given, returned, source_beam):
   """The cache the step `returned` (from `given`) for beam rows b*K + j that continue
-  rows `rows` [B*K]. Of a `DecoderCache` only the history moves (slots stay, the rest
-  is each sentence's); of any other cache every array not returned untouched."""
-  take = lambda x: jnp.take(x, rows, axis=0, mode='clip')  # rows in range by construction
+  rows b*K + source_beam[b, j]. Of a `DecoderCache` only the history moves (slots stay,
+  the rest is each sentence's); of any other cache every array not returned untouched.
+  Each sentence's rows are picked among its own K (a gather along the beam axis), so
+  a batch split over devices stays where it is."""
+  def take(x):  # [B*K, ...]
+    beams = x.reshape(source_beam.shape + x.shape[1:])
+    picked = source_beam.reshape(source_beam.shape + (1,) * (x.ndim - 1))
+    return jnp.take_along_axis(beams, picked, axis=1, mode='clip').reshape(x.shape)
   if isinstance(returned, cache_lib.DecoderCache):
     return returned._replace(history=take(given.history))
   return jax.tree.map(lambda old, new: new if new is old else take(new), given, returned)
@@ -240,8 +245,7 @@ def beam_search(step_fn, cache, batch_size: int, beam_size: int, max_length: int
     new_state, source_beam = _extend(state, logits, index, k, max_lengths, min_lengths,
                                      eos_id, alpha)
     # Row b*K + j continues row b*K + source_beam[b, j].
-    rows = (jnp.arange(batch_size)[:, None] * k + source_beam).reshape(-1)
-    new_state.update(index=index + 1, cache=_reorder(cache, returned, rows))
+    new_state.update(index=index + 1, cache=_reorder(cache, returned, source_beam))
     return new_state
 
   def finish(state):

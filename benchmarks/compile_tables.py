@@ -1,0 +1,91 @@
+"""The pod-scale tables of BUILD_NOTES ("Before a launch"): `--mode=compile` for big and
+the 3.3 B config on TPU slices, one JSON per target in OUT, then a markdown table of
+every JSON there.
+
+  python benchmarks/compile_tables.py --out=runs/compile_tables big-v5e-16 nllb3b-v5e-64
+  python benchmarks/compile_tables.py --out=runs/compile_tables --table   # print only
+
+Targets (name: config, slice, slices, overrides) are in TARGETS; `--functions` limits
+what is compiled (the 3.3 B decoders are slow to compile on a small machine).
+Each target runs in its own process, as `python -m jaxnmt.main --mode=compile` would.
+"""
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One row per chip at least: the batch splits over data x fsdp.
+_BIG = ['--config.data.batch_size=256', '--config.data.eval_batch_size=256']
+_BIG_POD = ['--config.data.batch_size=512', '--config.data.eval_batch_size=512']
+_NLLB = ['--config.mesh.data=1', '--config.mesh.fsdp=-1']
+TARGETS = {
+    'big-v5e-16': ('configs/big.py', 'v5e-16', 1, _BIG),
+    'big-v4-32': ('configs/big.py', 'v4-32', 1, _BIG),
+    'big-v5p-128': ('configs/big.py', 'v5p-128', 1, _BIG),
+    'big-v5e-256': ('configs/big.py', 'v5e-256', 1, _BIG),
+    'big-2xv5e-256': ('configs/big.py', 'v5e-256', 2, _BIG_POD),
+    'nllb3b-v5e-64': ('configs/nllb3b.py', 'v5e-64', 1, _NLLB),
+    'nllb3b-v5p-128': ('configs/nllb3b.py', 'v5p-128', 1, _NLLB),
+}
+
+
+def run(name: str, out: str, functions: str) -> int:
+  config, topology, slices, overrides = TARGETS[name]
+  command = [sys.executable, '-m', 'jaxnmt.main', '--mode=compile', f'--config={config}',
+             f'--topology={topology}', f'--num_slices={slices}',
+             f'--workdir={os.path.join(out, name)}', f'--compile_functions={functions}',
+             *overrides]
+  print(' '.join(command[1:]), flush=True)
+  return subprocess.run(command, cwd=ROOT, check=False).returncode
+
+
+def table(out: str) -> None:
+  print('| target | function | mesh | per-chip GiB (params / opt / temp / needed of HBM) | '
+        'fits | TFLOP per chip | collectives per call (MiB) | compile s |')
+  print('|---|---|---|---|---|---|---|---|')
+  for path in sorted(glob.glob(os.path.join(out, '*', 'compile', '*.json'))):
+    if path.endswith('-plan.json'):
+      continue
+    record = json.load(open(path))
+    for item in record['functions']:
+      gib = lambda count: f'{count / 2**30:.2f}'
+      state = item['state']
+      comm = {}
+      for collective in item['collectives']:
+        key = (f'{collective["kind"]} {"+".join(collective["axes"])}'
+               f'{" DCN" if collective["crosses_slices"] else ""}')
+        comm[key] = comm.get(key, 0) + collective['bytes']
+      comm_text = ', '.join(f'{key} {count / 2**20:.0f}'
+                            for key, count in sorted(comm.items(), key=lambda kv: -kv[1])
+                            if count >= 2**20) or '< 1'
+      mesh = ' x '.join(f'{axis}={size}' for axis, size in item['mesh'].items() if size > 1)
+      print(f'| {record["target"]} | {item["function"]} | {mesh} | '
+            f'{gib(state.get("params", 0))} / '
+            f'{gib(state.get("opt_state", 0) + state.get("ema", 0))} / '
+            f'{gib(item["memory"].get("temporaries", 0))} / {gib(item["needed"])} of '
+            f'{gib(item["hbm_bytes"])} | {"yes" if item["fits"] else "no"} | '
+            f'{item["flops"] / 1e12:.2f} | {comm_text} | {item["compile_s"]:.0f} |')
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('targets', nargs='*', help=', '.join(TARGETS))
+  parser.add_argument('--out', default='runs/compile_tables')
+  parser.add_argument('--functions', default='train_step,eval_step,decode_greedy,decode_beam')
+  parser.add_argument('--table', action='store_true', help='only print the table')
+  args = parser.parse_args()
+  unknown = [name for name in args.targets if name not in TARGETS]
+  if unknown:
+    parser.error(f'unknown targets {unknown}; known: {", ".join(TARGETS)}')
+  if not args.table:
+    for name in args.targets:
+      run(name, args.out, args.functions)
+  table(args.out)
+
+
+if __name__ == '__main__':
+  main()

@@ -120,8 +120,9 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int) 
   started = time.time()
   if function in DECODERS:
     decode_mesh = jax.sharding.Mesh(mesh.devices.reshape(-1), ('data',))
-    params = sharding.planned_bytes(initialize.abstract_params(model_cfg),
-                                    sharding.replicated(decode_mesh))[1]
+    abstract = initialize.abstract_params(model_cfg)
+    replicated = sharding.replicated(decode_mesh)
+    params = sharding.planned_bytes(abstract, jax.tree.map(lambda _: replicated, abstract))[1]
     report = Report(function, dict(decode_mesh.shape), 0, {'params': params}, hbm_bytes)
     if params > hbm_bytes:
       report.error = (f'the parameters alone, replicated on every device for decoding, '
@@ -139,12 +140,13 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int) 
     mesh = decode_mesh
   else:
     state = state_bytes(config, model_cfg, mesh, rules)
+    what = 'the train state alone needs'
     if function == 'eval_step':
-      state = {'params': state['params']}
+      state, what = {'params': state['params']}, 'the parameters alone need'
     rows = config.data.batch_size if function == 'train_step' else config.data.eval_batch_size
     report = Report(function, dict(mesh.shape), rows, state, hbm_bytes)
     if sum(state.values()) > hbm_bytes:
-      report.error = f'the train state alone needs {sum(state.values()) / 2**30:.2f} GiB'
+      report.error = f'{what} {sum(state.values()) / 2**30:.2f} GiB'
       return report
     try:
       if function == 'train_step':
@@ -180,20 +182,22 @@ def advice(report: Report, config) -> str:
     return ('decode fewer rows at once (--batch_size, or config.data.eval_batch_size for '
             'the eval worker), or a smaller model: decoding replicates the parameters')
   state = sum(report.state.values())
+  if state > report.hbm_bytes / 2:  # the state itself: split it further
+    fsdp = report.mesh.get('fsdp', 1) * 2
+    while state * report.mesh.get('fsdp', 1) / fsdp > 0.5 * report.hbm_bytes:
+      fsdp *= 2
+    return (f'split the train state over more chips (--config.mesh.fsdp={fsdp}; it '
+            f'needs at least that many chips)')
   changes = []
-  if state > report.hbm_bytes / 2:
-    changes.append(f'split the state over more devices (--config.mesh.fsdp='
-                   f'{2 * report.mesh.get("fsdp", 1)})')
   if report.function == 'train_step' and config.model.remat == 'none':
     changes.append('recompute activations (--config.model.remat=full)')
-  rows = report.rows
-  if report.function == 'train_step' and rows > 1:
+  if report.function == 'train_step' and report.rows > 1:
     changes.append(f'fewer rows per micro-batch (--config.optim.grad_accum_steps='
                    f'{2 * config.optim.grad_accum_steps}, or --config.data.batch_size='
-                   f'{rows // 2})')
+                   f'{report.rows // 2})')
   if config.model.dtype == 'float32':
     changes.append('bf16 compute (--config.model.dtype=bfloat16)')
-  return '; '.join(changes)
+  return '; '.join(changes) or 'a smaller model'
 
 
 def candidate_meshes(config, devices: int) -> list[dict[str, int]]:

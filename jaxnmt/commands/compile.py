@@ -115,10 +115,13 @@ def _plan(config, model_cfg, devices, hbm, target: str, workdir: str) -> None:
                       'report': c.report.as_dict() if c.report else None}
                      for c in candidates]})
   logging.info('Wrote %s', path)
+  if not candidates:
+    raise MeshError(f'no data x fsdp x tensor mesh of {target} divides the batch '
+                    f'({config.data.batch_size} rows, {config.data.eval_batch_size} to '
+                    f'evaluate) and the model\'s dimensions: change config.data.batch_size')
   if best is None:
-    raise MeshError(f'no mesh of {target} fits {config.model.num_encoder_layers}+'
-                    f'{config.model.num_decoder_layers} layers of d_model '
-                    f'{config.model.d_model}: use more chips or a smaller batch')
+    raise MeshError(f'no mesh of {target} fits the train step: use more chips, a '
+                    f'smaller batch or a smaller model (the ranking above)')
   print(f'best: python -m jaxnmt.main --config=... {best.flags()}')
 
 
@@ -141,9 +144,9 @@ def main(workdir: str, flags) -> None:
     functions.insert(0, 'train_step')
   if flags.save_compiled:  # a step from JAX's compilation cache would not serialize whole
     with executables.uncached():
-      reports = preflight.check(config, model_cfg, devices, hbm, functions)
+      reports = preflight.check(config, model_cfg, devices, hbm, functions, flags.batch_size)
   else:
-    reports = preflight.check(config, model_cfg, devices, hbm, functions)
+    reports = preflight.check(config, model_cfg, devices, hbm, functions, flags.batch_size)
   print_reports(reports, target, hbm)
   path = _write(workdir, target, False, {
       'target': target, 'devices': len(devices), 'processes': processes,

@@ -336,13 +336,12 @@ def compile_decoder(model_cfg, config, devices, options: DecodeOptions,
   sentences split over them, as `Translator` runs it): (compiled, rows, source length,
   output length)."""
   mesh = inference.data_mesh(devices)
-  learned = model_cfg.position_embedding == 'learned'
-  source_length = length_bucket(config.data.max_source_length)
-  cap = max(1, int(config.decode.max_length_ratio * source_length
-                   + config.decode.max_length_offset))
-  output_length = min(length_bucket(cap), model_cfg.max_length) if learned else length_bucket(cap)
-  if learned:
-    source_length = min(source_length, model_cfg.max_length)
+  limit = model_cfg.max_length if model_cfg.position_embedding == 'learned' else None
+  clip = lambda length: length if limit is None else min(length, limit)
+  source_length = clip(length_bucket(config.data.max_source_length))
+  cap = clip(max(1, int(config.decode.max_length_ratio * source_length
+                        + config.decode.max_length_offset)))
+  output_length = clip(length_bucket(cap))
   rows = full_batch_rows(source_length, batch_size, batch_tokens, mesh.size)
   graphdef, params, rest = initialize.abstract_model(model_cfg)
   replicated = NamedSharding(mesh, PartitionSpec())

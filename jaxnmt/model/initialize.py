@@ -34,8 +34,9 @@ def abstract_model(model_cfg: transformer.ModelConfig, seed: int = 0):
 
 
 def abstract_params(model_cfg: transformer.ModelConfig):
-  """Shapes of the parameters, as a checkpoint stores them."""
-  return nnx.state(_abstract_module(model_cfg, 0), nnx.Param)
+  """Shapes of the parameters, as a checkpoint stores them (a tree of its own: the
+  kept module is never handed out)."""
+  return jax.tree.map(lambda leaf: leaf, nnx.state(_abstract_module(model_cfg, 0), nnx.Param))
 
 
 def with_shardings(abstract_tree, shardings):

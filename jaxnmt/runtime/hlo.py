@@ -137,7 +137,8 @@ def _multipliers(computations: dict[str, list[str]], entry: str) -> dict[str, tu
         called += [('branch', item.strip().lstrip('%')) for item in branches.group(1).split(',')]
       names = dict(called)
       for role, target in called:
-        if role == 'to_apply' or (role == 'body' and 'condition' in names):
+        if (role == 'to_apply' and ' call(' not in line) or (
+            role == 'body' and 'condition' in names):
           continue
         visit(target, times, unbounded)
       if 'body' in names and 'condition' in names:
@@ -236,44 +237,49 @@ def collectives(compiled, mesh) -> list[Collective]:
   num_slices = len(set(slices))
   local_shape = tuple(length // num_slices if name in slice_axes[:1] else length
                       for name, length in zip(mesh.axis_names, mesh.devices.shape))
-  table = {}
+  # One op per channel: the TPU compiler splits an async collective into several fused
+  # computations that each hold a copy of it under the same channel id.
+  found = {}  # channel (or a unique key) -> (kind, axes, dcn, size, times, unbounded)
   for name, lines in computations.items():
     times, unbounded = multipliers.get(name, (0, False))
     if not times:
       continue
-    for line in lines:
+    for number, line in enumerate(lines):
       shape, tail = _split_shape(line[_INSTRUCTION.match(line).end():])
       op = tail.split('(', 1)[0]
+      channel = re.search(r'channel_id=(\d+)', tail)
+      key = channel.group(1) if channel else (name, number)
       dcn = re.search(r'_xla_megascale_transfer_type="(\w+)"', tail) if op == 'send' else None
       if dcn:  # between slices: a transfer of the multislice runtime, over DCN
-        kind = dcn.group(1).lower().replace('_', '-')
-        entry_ = table.setdefault((kind, slice_axes, 'dcn'), Collective(
-            kind, slice_axes, crosses_slices=True))
-        size = _shape_bytes(shape)[0]
-        entry_.count += times
-        entry_.bytes += times * size
-        entry_.largest = max(entry_.largest, size)
-        entry_.in_unbounded_loop |= unbounded
+        record = (dcn.group(1).lower().replace('_', '-'), slice_axes, True,
+                  _shape_bytes(shape)[0])
+      elif op in _OPS:
+        kind = _OPS[op]
+        if kind == 'all-reduce' and name.startswith('all-reduce-scatter'):
+          kind = 'reduce-scatter'  # TPU's reduce-scatter: an all-reduce, then a slice
+        sizes = _shape_bytes(shape)
+        groups = _groups(tail, math.prod(local_shape))
+        if op == 'all-gather-start' and len(sizes) > 1:
+          sizes = sizes[len(sizes) // 2:]  # ((inputs), (gathered outputs))
+        elif op == 'collective-permute-start':
+          sizes = sizes[1:2]  # (input, output, contexts)
+        size = sum(sizes)
+        if op.startswith('reduce-scatter') and groups:
+          size *= len(groups[0])  # the whole buffer before the scatter
+        axes = ('?',) if groups is None else _axes_of(groups, local_shape, mesh.axis_names,
+                                                      kind == 'collective-permute')
+        record = (kind, axes, False, size)
+      else:
         continue
-      if op not in _OPS:
-        continue
-      kind = _OPS[op]
-      sizes = _shape_bytes(shape)
-      groups = _groups(tail, math.prod(local_shape))
-      if op == 'all-gather-start' and len(sizes) > 1:
-        sizes = sizes[len(sizes) // 2:]  # ((inputs), (gathered outputs))
-      elif op == 'collective-permute-start':
-        sizes = sizes[1:2]  # (input, output, contexts)
-      size = sum(sizes)
-      if kind == 'reduce-scatter' and groups:
-        size *= len(groups[0])  # the whole buffer before the scatter
-      axes = ('?',) if groups is None else _axes_of(groups, local_shape, mesh.axis_names,
-                                                    kind == 'collective-permute')
-      entry_ = table.setdefault((kind, axes, 'ici'), Collective(kind, axes))
-      entry_.count += times
-      entry_.bytes += times * size
-      entry_.largest = max(entry_.largest, size)
-      entry_.in_unbounded_loop |= unbounded
+      if key not in found or found[key][4] < times:
+        found[key] = (*record, times, unbounded)
+  table = {}
+  for kind, axes, dcn, size, times, unbounded in found.values():
+    entry = table.setdefault((kind, axes, dcn), Collective(kind, axes, crosses_slices=dcn))
+    entry.count += times
+    entry.bytes += times * size
+    entry.largest = max(entry.largest, size)
+    entry.in_unbounded_loop |= unbounded
   return sorted(table.values(), key=lambda item: -item.bytes)
 
 

@@ -89,7 +89,13 @@ def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
                     f'data axis spans them (set config.mesh.data to a multiple of {slices})')
   ici = (sizes['data'] // slices,) + shape[1:]
   dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
-  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  try:
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                 allow_split_physical_axes=True)
+  except (NotImplementedError, ValueError, AssertionError) as error:
+    raise MeshError(f'mesh {dict(zip(MESH_AXES, shape))} cannot be laid out over '
+                    f'{slices} slices of {len(devices) // slices} chips: '
+                    f'{str(error).splitlines()[0][:200]}') from None
   return jax.sharding.Mesh(array, MESH_AXES, axis_types=axis_types)
 
 

@@ -145,10 +145,10 @@ def parse(name: str, num_slices: int = 1) -> Slice:
                         f'{", ".join(f"{gpu}-N" for gpu in GPUS)})')
   count = int(match.group(2))
   if count < chip.cores_per_chip or count & (count - 1):
-    raise TopologyError(f'--topology={name}: a slice has a power-of-two number of chips')
-  if count % chip.cores_per_chip:
-    raise TopologyError(f'--topology={name}: {match.group(1)}-N counts TensorCores, '
-                        f'{chip.cores_per_chip} per chip: N must be even')
+    raise TopologyError(f'--topology={name}: a slice has a power-of-two number of chips'
+                        + (f' ({match.group(1)}-N counts TensorCores, '
+                           f'{chip.cores_per_chip} per chip)' if chip.cores_per_chip > 1
+                           else ''))
   return Slice(chip, _torus(count // chip.cores_per_chip, chip.dimensions), num_slices)
 
 
@@ -178,7 +178,8 @@ def devices(tpu_slice: Slice) -> list:
   if not compiler_installed():
     raise TopologyError("compiling for a TPU slice needs the TPU compiler: pip install -e "
                         "'.[tpu-compile]' (jax[tpu] at this jax's version)")
-  # libtpu otherwise looks for the TPU VM it runs on, and says so on stderr.
+  # libtpu otherwise looks for the TPU VM it runs on, and says so on stderr (these stay
+  # in the environment; they mean nothing to a CPU run).
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-4')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
@@ -186,7 +187,10 @@ def devices(tpu_slice: Slice) -> list:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   # One device per chip, as JAX shows a v4 or v5p chip's two TensorCores (megacore).
   options = {'chip_config_name': 'megacore' if tpu_slice.chip.cores_per_chip == 2 else 'default'}
-  if math.prod(tpu_slice.shape) < 4:  # smaller than libtpu's default host (2x2x1 chips)
+  chips = math.prod(tpu_slice.shape)
+  # Hosts of libtpu's default 2x2x1 chips, but a slice smaller than that is one host,
+  # and so is an 8-chip v5e or v6e slice (v5litepod-8, v6e-8).
+  if chips < 4 or (tpu_slice.chip.dimensions == 2 and chips == 8):
     options['chips_per_host_bounds'] = tuple(tpu_slice.shape) + (1,) * (
         3 - len(tpu_slice.shape))
   try:

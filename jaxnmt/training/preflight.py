@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnmt import config_lib
 from jaxnmt.errors import MeshError
@@ -97,7 +98,7 @@ def _compile_eval_step(config, model_cfg, mesh, rules, rows: int):
 
 
 # The compiler's own words when a program does not fit.
-_OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Ran out of memory', 'exceeded', 'Exceeded')
+_OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Ran out of memory')
 
 
 def _compiler_error(error: Exception) -> str:
@@ -106,20 +107,25 @@ def _compiler_error(error: Exception) -> str:
   summary = re.search(r'(Ran out of memory[^\n]*|Used [\d.]+[KMGT]? of [\d.]+[KMGT]? '
                       r'[a-z]+[^\n]*|Exceeded [^\n]*)', text)
   return (summary.group(1) if summary else text.splitlines()[0] if text else
-          type(error).__name__)[:300]
+          type(error).__name__)[:300].rstrip('.')
 
 
 def _collectives(compiled, mesh) -> list[dict]:
   return [dataclasses.asdict(item) for item in hlo.collectives(compiled, mesh)]
 
 
-def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int) -> Report:
+def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int,
+                     decode_rows: int = 64) -> Report:
   """`function` (one of FUNCTIONS) compiled for `devices`, with the run's mesh for the
-  train and eval steps and the 1-D decode mesh for the decoders."""
+  train and eval steps; the decoders as translate, serve and the eval worker run them:
+  on one host's chips (a 1-D mesh), batches of up to `decode_rows` sentences
+  (--batch_size)."""
   mesh, rules = sharding.plan_mesh(config, devices)
   started = time.time()
   if function in DECODERS:
-    decode_mesh = jax.sharding.Mesh(mesh.devices.reshape(-1), ('data',))
+    host = [device for device in mesh.devices.flat
+            if device.process_index == devices[0].process_index]
+    decode_mesh = jax.sharding.Mesh(np.asarray(host), ('data',))
     abstract = initialize.abstract_params(model_cfg)
     replicated = sharding.replicated(decode_mesh)
     params = sharding.planned_bytes(abstract, jax.tree.map(lambda _: replicated, abstract))[1]
@@ -130,12 +136,12 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int) 
       return report
     try:
       compiled, report.rows, _, _ = translation.compile_decoder(
-          model_cfg, config, list(decode_mesh.devices.flat), DECODERS[function],
-          batch_size=config.data.eval_batch_size)
+          model_cfg, config, host, DECODERS[function], batch_size=decode_rows)
     except Exception as error:  # pylint: disable=broad-except
       if not any(sign in str(error) for sign in _OUT_OF_MEMORY):
         raise
       report.error = _compiler_error(error)
+      report.compile_s = time.time() - started
       return report
     mesh = decode_mesh
   else:
@@ -157,6 +163,7 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int) 
       if not any(sign in str(error) for sign in _OUT_OF_MEMORY):
         raise
       report.error = _compiler_error(error)
+      report.compile_s = time.time() - started
       return report
   report.compile_s = time.time() - started
   report.memory = hlo.memory(compiled)
@@ -167,20 +174,20 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int) 
   return report
 
 
-def check(config, model_cfg, devices, hbm_bytes: int,
-          functions=FUNCTIONS) -> list[Report]:
+def check(config, model_cfg, devices, hbm_bytes: int, functions=FUNCTIONS,
+          decode_rows: int = 64) -> list[Report]:
   """A report per function of `functions`, compiled for `devices`."""
   if config.task == 'lm':
     functions = [name for name in functions if name not in DECODERS]
-  return [compile_function(name, config, model_cfg, devices, hbm_bytes)
+  return [compile_function(name, config, model_cfg, devices, hbm_bytes, decode_rows)
           for name in functions]
 
 
 def advice(report: Report, config) -> str:
   """What to change when `report` does not fit."""
   if report.function in DECODERS:
-    return ('decode fewer rows at once (--batch_size, or config.data.eval_batch_size for '
-            'the eval worker), or a smaller model: decoding replicates the parameters')
+    return ('decode fewer sentences at once (--batch_size), or a smaller model: decoding '
+            'replicates the parameters on every chip')
   state = sum(report.state.values())
   if state > report.hbm_bytes / 2:  # the state itself: split it further
     fsdp = report.mesh.get('fsdp', 1) * 2
@@ -189,6 +196,9 @@ def advice(report: Report, config) -> str:
     return (f'split the train state over more chips (--config.mesh.fsdp={fsdp}; it '
             f'needs at least that many chips)')
   changes = []
+  if report.mesh.get('fsdp', 1) > 1 and report.mesh.get('tensor', 1) == 1:
+    changes.append('split each layer with tensor parallelism too (--config.mesh.tensor=4): '
+                   'fsdp gathers whole layers, and the compiler may keep them all')
   if report.function == 'train_step' and config.model.remat == 'none':
     changes.append('recompute activations (--config.model.remat=full)')
   if report.function == 'train_step' and report.rows > 1:
@@ -200,19 +210,20 @@ def advice(report: Report, config) -> str:
   return '; '.join(changes) or 'a smaller model'
 
 
-def candidate_meshes(config, devices: int) -> list[dict[str, int]]:
+def candidate_meshes(config, devices: int, processes: int = 1,
+                     slices: int = 1) -> list[dict[str, int]]:
   """Every data x fsdp x tensor mesh of `devices` whose axes divide the model's
-  dimensions and the batch (tensor at most 8: a tensor group stays within a host's
-  chips)."""
+  dimensions and the batch, with the batch split over `processes` and `data` spanning
+  `slices` (tensor at most 8: a tensor group stays within a host's chips)."""
   found = []
   for tensor, fsdp in itertools.product([1, 2, 4, 8], _divisors(devices)):
-    if devices % (tensor * fsdp):
+    if devices % (tensor * fsdp) or (devices // (tensor * fsdp)) % slices:
       continue
     sizes = {'data': devices // (tensor * fsdp), 'fsdp': fsdp, 'tensor': tensor}
     trial = config.copy_and_resolve_references()
     trial.mesh.update(sizes)
     try:
-      config_lib.check_mesh(trial, devices, 1)
+      config_lib.check_mesh(trial, devices, processes)
     except MeshError:
       continue
     found.append(sizes)
@@ -248,7 +259,9 @@ def plan(config, model_cfg, devices, hbm_bytes: int, log=print) -> list[Candidat
   then by memory needed. A mesh whose train state alone exceeds the memory is cut
   before compiling."""
   candidates = []
-  for sizes in candidate_meshes(config, len(devices)):
+  processes = len({device.process_index for device in devices})
+  slices = len({getattr(device, 'slice_index', 0) or 0 for device in devices})
+  for sizes in candidate_meshes(config, len(devices), processes, slices):
     trial = config.copy_and_resolve_references()
     trial.mesh.update(sizes)
     mesh, rules = sharding.plan_mesh(trial, devices)
@@ -268,6 +281,12 @@ def plan(config, model_cfg, devices, hbm_bytes: int, log=print) -> list[Candidat
       if candidate.fits or remat == 'full':
         candidates.append(candidate)
         break
+  return rank(candidates)
+
+
+def rank(candidates: list[Candidate]) -> list[Candidate]:
+  """Fitting first, then by bytes communicated per step, then by memory needed; the
+  meshes cut before compiling last."""
   return sorted(candidates, key=lambda c: (
       not c.fits, c.report is None,
       c.report.collective_bytes() if c.report else 0,

@@ -83,3 +83,26 @@ def test_only_collectives_over_the_data_axis_cross_slices(libtpu):
 def test_largest_buffer_names_its_shape(mesh):
   compiled = _compiled(mesh, lambda x: jnp.outer(x, x).sum(0), elements=8 * 512)
   assert hlo.largest_buffer(compiled).startswith('f32[512,512]')
+
+
+def test_an_async_all_gather_of_fsdp_weights_counts_each_layer_once(libtpu):
+  """FSDP weights gathered layer by layer in a scan (the TPU compiler may split an
+  all-gather into async fusions holding copies of it): each layer's weights once."""
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1},
+                            topology.devices(topology.parse('v5e-8')))
+  layers, width = 6, 512
+
+  def forward(weights, x):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, weights)[0].sum()
+
+  weights = jax.ShapeDtypeStruct((layers, width, width), jnp.float32, sharding=NamedSharding(
+      mesh, PartitionSpec(None, 'fsdp', None)))
+  x = jax.ShapeDtypeStruct((64, width), jnp.float32,
+                           sharding=NamedSharding(mesh, PartitionSpec('fsdp', None)))
+  found = {item.kind: item for item in hlo.collectives(
+      jax.jit(forward).lower(weights, x).compile(), mesh)}
+  assert found['all-gather'].axes == ('fsdp',)
+  # Each layer's weights once, in bf16: at the TPU's default matmul precision the
+  # compiler converts them before gathering.
+  assert found['all-gather'].bytes == layers * width * width * 2
+  assert found['all-gather'].count == layers

@@ -31,7 +31,7 @@ def test_slices_and_gpu_clusters():
 
 @pytest.mark.parametrize('name, words', [
     ('v7-8', 'expected a Cloud TPU name'),
-    ('v4-7', 'power-of-two'),
+    ('v4-7', 'counts TensorCores'),
     ('v5e-12', 'power-of-two'),
     ('v5e:4x4x4', '2 axes'),
     ('h100-12', 'nodes of 8'),
@@ -52,6 +52,13 @@ def test_libtpu_gives_one_device_per_chip(libtpu, name, count, kind):
   found = topology.devices(topology.parse(name))
   assert len(found) == count
   assert {device.device_kind for device in found} == {kind}
+
+
+@pytest.mark.parametrize('name, hosts', [('v5e-8', 1), ('v5e-16', 4), ('v5e-1', 1),
+                                         ('v4-16', 2), ('v6e-8', 1)])
+def test_hosts_of_a_slice_as_its_vms_have_them(libtpu, name, hosts):
+  found = topology.devices(topology.parse(name))
+  assert len({device.process_index for device in found}) == hosts
 
 
 def test_several_slices_have_their_slice_index(libtpu):

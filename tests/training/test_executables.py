@@ -140,6 +140,7 @@ def test_a_step_for_another_config_is_refused_naming_the_field(saved_step, tmp_p
     setup.build(fitted, str(tmp_path), *setup.plan(fitted), compiled_step=saved_step)
 
 
+@pytest.mark.slow
 def test_the_training_run_refuses_another_batch_size_with_one_line_exit_2(
     saved_step, small_corpus, tmp_path):
   result = run_main('--config=tests/tiny_config.py', f'--workdir={tmp_path}',

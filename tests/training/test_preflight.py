@@ -104,3 +104,27 @@ def test_meshes_the_state_cannot_fit_are_cut_before_compiling(libtpu):
                               hbm_bytes=1024, log=lambda line: None)
   assert len(candidates) == len(meshes)
   assert all(c.report is None and c.cut.startswith('state') for c in candidates)
+
+
+def test_the_planner_ranks_fitting_meshes_by_bytes_communicated():
+  def candidate(data, needed, communicated, cut=''):
+    report = preflight.Report('train_step', {'data': data}, 16, {'params': 1}, hbm_bytes=100,
+                              memory={'peak': needed},
+                              collectives=[{'bytes': communicated, 'crosses_slices': False}])
+    return preflight.Candidate({'data': data}, 'none', 1, None if cut else report, cut)
+  ranked = preflight.rank([candidate(1, 150, 0), candidate(2, 90, 500), candidate(4, 80, 200),
+                           candidate(8, 0, 0, cut='state'), candidate(16, 60, 200)])
+  assert [c.mesh['data'] for c in ranked] == [16, 4, 2, 1, 8]
+  assert ranked[0].flags() == '--config.mesh.data=16'
+
+
+def test_candidate_meshes_respect_processes_and_slices():
+  config, _ = _config(data=1)
+  config.data.update(batch_size=32, eval_batch_size=32)
+  two_slices = preflight.candidate_meshes(config, 8, processes=2, slices=2)
+  assert two_slices and all(mesh['data'] % 2 == 0 for mesh in two_slices)
+  assert all(math.prod(mesh.values()) == 8 for mesh in two_slices)
+  assert len(two_slices) < len(preflight.candidate_meshes(config, 8))
+  # A batch of 2 rows cannot split over 4 processes, on any mesh.
+  config.data.update(batch_size=2, eval_batch_size=2)
+  assert preflight.candidate_meshes(config, 8, processes=4) == []

@@ -74,6 +74,8 @@ def print_reports(reports, target: str, hbm: int) -> None:
   for report in reports:
     if report.error:
       print(f'{report.function}: {report.error}')
+    if report.note:
+      print(f'{report.function}: {report.note}')
     for item in report.collectives:
       axes = ','.join(item['axes']) or '-'
       notes = [' over DCN' if item['crosses_slices'] else '',

@@ -4,5 +4,6 @@
 (joining the job, the peer watch, agreement between processes), `files` (every local
 and `gs://` path, and the workdir's layout), `locks` (the trainer lock and the eval
 worker's lease), `sharding` (the mesh and the logical-axis rules), `checkpointing`
-(Orbax checkpoints of a train state).
+(Orbax checkpoints of a train state), `topology` (TPU slices and GPU clusters by name,
+and their compile-only devices), `hlo` (what a compiled program needs and sends).
 """

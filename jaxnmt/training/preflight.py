@@ -49,6 +49,7 @@ class Report:
   largest: str = ''            # the largest buffer of the program
   compile_s: float = 0.0
   error: str = ''              # why it does not fit (compiler or arithmetic)
+  note: str = ''               # what was compiled differently, and why
   compiled: object = dataclasses.field(default=None, repr=False)  # the executable
 
   @property
@@ -135,8 +136,21 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int,
                       f'need {params / 2**30:.2f} GiB')
       return report
     try:
-      compiled, report.rows, _, _ = translation.compile_decoder(
-          model_cfg, config, host, DECODERS[function], batch_size=decode_rows)
+      try:
+        compiled, report.rows, _, _ = translation.compile_decoder(
+            model_cfg, config, host, DECODERS[function], batch_size=decode_rows)
+      except Exception as error:  # pylint: disable=broad-except
+        if 'RET_CHECK' not in str(error) or len(host) == mesh.size:
+          raise
+        # v5e: libtpu compiles no program for part of a slice ("limited ICI routing",
+        # device ids outside the target's).
+        report.note = ('the TPU compiler refused a program on one host\'s chips of this '
+                       f'slice ({_compiler_error(error)[:120]}): compiled over the whole slice')
+        decode_mesh = jax.sharding.Mesh(np.asarray(list(mesh.devices.flat)), ('data',))
+        report.mesh = dict(decode_mesh.shape)
+        compiled, report.rows, _, _ = translation.compile_decoder(
+            model_cfg, config, list(mesh.devices.flat), DECODERS[function],
+            batch_size=decode_rows)
     except Exception as error:  # pylint: disable=broad-except
       if not any(sign in str(error) for sign in _OUT_OF_MEMORY):
         raise

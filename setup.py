@@ -44,6 +44,9 @@ setuptools.setup(
         # --mode=compile: the TPU compiler (libtpu), to compile for TPU slices on a machine
         # without TPUs; installing it pins jax to JAX_VERSION, the release libtpu is built for.
         'tpu-compile': [TPU_COMPILER],
+        # --mode=compile --topology=h100-N: the CUDA compiler as a library (the plugin and
+        # its PJRT, without CUDA's own libraries: nothing runs on a GPU).
+        'gpu-compile': [f'jax[cuda12-local]=={JAX_VERSION}'],
         # The gs:// tests run against a local GCS emulator (tests/gcs_emulator.py); the
         # TPU-compile tests need the TPU compiler (they fail under CI=true without it).
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'gcsfs>=2026.10.1',

@@ -2,6 +2,7 @@
 one-line refusal of a model no chip holds, and a saved step a training run uses."""
 
 import glob
+import importlib.util
 import json
 import os
 
@@ -76,3 +77,21 @@ def test_a_saved_step_trains_like_one_compiled_in_the_run(small_corpus, tmp_path
     runs[name] = losses_by_step(tmp_path / name)
   assert runs['compiled'] == runs['plain'] and sorted(runs['plain']) == [1, 2, 3]
   assert os.path.getsize(saved) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('jax_plugins.xla_cuda12') is None,
+                    reason="needs the CUDA compiler: pip install -e '.[gpu-compile]'")
+def test_an_h100_cluster_compiles_the_tiny_config(tmp_path):
+  """Two nodes of 8 H100s, from the CUDA compiler without a GPU (the tests' 32-wide
+  config is below what XLA's GPU tiling handles without autotuning: configs/tiny.py)."""
+  result = run_main('--mode=compile', '--config=configs/tiny.py', '--topology=h100-16',
+                    '--config.data.batch_size=32', '--config.data.eval_batch_size=32',
+                    f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.load(open(tmp_path / 'compile' / 'h100-16.json'))
+  train = report['functions'][0]
+  assert report['devices'] == 16 and train['fits'] and train['flops'] > 0
+  assert train['mesh'] == {'data': 16, 'fsdp': 1, 'tensor': 1}
+  assert {(item['kind'], tuple(item['axes'])) for item in train['collectives']} == {
+      ('all-reduce', ('data',))}

@@ -11,12 +11,14 @@ given a compute `dtype` (e.g. bfloat16) cast parameters and activations to it fo
 matmuls. Norm statistics, the attention softmax and the output logits stay float32.
 """
 
+import contextlib
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxnmt.model import cache as cache_lib
 
@@ -344,3 +346,31 @@ def remat(function, mode: str):
     return function
   policies = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
   return nnx.remat(function, policy=policies[mode])
+
+
+# (mesh, the mesh axes of the batch) while a sharded step is traced (`batch_sharded`).
+_BATCH_LAYOUT = []
+
+
+@contextlib.contextmanager
+def batch_sharded(mesh, batch_axes: tuple[str, ...]):
+  """While a step is traced inside: the residual stream between blocks is laid out with
+  its batch split over `batch_axes` of `mesh` and every other axis whole
+  (`constrain_batch`). The weights of a layer then come to the activations (FSDP:
+  all-gathered, layer by layer) rather than the activations being split like the
+  weights: left to itself the partitioner splits the activations' d_model like the
+  fsdp-split kernels and all-reduces every matmul's output."""
+  _BATCH_LAYOUT.append((mesh, tuple(batch_axes)))
+  try:
+    yield
+  finally:
+    _BATCH_LAYOUT.pop()
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """x [B, ...] laid out as `batch_sharded` says (unchanged outside it)."""
+  if not _BATCH_LAYOUT:
+    return x
+  mesh, axes = _BATCH_LAYOUT[-1]
+  spec = PartitionSpec(axes or None, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -146,8 +146,11 @@ def _run_blocks(blocks, remat: str, hidden, positions, self_mask, encoded=None,
     return block(hidden, positions, self_mask, cross, deterministic=deterministic)[0]
 
   run = layers.remat(run, remat)
+  hidden = layers.constrain_batch(hidden)
+  encoded = None if encoded is None else layers.constrain_batch(encoded)
   for block in blocks:
-    hidden = run(block, hidden, positions, self_mask, encoded, cross_mask)
+    hidden = layers.constrain_batch(run(block, hidden, positions, self_mask, encoded,
+                                        cross_mask))
   return hidden
 
 

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from jaxnmt import config_lib
+from jaxnmt.model import layers
 from jaxnmt.model import losses
 from jaxnmt.training import metrics as metrics_lib
 from jaxnmt.runtime import sharding
@@ -93,19 +94,32 @@ def eval_step(graphdef, params, rest, batch: dict) -> dict:
   return losses.cross_entropy_sums(logits, batch['targets'], batch['targets_segment_ids'] > 0)
 
 
+def _batch_sharded(function, mesh, rules):
+  """`function` traced with the residual stream split over the batch's mesh axes only
+  (`layers.batch_sharded`)."""
+  axes = sharding.mesh_axes_of(rules, sharding.BATCH)
+
+  @functools.wraps(function)
+  def traced(*args, **kwargs):
+    with layers.batch_sharded(mesh, axes):
+      return function(*args, **kwargs)
+  return traced
+
+
 def compile_steps(graphdef, tx, config, mesh, rules, shardings):
   """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
   replicated = sharding.replicated(mesh)
   batch = sharding.batch_sharding(mesh, rules)
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef, tx, config.optim.label_smoothing, config.seed,
-                        config.optim.grad_accum_steps,
-                        rng_impl=config_lib.dropout_rng(config.dropout_rng, mesh.size),
-                        loss_chunks=config.optim.loss_chunks,
-                        ema_decay=config.get('ema_decay', 0.0)),
+      _batch_sharded(functools.partial(
+          train_step, graphdef, tx, config.optim.label_smoothing, config.seed,
+          config.optim.grad_accum_steps,
+          rng_impl=config_lib.dropout_rng(config.dropout_rng, mesh.size),
+          loss_chunks=config.optim.loss_chunks, ema_decay=config.get('ema_decay', 0.0)),
+          mesh, rules),
       in_shardings=(shardings, replicated, batch), out_shardings=(shardings, replicated),
       donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef),
+  eval_fn = jax.jit(_batch_sharded(functools.partial(eval_step, graphdef), mesh, rules),
                     in_shardings=(shardings['params'], replicated, batch),
                     out_shardings=replicated)
   return step_fn, eval_fn

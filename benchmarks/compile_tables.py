@@ -48,6 +48,29 @@ def run(name: str, out: str, functions: str) -> int:
   return subprocess.run(command, cwd=ROOT, check=False).returncode
 
 
+def compact(out: str) -> None:
+  """The train step of each target, one line each (README)."""
+  print('| config | slice | mesh | train step per chip: needed of HBM | sent per step | '
+        'compile here |')
+  print('|---|---|---|---|---|---|')
+  for path in sorted(glob.glob(os.path.join(out, '*', 'compile', '*.json'))):
+    if path.endswith('-plan.json'):
+      continue
+    record = json.load(open(path))
+    config = os.path.basename(os.path.dirname(os.path.dirname(path))).split('-')[0]
+    for item in record['functions']:
+      if item['function'] != 'train_step':
+        continue
+      mesh = ' x '.join(f'{axis}={size}' for axis, size in item['mesh'].items() if size > 1)
+      sent = sum(c['bytes'] for c in item['collectives'])
+      dcn = sum(c['bytes'] for c in item['collectives'] if c['crosses_slices'])
+      needed = (f'{item["needed"] / 2**30:.2f} of {item["hbm_bytes"] / 2**30:.0f} GiB'
+                if item['fits'] else f'does not fit: {item["error"][:60] or "over HBM"}')
+      print(f'| {config} | {record["target"]} | {mesh} | {needed} | '
+            f'{sent / 2**30:.2f} GiB{f" ({dcn / 2**20:.0f} MiB over DCN)" if dcn else ""} | '
+            f'{item["compile_s"]:.0f} s |')
+
+
 def table(out: str) -> None:
   print('| target | function | mesh | per-chip GiB (params / opt / temp / needed of HBM) | '
         'fits | TFLOP per chip | collectives per call (MiB) | compile s |')
@@ -84,14 +107,16 @@ def main() -> None:
   parser.add_argument('--out', default='runs/compile_tables')
   parser.add_argument('--functions', default='train_step,eval_step,decode_greedy,decode_beam')
   parser.add_argument('--table', action='store_true', help='only print the table')
+  parser.add_argument('--compact', action='store_true',
+                      help='only print the train steps, one line each')
   args = parser.parse_args()
   unknown = [name for name in args.targets if name not in TARGETS]
   if unknown:
     parser.error(f'unknown targets {unknown}; known: {", ".join(TARGETS)}')
-  if not args.table:
+  if not (args.table or args.compact):
     for name in args.targets:
       run(name, args.out, args.functions)
-  table(args.out)
+  (compact if args.compact else table)(args.out)
 
 
 if __name__ == '__main__':

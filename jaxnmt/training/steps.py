@@ -99,10 +99,11 @@ def _batch_sharded(function, mesh, rules):
   (`layers.batch_sharded`)."""
   axes = sharding.mesh_axes_of(rules, sharding.BATCH)
 
-  @functools.wraps(function)
   def traced(*args, **kwargs):
     with layers.batch_sharded(mesh, axes):
       return function(*args, **kwargs)
+  # The step's own name, for JAX's logs and profiles (`function` is a partial).
+  traced.__name__ = traced.__qualname__ = getattr(function, 'func', function).__name__
   return traced
 
 

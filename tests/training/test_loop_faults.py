@@ -32,7 +32,9 @@ def test_kill_9_of_one_process_ends_the_job_and_a_restart_loses_nothing(
   assert outcome.exit_codes == {0: 1, 1: 128 + signal.SIGKILL}
   assert outcome.seconds < 60, outcome
   assert 'lost process 1' in outcome.note
-  assert outcome.saved >= 20
+  # Checkpoints every 10 steps, the kill after step 25: step 20's asynchronous save may
+  # still be in flight (2 busy cores), so 10 may be the last complete one.
+  assert outcome.saved >= 10
   faults.restart(outcome, str(tmp_path / 'run'), small_corpus, reference)
   assert outcome.restart_resumed == outcome.saved
   assert outcome.bitwise

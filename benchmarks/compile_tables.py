@@ -48,25 +48,37 @@ def run(name: str, out: str, functions: str) -> int:
   return subprocess.run(command, cwd=ROOT, check=False).returncode
 
 
+def reports(out: str):
+  """(target name, its JSON record, one compiled function's entry) for every function
+  of every target under `out`, by target name."""
+  for path in sorted(glob.glob(os.path.join(out, '*', 'compile', '*.json'))):
+    if not path.endswith('-plan.json'):
+      record = json.load(open(path))
+      name = os.path.basename(os.path.dirname(os.path.dirname(path)))
+      for item in record['functions']:
+        yield name, record, item
+
+
+def _gib(count: int) -> str:
+  return f'{count / 2**30:.2f}'
+
+
+def _mesh(item) -> str:
+  return ' x '.join(f'{axis}={size}' for axis, size in item['mesh'].items() if size > 1)
+
+
 def compact(out: str) -> None:
   """The train step of each target, one line each (README)."""
   print('| config | slice | mesh | train step per chip: needed of HBM | sent per step | '
         'compile here |')
   print('|---|---|---|---|---|---|')
-  for path in sorted(glob.glob(os.path.join(out, '*', 'compile', '*.json'))):
-    if path.endswith('-plan.json'):
-      continue
-    record = json.load(open(path))
-    config = os.path.basename(os.path.dirname(os.path.dirname(path))).split('-')[0]
-    for item in record['functions']:
-      if item['function'] != 'train_step':
-        continue
-      mesh = ' x '.join(f'{axis}={size}' for axis, size in item['mesh'].items() if size > 1)
+  for name, record, item in reports(out):
+    if item['function'] == 'train_step':
       sent = sum(c['bytes'] for c in item['collectives'])
       dcn = sum(c['bytes'] for c in item['collectives'] if c['crosses_slices'])
       needed = (f'{item["needed"] / 2**30:.2f} of {item["hbm_bytes"] / 2**30:.0f} GiB'
                 if item['fits'] else f'does not fit: {item["error"][:60] or "over HBM"}')
-      print(f'| {config} | {record["target"]} | {mesh} | {needed} | '
+      print(f'| {name.split("-")[0]} | {record["target"]} | {_mesh(item)} | {needed} | '
             f'{sent / 2**30:.2f} GiB{f" ({dcn / 2**20:.0f} MiB over DCN)" if dcn else ""} | '
             f'{item["compile_s"]:.0f} s |')
 
@@ -75,30 +87,23 @@ def table(out: str) -> None:
   print('| target | function | mesh | per-chip GiB (params / opt / temp / needed of HBM) | '
         'fits | TFLOP per chip | collectives per call (MiB) | compile s |')
   print('|---|---|---|---|---|---|---|---|')
-  for path in sorted(glob.glob(os.path.join(out, '*', 'compile', '*.json'))):
-    if path.endswith('-plan.json'):
-      continue
-    record = json.load(open(path))
-    name = os.path.basename(os.path.dirname(os.path.dirname(path)))
-    for item in record['functions']:
-      gib = lambda count: f'{count / 2**30:.2f}'
-      state = item['state']
-      comm = {}
-      for collective in item['collectives']:
-        key = (f'{collective["kind"]} {"+".join(collective["axes"])}'
-               f'{" DCN" if collective["crosses_slices"] else ""}')
-        comm[key] = comm.get(key, 0) + collective['bytes']
-      comm_text = ', '.join(f'{key} {count / 2**20:.0f}'
-                            for key, count in sorted(comm.items(), key=lambda kv: -kv[1])
-                            if count >= 2**20) or '< 1'
-      mesh = ' x '.join(f'{axis}={size}' for axis, size in item['mesh'].items() if size > 1)
-      fits = 'yes' if item['fits'] else f'no: {item["error"] or "over HBM"}'
-      print(f'| {name} | {item["function"]} | {mesh} | '
-            f'{gib(state.get("params", 0))} / '
-            f'{gib(state.get("opt_state", 0) + state.get("ema", 0))} / '
-            f'{gib(item["memory"].get("temporaries", 0))} / {gib(item["needed"])} of '
-            f'{gib(item["hbm_bytes"])} | {fits} | '
-            f'{item["flops"] / 1e12:.2f} | {comm_text} | {item["compile_s"]:.0f} |')
+  for name, record, item in reports(out):
+    state = item['state']
+    comm = {}
+    for collective in item['collectives']:
+      key = (f'{collective["kind"]} {"+".join(collective["axes"])}'
+             f'{" DCN" if collective["crosses_slices"] else ""}')
+      comm[key] = comm.get(key, 0) + collective['bytes']
+    comm_text = ', '.join(f'{key} {count / 2**20:.0f}'
+                          for key, count in sorted(comm.items(), key=lambda kv: -kv[1])
+                          if count >= 2**20) or '< 1'
+    fits = 'yes' if item['fits'] else f'no: {item["error"] or "over HBM"}'
+    print(f'| {name} | {item["function"]} | {_mesh(item)} | '
+          f'{_gib(state.get("params", 0))} / '
+          f'{_gib(state.get("opt_state", 0) + state.get("ema", 0))} / '
+          f'{_gib(item["memory"].get("temporaries", 0))} / {_gib(item["needed"])} of '
+          f'{_gib(item["hbm_bytes"])} | {fits} | '
+          f'{item["flops"] / 1e12:.2f} | {comm_text} | {item["compile_s"]:.0f} |')
 
 
 def main() -> None:

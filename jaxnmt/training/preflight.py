@@ -111,6 +111,19 @@ def _compiler_error(error: Exception) -> str:
           type(error).__name__)[:300].rstrip('.')
 
 
+def _unless_out_of_memory(compile_fn, report: Report, started: float):
+  """compile_fn(), or None with `report.error` set when the compiler said the program
+  does not fit (any other failure is raised)."""
+  try:
+    return compile_fn()
+  except Exception as error:  # pylint: disable=broad-except
+    if not any(sign in str(error) for sign in _OUT_OF_MEMORY):
+      raise
+    report.error = _compiler_error(error)
+    report.compile_s = time.time() - started
+    return None
+
+
 def _collectives(compiled, mesh) -> list[dict]:
   return [dataclasses.asdict(item) for item in hlo.collectives(compiled, mesh)]
 
@@ -135,10 +148,12 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int,
       report.error = (f'the parameters alone, replicated on every device for decoding, '
                       f'need {params / 2**30:.2f} GiB')
       return report
-    try:
+    def compile_decoder():
+      nonlocal decode_mesh
       try:
         compiled, report.rows, _, _ = translation.compile_decoder(
             model_cfg, config, host, DECODERS[function], batch_size=decode_rows)
+        return compiled
       except Exception as error:  # pylint: disable=broad-except
         if 'RET_CHECK' not in str(error) or len(host) == mesh.size:
           raise
@@ -151,11 +166,10 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int,
         compiled, report.rows, _, _ = translation.compile_decoder(
             model_cfg, config, list(mesh.devices.flat), DECODERS[function],
             batch_size=decode_rows)
-    except Exception as error:  # pylint: disable=broad-except
-      if not any(sign in str(error) for sign in _OUT_OF_MEMORY):
-        raise
-      report.error = _compiler_error(error)
-      report.compile_s = time.time() - started
+        return compiled
+
+    compiled = _unless_out_of_memory(compile_decoder, report, started)
+    if compiled is None:
       return report
     mesh = decode_mesh
   else:
@@ -168,16 +182,10 @@ def compile_function(function: str, config, model_cfg, devices, hbm_bytes: int,
     if sum(state.values()) > hbm_bytes:
       report.error = f'{what} {sum(state.values()) / 2**30:.2f} GiB'
       return report
-    try:
-      if function == 'train_step':
-        compiled = fit.compile_train_step(config, model_cfg, mesh, rules, rows)
-      else:
-        compiled = _compile_eval_step(config, model_cfg, mesh, rules, rows)
-    except Exception as error:  # pylint: disable=broad-except
-      if not any(sign in str(error) for sign in _OUT_OF_MEMORY):
-        raise
-      report.error = _compiler_error(error)
-      report.compile_s = time.time() - started
+    compile_step = fit.compile_train_step if function == 'train_step' else _compile_eval_step
+    compiled = _unless_out_of_memory(
+        lambda: compile_step(config, model_cfg, mesh, rules, rows), report, started)
+    if compiled is None:
       return report
   report.compile_s = time.time() - started
   report.memory = hlo.memory(compiled)

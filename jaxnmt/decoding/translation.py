@@ -161,10 +161,7 @@ class Translator:
 
   def output_cap(self, source_tokens: int) -> int:
     """The longest output (EOS included) of a source of `source_tokens` tokens."""
-    decode_config = self.config.decode
-    cap = max(1, int(decode_config.max_length_ratio * source_tokens
-                     + decode_config.max_length_offset))
-    return cap if self.max_source_tokens is None else min(cap, self.max_source_tokens)
+    return output_cap(source_tokens, self.config.decode, self.max_source_tokens)
 
   def translate(self, lines: Sequence[str], batch_size: int = 64,
                 progress: bool = False) -> list[str]:
@@ -310,9 +307,7 @@ class Translator:
   def _output_length(self, source_length: int) -> int:
     """The decode loop's length for sources padded to `source_length`: the longest
     output cap of the bucket, rounded up to a bucket (per-sentence caps end earlier)."""
-    cap = self.output_cap(source_length)
-    limit = self.max_source_tokens
-    return length_bucket(cap) if limit is None else min(length_bucket(cap), limit)
+    return output_length(source_length, self.config.decode, self.max_source_tokens)
 
   def _decoder(self, options: DecodeOptions, scores: bool):
     """The jitted decoder for `options` (scores: compute them for greedy and sampled
@@ -337,11 +332,9 @@ def compile_decoder(model_cfg, config, devices, options: DecodeOptions,
   output length)."""
   mesh = inference.data_mesh(devices)
   limit = model_cfg.max_length if model_cfg.position_embedding == 'learned' else None
-  clip = lambda length: length if limit is None else min(length, limit)
-  source_length = clip(length_bucket(config.data.max_source_length))
-  cap = clip(max(1, int(config.decode.max_length_ratio * source_length
-                        + config.decode.max_length_offset)))
-  output_length = clip(length_bucket(cap))
+  source_length = length_bucket(config.data.max_source_length)
+  source_length = source_length if limit is None else min(source_length, limit)
+  decode_length = output_length(source_length, config.decode, limit)
   rows = full_batch_rows(source_length, batch_size, batch_tokens, mesh.size)
   graphdef, params, rest = initialize.abstract_model(model_cfg)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -352,8 +345,23 @@ def compile_decoder(model_cfg, config, devices, options: DecodeOptions,
       jax.ShapeDtypeStruct((rows, source_length), jnp.int32, sharding=split),
       jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split),
       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
-      max_length=output_length).compile()
-  return compiled, rows, source_length, output_length
+      max_length=decode_length).compile()
+  return compiled, rows, source_length, decode_length
+
+
+def output_cap(source_tokens: int, decode_config, limit: int | None) -> int:
+  """The longest output (EOS included) of a source of `source_tokens` tokens, within
+  `limit` positions (a learned table; None: none)."""
+  cap = max(1, int(decode_config.max_length_ratio * source_tokens
+                   + decode_config.max_length_offset))
+  return cap if limit is None else min(cap, limit)
+
+
+def output_length(source_length: int, decode_config, limit: int | None) -> int:
+  """The decode loop's length for sources padded to `source_length`: the longest output
+  cap of the bucket, rounded up to a bucket (per-sentence caps end earlier)."""
+  bucket = length_bucket(output_cap(source_length, decode_config, limit))
+  return bucket if limit is None else min(bucket, limit)
 
 
 def full_batch_rows(source_length: int, batch_size: int, batch_tokens: int,

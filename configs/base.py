@@ -175,7 +175,8 @@ def get_config():
   config.model.num_heads = 8
   # Hidden width of the feed-forward block.
   config.model.d_ff = 2048
-  # 'relu', 'gelu' or 'swiglu' (gated), for every model kind.
+  # 'relu', 'gelu' (tanh form), 'gelu_sigmoid' (x * sigmoid(1.702 x)), 'swish'
+  # (x * sigmoid(x)) or 'swiglu' (gated), for every model kind.
   config.model.activation = 'relu'
   # 'layernorm' or 'rmsnorm'.
   config.model.norm = 'layernorm'
@@ -188,6 +189,13 @@ def get_config():
   config.model.position_embedding = 'sinusoidal'
   # Share one embedding matrix between source, target and the output projection.
   config.model.share_embeddings = True
+  # Biases on the attention projections (query, key, value, output) and on the logits
+  # (Marian / OPUS-MT models have both).
+  config.model.attention_bias = False
+  config.model.output_bias = False
+  # What the decoder reads at position 0: 'bos' (the BOS token's embedding) or 'zeros'
+  # (a zero vector plus the position encoding, as Marian / OPUS-MT models).
+  config.model.decoder_start = 'bos'
   # Compute dtype 'float32' or 'bfloat16' (params, norms, softmax and logits stay float32).
   config.model.dtype = 'float32'
   # 'einsum' or 'dot_product' (jax.nn.dot_product_attention; no attention dropout).

@@ -44,6 +44,7 @@ def _one_of(*choices: str) -> _Rule:
   return _Rule(lambda value: value in choices, f'one of {sorted(choices)}')
 
 
+_BOOLEAN = _Rule(lambda value: isinstance(value, bool), 'True or False')
 _POSITIVE = _Rule(lambda value: isinstance(value, (int, float)) and value > 0, 'a number > 0')
 _STRING = _Rule(lambda value: isinstance(value, str), 'a string')
 _OFF_OR_AT_LEAST_1 = _Rule(lambda value: isinstance(value, (int, float))
@@ -79,7 +80,9 @@ FIELD_RULES = {
         _STRING),
     'task': _one_of('translation', 'lm'),
     'dropout_rng': _one_of('auto', 'threefry2x32', 'philox4x32', 'rbg', 'unsafe_rbg'),
-    'model.activation': _one_of('relu', 'gelu', 'swiglu'),
+    'model.activation': _one_of(*layers.ACTIVATIONS),
+    'model.decoder_start': _one_of('bos', 'zeros'),
+    **dict.fromkeys(('model.attention_bias', 'model.output_bias'), _BOOLEAN),
     'model.norm': _one_of('layernorm', 'rmsnorm'),
     'model.dtype': _one_of('float32', 'bfloat16'),
     'model.attention': _one_of(*layers.ATTENTION_KINDS),
@@ -220,6 +223,12 @@ _HARMLESS_FIELDS = frozenset({'model.dtype', 'model.attention',
                               'model.attention_implementation', 'model.remat'})
 
 
+# Model fields added after some workdirs were written: absent from such a workdir's
+# config, they mean the value they had then (the default), not a change.
+_ADDED_FIELDS = {'model.attention_bias': False, 'model.output_bias': False,
+                 'model.decoder_start': 'bos'}
+
+
 def _flatten(tree: dict, prefix: str = '') -> dict:
   flat = {}
   for key, value in tree.items():
@@ -233,7 +242,8 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
   """(breaking, harmless) differences between the config a checkpoint was written with
   and the current one, each as 'field: old -> new'."""
-  saved_flat, current_flat = _flatten(saved), _flatten(current)
+  saved_flat = {**_ADDED_FIELDS, **_flatten(saved)}
+  current_flat = {**_ADDED_FIELDS, **_flatten(current)}
   breaking, harmless = [], []
   for field in sorted(set(saved_flat) | set(current_flat)):
     old, new = saved_flat.get(field), current_flat.get(field)

@@ -187,7 +187,8 @@ class Attention(nnx.Module):
   picks, 'xla', or 'cudnn': the fused GPU kernel), which has no attention dropout."""
 
   def __init__(self, d_model: int, num_heads: int, dropout_rate: float, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, kind: str = 'einsum', implementation: str | None = None):
+               dtype=jnp.float32, kind: str = 'einsum', implementation: str | None = None,
+               bias: bool = False):
     problem = attention_problem(kind, dropout_rate)
     if problem:
       raise ValueError(problem)
@@ -203,13 +204,31 @@ class Attention(nnx.Module):
     out_init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal', in_axis=(0, 1),
                                                  out_axis=2)
     self.out = param(rngs, out_init, (num_heads, head_dim, d_model), (HEADS, HEAD_DIM, EMBED))
+    # Biases of the four projections (Marian's, OPUS-MT's): `bias=True`.
+    self.query_bias = self.key_bias = self.value_bias = self.out_bias = None
+    if bias:
+      make_bias = lambda shape, axes: param(rngs, nnx.initializers.zeros, shape, axes)
+      self.query_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
+      self.key_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
+      self.value_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
+      self.out_bias = make_bias((d_model,), (EMBED,))
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def _project(self, hidden: jax.Array, kernel: nnx.Param, bias) -> jax.Array:
+    """hidden [B, T, D] (compute dtype) x kernel [D, N, H] (+ bias [N, H]) -> [B, T, N, H]."""
+    projected = jnp.einsum('BTD,DNH->BTNH', hidden, kernel[...].astype(self.dtype))
+    return projected if bias is None else projected + bias[...].astype(self.dtype)
+
+  def _output(self, attended: jax.Array) -> jax.Array:
+    """attended [B, Q, N, H] -> [B, Q, D] through the output projection (+ bias)."""
+    out = jnp.einsum('BQNH,NHD->BQD', attended, self.out[...].astype(self.dtype))
+    return out if self.out_bias is None else out + self.out_bias[...].astype(self.dtype)
 
   def project_kv(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
     """hidden: [B, K, D] -> keys, values: [B, K, N, H] in the compute dtype."""
     hidden = hidden.astype(self.dtype)
-    return (jnp.einsum('BKD,DNH->BKNH', hidden, self.key[...].astype(self.dtype)),
-            jnp.einsum('BKD,DNH->BKNH', hidden, self.value[...].astype(self.dtype)))
+    return (self._project(hidden, self.key, self.key_bias),
+            self._project(hidden, self.value, self.value_bias))
 
   def project_qkv(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """hidden: [B, T, D] -> query, keys, values [B, T, N, H] by one matmul with the
@@ -219,6 +238,9 @@ class Attention(nnx.Module):
     kernel = jnp.concatenate([self.query[...], self.key[...], self.value[...]],
                              axis=1).astype(self.dtype)                  # [D, 3N, H]
     projected = jnp.einsum('BTD,DNH->BTNH', hidden, kernel)
+    if self.query_bias is not None:
+      projected = projected + jnp.concatenate(
+          [self.query_bias[...], self.key_bias[...], self.value_bias[...]]).astype(self.dtype)
     return tuple(jnp.split(projected, 3, axis=2))
 
   def __call__(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
@@ -230,7 +252,7 @@ class Attention(nnx.Module):
     gets finite output (uniform weights), in both kinds."""
     hidden = hidden.astype(self.dtype)
     keys, values = keys.astype(self.dtype), values.astype(self.dtype)
-    query = jnp.einsum('BQD,DNH->BQNH', hidden, self.query[...].astype(self.dtype))
+    query = self._project(hidden, self.query, self.query_bias)
     if query_positions is not None:
       query = apply_rope(query, query_positions)
     if self.kind == 'dot_product':
@@ -245,7 +267,7 @@ class Attention(nnx.Module):
       weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       weights = self.dropout(weights, deterministic=deterministic)
       attended = jnp.einsum('BNQK,BKNH->BQNH', weights, values)
-    return jnp.einsum('BQNH,NHD->BQD', attended, self.out[...].astype(self.dtype))
+    return self._output(attended)
 
   def attend_one(self, hidden: jax.Array, keys: jax.Array, values: jax.Array,
                  mask: jax.Array, query_positions: jax.Array | None = None, *,
@@ -268,8 +290,7 @@ class Attention(nnx.Module):
     batch, group = keys.shape[0], hidden.shape[0] // keys.shape[0]
     assert batch * group == hidden.shape[0], (hidden.shape, keys.shape)
     if query is None:
-      query = jnp.einsum('BQD,DNH->BQNH', hidden.astype(self.dtype),
-                         self.query[...].astype(self.dtype))
+      query = self._project(hidden.astype(self.dtype), self.query, self.query_bias)
     if query_positions is not None:
       query = apply_rope(query, query_positions)
     query = query.astype(jnp.float32) * (query.shape[-1] ** -0.5)
@@ -285,11 +306,26 @@ class Attention(nnx.Module):
                           values.astype(jnp.float32))
     attended = jnp.swapaxes(attended, 1, 2).reshape(batch * group, -1)   # [G*B, N*H]
     out = self.out[...].astype(self.dtype)
-    return (attended.astype(self.dtype) @ out.reshape(-1, out.shape[-1]))[:, None, :]
+    output = attended.astype(self.dtype) @ out.reshape(-1, out.shape[-1])
+    if self.out_bias is not None:
+      output = output + self.out_bias[...].astype(self.dtype)
+    return output[:, None, :]
+
+
+def gelu_sigmoid(x: jax.Array) -> jax.Array:
+  """GELU in its sigmoid form, x * sigmoid(1.702 x) (Marian's 'gelu')."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# model.activation -> the function; 'gelu' is jax.nn.gelu's tanh form, 'swish' is
+# x * sigmoid(x) ungated, 'swiglu' gates silu(x W_gate) into the inner projection.
+ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'gelu_sigmoid': gelu_sigmoid,
+               'swish': jax.nn.silu, 'swiglu': jax.nn.silu}
 
 
 class FeedForward(nnx.Module):
-  """Position-wise MLP. 'relu' or 'gelu': act(x W_in + b_in) W_out + b_out; 'swiglu':
+  """Position-wise MLP. 'relu', 'gelu', 'gelu_sigmoid' or 'swish' (ACTIVATIONS):
+  act(x W_in + b_in) W_out + b_out; 'swiglu':
   (silu(x W_gate) * (x W_in + b_in)) W_out + b_out. Every activation has the biases
   b_in (`bi`) and b_out (`bo`); the gate W_gate (`wg`) has none."""
 
@@ -304,8 +340,7 @@ class FeedForward(nnx.Module):
     self.bo = param(rngs, nnx.initializers.zeros, (d_model,), (EMBED,))
     if self.gated:
       self.wg = param(rngs, init, (d_model, d_ff), (EMBED, MLP))
-    self.activation = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
-                       'swiglu': jax.nn.silu}[activation]
+    self.activation = ACTIVATIONS[activation]
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def __call__(self, hidden: jax.Array, *, deterministic: bool) -> jax.Array:

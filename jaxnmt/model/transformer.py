@@ -41,6 +41,11 @@ class ModelConfig:
   attention: str = 'einsum'  # or 'dot_product' (jax.nn.dot_product_attention)
   attention_implementation: str = ''  # for 'dot_product': '' (JAX picks), 'xla', 'cudnn'
   remat: str = 'none'  # or 'full' (save nothing), 'dots' (save matmul outputs)
+  attention_bias: bool = False  # biases on the query/key/value/output projections
+  output_bias: bool = False  # a bias on the output layer's logits
+  # What the decoder reads at position 0: the BOS token's embedding ('bos'), or a zero
+  # vector ('zeros', as Marian: only the position encoding is seen there).
+  decoder_start: str = 'bos'
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -61,7 +66,7 @@ class Block(nnx.Module):
     make_attention = lambda: layers.Attention(
         config.d_model, config.num_heads, config.attention_dropout_rate, rngs=rngs,
         dtype=config.dtype, kind=config.attention,
-        implementation=config.attention_implementation)
+        implementation=config.attention_implementation, bias=config.attention_bias)
     self.self_attention_norm = make_norm()
     self.self_attention = make_attention()
     self.cross_attention_norm = make_norm() if cross_attention else None
@@ -164,7 +169,7 @@ def _decode_tokens(model, embed, position_table, cache: cache_lib.DecoderCache, 
   positions = jnp.full((batch, 1), index, jnp.int32)
   # Every row is at `index`: its position encoding is computed once ([1, 1, D]).
   hidden = _embed(model.config, embed, position_table, model.dropout, tokens[:, None],
-                  positions[:1], True)  # [R, 1, D]
+                  positions[:1], True, decoder=True)  # [R, 1, D]
   self_mask = cache.visible(index)  # [R, 1, 1, slots]
   new_layers = []
   for block, layer in zip(model.decoder_layers, cache.layers):
@@ -177,12 +182,17 @@ def _decode_tokens(model, embed, position_table, cache: cache_lib.DecoderCache, 
 
 
 def _embed(config: ModelConfig, embed: layers.Embed, position_table, dropout, ids,
-           positions, deterministic: bool, *, within_rows: bool = False):
+           positions, deterministic: bool, *, within_rows: bool = False,
+           decoder: bool = False):
   """ids, positions: int32 [B, L] -> [B, L, D] in the compute dtype: token embeddings
   plus learned or sinusoidal positions (RoPE adds none: attention rotates instead).
   within_rows: every position is below L (whole or packed rows, not a decoding step),
-  so sinusoidal encodings are computed for L positions, not for every row."""
+  so sinusoidal encodings are computed for L positions, not for every row.
+  decoder: the target side, whose token embedding at position 0 is a zero vector when
+  `config.decoder_start` is 'zeros'."""
   hidden = embed(ids)
+  if decoder and config.decoder_start == 'zeros':
+    hidden = jnp.where((positions == 0)[..., None], jnp.zeros((), hidden.dtype), hidden)
   if config.position_embedding == 'learned':
     hidden = hidden + position_table(positions).astype(hidden.dtype)
   elif config.position_embedding == 'sinusoidal':
@@ -211,12 +221,26 @@ class OutputLayer:
       return self._output_embed().embedding[...]
     return self.output_kernel[...].T
 
+  def output_operands(self, states) -> tuple[jax.Array, jax.Array]:
+    """(states', weight') whose product states' @ weight'.T is `project(states)`:
+    the final states [B, T, D] and `output_weight()` [V, D], each with a column of
+    ones / of the bias appended when the logits have a bias (for the fused loss,
+    which takes one matmul)."""
+    weight = self.output_weight()
+    if self.output_bias is None:
+      return states, weight
+    ones = jnp.ones((*states.shape[:-1], 1), states.dtype)
+    return (jnp.concatenate([states, ones], -1),
+            jnp.concatenate([weight, self.output_bias[...][:, None]], -1))
+
   def project(self, states) -> jax.Array:
     """Normalised final states [B, T, D] -> float32 logits [B, T, V]."""
     if self.output_kernel is None:
-      return self._output_embed().attend(states)
-    kernel = self.output_kernel[...].astype(states.dtype)  # [D, V]
-    return layers.einsum_f32('BTD,DV->BTV', states, kernel)
+      logits = self._output_embed().attend(states)
+    else:
+      kernel = self.output_kernel[...].astype(states.dtype)  # [D, V]
+      logits = layers.einsum_f32('BTD,DV->BTV', states, kernel)
+    return logits if self.output_bias is None else logits + self.output_bias[...]
 
   def logits(self, hidden):
     """hidden: [B, T, D] (the last layer's output) -> float32 logits [B, T, V]."""
@@ -248,6 +272,7 @@ class Transformer(OutputLayer, nnx.Module):
                                     for _ in range(config.num_decoder_layers)])
     self.encoder_norm = _final_norm(config, rngs=rngs)
     self.decoder_norm = _final_norm(config, rngs=rngs)
+    self.output_bias = _output_bias(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def encode(self, inputs, segment_ids, positions, *, deterministic: bool = True):
@@ -277,7 +302,8 @@ class Transformer(OutputLayer, nnx.Module):
                      target_positions, deterministic):
     """-> the last decoder layer's output [B, T, D]."""
     hidden = _embed(self.config, self.target_embed, self.target_positions, self.dropout,
-                    decoder_inputs, target_positions, deterministic, within_rows=True)
+                    decoder_inputs, target_positions, deterministic, within_rows=True,
+                    decoder=True)
     self_mask = layers.attention_mask(target_segment_ids, target_segment_ids, causal=True)
     cross_mask = layers.attention_mask(target_segment_ids, source_segment_ids)
     return _run_blocks(self.decoder_layers, self.config.remat, hidden, target_positions,
@@ -357,6 +383,7 @@ class DecoderLM(OutputLayer, nnx.Module):
     self.final_norm = _final_norm(config, rngs=rngs)
     self.output_kernel = None if config.share_embeddings else _output_kernel(config,
                                                                              rngs=rngs)
+    self.output_bias = _output_bias(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def final_states(self, hidden):
@@ -370,7 +397,8 @@ class DecoderLM(OutputLayer, nnx.Module):
     """A batch -> the output layer's input [B, T, D] for its `targets`."""
     positions, segments = batch['targets_positions'], batch['targets_segment_ids']
     hidden = _embed(self.config, self.embed, self.positions, self.dropout,
-                    batch['decoder_inputs'], positions, deterministic, within_rows=True)
+                    batch['decoder_inputs'], positions, deterministic, within_rows=True,
+                    decoder=True)
     hidden = _run_blocks(self.decoder_layers, self.config.remat, hidden, positions,
                          layers.attention_mask(segments, segments, causal=True),
                          deterministic=deterministic)
@@ -401,6 +429,13 @@ def _output_kernel(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Param:
   """An untied output projection [D, V]."""
   return layers.param(rngs, nnx.initializers.lecun_normal(),
                       (config.d_model, config.vocab_size), (layers.EMBED, layers.VOCAB))
+
+
+def _output_bias(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Param | None:
+  """The logits' bias [V] with `config.output_bias`, else None."""
+  if not config.output_bias:
+    return None
+  return layers.param(rngs, nnx.initializers.zeros, (config.vocab_size,), (layers.VOCAB,))
 
 
 def build(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -39,9 +39,11 @@ def train_step(graphdef, tx, label_smoothing: float, seed: int, accumulate: int,
     nnx.reseed(model, dropout=key)
     targets, weights = micro_batch['targets'], micro_batch['targets_segment_ids'] > 0
     if loss_chunks:
-      sums = losses.fused_cross_entropy_sums(
-          model.features(micro_batch, deterministic=False), model.output_weight(), targets,
-          weights, label_smoothing, loss_chunks, model.config.dtype)
+      states, weight = model.output_operands(model.features(micro_batch,
+                                                            deterministic=False))
+      sums = losses.fused_cross_entropy_sums(states, weight, targets, weights,
+                                             label_smoothing, loss_chunks,
+                                             model.config.dtype)
     else:
       sums = losses.cross_entropy_sums(model(micro_batch, deterministic=False), targets,
                                        weights, label_smoothing)

@@ -174,6 +174,17 @@ def listdir(directory: str) -> list[str]:
   return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
 
+def open_binary(target: str, mode: str = 'rb'):
+  """A byte stream of `target` ('rb') or to it ('wb'), never held whole in memory
+  (gs://: fsspec's buffered object, which a write uploads in parts and publishes at
+  close, atomically)."""
+  if is_remote(target):
+    return _fs().open(target, mode)
+  if 'w' in mode:
+    os.makedirs(dirname(target), exist_ok=True)
+  return open(target, mode)  # pylint: disable=consider-using-with
+
+
 def read_bytes(target: str) -> bytes:
   if is_remote(target):
     return _fs().cat_file(target)

@@ -57,6 +57,22 @@ def get_config():
   # (XLA's RngBitGenerator; the masks depend on the backend and the sharding), or
   # 'auto': philox4x32 on a one-device mesh, else threefry2x32.
   config.dropout_rng = 'auto'
+  # Fine-tuning: start a new run (in a fresh workdir) from the weights of another
+  # jaxnmt run: its workdir (latest checkpoint), one of its checkpoints
+  # (WORKDIR/checkpoints/<step>) or its averaged weights (WORKDIR/averaged/<name>).
+  # The run starts at step 0 with a fresh optimizer and learning-rate schedule, and
+  # with that run's tokenizer (its data is tokenized with it); the model fields must
+  # match. A stopped fine-tuning run resumes from its own checkpoints. '' = off.
+  # docs/fine-tuning.md.
+  config.init_from = ''
+  # Which weights of init_from: 'auto' (the moving average when that run kept one, as
+  # translate uses by default; with init_from_optimizer its parameters), 'raw', 'ema',
+  # or the name of averaged weights in that workdir (--mode=average).
+  config.init_from_weights = 'auto'
+  # Keep init_from's optimizer state (Adam's moments and count) instead of a fresh one;
+  # the learning-rate schedule still starts over. Needs a checkpoint (not averaged
+  # weights) and the same optimizer structure (gradient clipping on or off alike).
+  config.init_from_optimizer = False
 
   # ---------------------------------------------------------------- parallelism
   # Device mesh: sizes of the ('data', 'fsdp', 'tensor') axes; their product must be

@@ -76,8 +76,9 @@ FIELD_RULES = {
     'optim.eps': _POSITIVE,
     **dict.fromkeys((
         'data.path', 'data.filename', 'data.url', 'data.weights', 'data.test_sets',
-        'data.source_lang', 'data.target_lang', 'data.prepared_dir', 'tokenizer.path'),
-        _STRING),
+        'data.source_lang', 'data.target_lang', 'data.prepared_dir', 'tokenizer.path',
+        'init_from', 'init_from_weights'), _STRING),
+    'init_from_optimizer': _BOOLEAN,
     'task': _one_of('translation', 'lm'),
     'dropout_rng': _one_of('auto', 'threefry2x32', 'philox4x32', 'rbg', 'unsafe_rbg'),
     'model.activation': _one_of(*layers.ACTIVATIONS),
@@ -136,6 +137,12 @@ def _check_combinations(config) -> None:
   _require(config.tokenizer.model_type == 'char' or config.tokenizer.vocab_size >= 300,
            'tokenizer.vocab_size',
            f'must be >= 300 (specials + byte fallback), got {config.tokenizer.vocab_size}')
+  _require(bool(config.init_from) or not config.init_from_optimizer,
+           'init_from_optimizer', 'keeps the optimizer state of config.init_from, which '
+           'is empty')
+  _require(bool(config.init_from) or config.init_from_weights == 'auto',
+           'init_from_weights', f'{config.init_from_weights!r} picks weights of '
+           'config.init_from, which is empty')
   _require(data.source_lang != data.target_lang and data.source_lang and
            data.target_lang, 'data.target_lang', 'source and target languages must be '
            f'two different names, got {data.source_lang!r} and {data.target_lang!r}')
@@ -259,3 +266,26 @@ def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     else:
       harmless.append(line)
   return breaking, harmless
+
+
+# Fields a fine-tuning run may change from the run it starts from (config.init_from):
+# besides the compute switches, regularisation only.
+_FINE_TUNING_FREE = _HARMLESS_FIELDS | {'model.dropout_rate', 'model.attention_dropout_rate'}
+
+
+def init_from_differences(saved: dict, current: dict) -> list[str]:
+  """The differences, as 'field: old -> new' in field order, between the config of a
+  run and that of a run starting from its parameters (config.init_from) that make
+  those parameters unusable: the task, the model (but for the compute switches and
+  dropout), the tokenizer's kind and size, and with learned positions the row
+  lengths (the table's size)."""
+  saved_flat = {**_ADDED_FIELDS, **_flatten(saved)}
+  current_flat = {**_ADDED_FIELDS, **_flatten(current)}
+  fields = ['task', 'tokenizer.model_type', 'tokenizer.vocab_size']
+  fields += [field for field in set(saved_flat) | set(current_flat)
+             if field.startswith('model.') and field not in _FINE_TUNING_FREE]
+  if 'learned' in (saved_flat.get('model.position_embedding'),
+                   current_flat.get('model.position_embedding')):
+    fields += ['data.max_source_length', 'data.max_target_length']
+  return [f'{field}: {saved_flat.get(field)!r} -> {current_flat.get(field)!r}'
+          for field in sorted(fields) if saved_flat.get(field) != current_flat.get(field)]

@@ -91,6 +91,11 @@ flags.DEFINE_integer('collective_timeout_s', 300,
                      'the ones missing and exits with code 1.')
 # Inference.
 flags.DEFINE_string('input', None, 'translate: file of source lines (default: stdin).')
+flags.DEFINE_string('output', None, 'translate/score: write here (local or gs://) instead '
+                    'of stdout: any number of processes each translate their share, '
+                    'resumably (OUTPUT.parts holds the progress until the end).')
+flags.DEFINE_integer('commit_lines', 10_000, 'translate/score --input: lines per chunk, '
+                     'the unit of work and of committed progress.')
 flags.DEFINE_integer('batch_size', 64, 'translate/eval/serve: sentences decoded together '
                      '(at most).')
 flags.DEFINE_integer('batch_tokens', 4096, 'translate/serve: source tokens (padding '

@@ -21,6 +21,7 @@ from jaxnmt.runtime import checkpointing
 from jaxnmt import config_lib
 from jaxnmt.runtime import distributed
 from jaxnmt.training import feeding
+from jaxnmt.training import init_from
 from jaxnmt.training import metrics as metrics_lib
 from jaxnmt.training import samples as samples_lib
 from jaxnmt.training import setup
@@ -35,7 +36,8 @@ from jaxnmt.errors import DataError, TrainingError, WorkdirError
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        compiled_step: str = '') -> dict:
   """Trains per `config`, writing TensorBoard logs, config, tokenizer and checkpoints
-  to `workdir`; resumes from its latest readable checkpoint. `compiled_step`: a train
+  to `workdir`; resumes from its latest readable checkpoint, else starts from
+  config.init_from's weights when set (`init_from`). `compiled_step`: a train
   step saved by `--mode=compile --save_compiled`, run instead of compiling one
   (`setup.build`). Returns final metrics:
   {'step', 'stopped': None | 'signal' | 'time limit' | 'early stopping', 'valid_*'}."""
@@ -43,17 +45,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   lock = locks.TrainerLock(workdir, owner=jax.process_index() == 0)
   checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=None)  # see _Saver
   try:
+    # A fine-tuning run's source, checked; None once the run has checkpoints of its own.
+    source = init_from.resolve(config, workdir, checkpointer)
     _check_resumable(checkpointer, config, workdir)
     if jax.process_index() == 0:
       files.save_config(workdir, config)
       files.clear_finished(workdir)  # this run decides the final step
-    return _train(config, workdir, mesh, rules, checkpointer, compiled_step)
+    return _train(config, workdir, mesh, rules, checkpointer, compiled_step, source)
   finally:
     checkpointer.close()
     lock.release()
 
 
-def _train(config, workdir: str, mesh, rules, checkpointer, compiled_step: str) -> dict:
+def _train(config, workdir: str, mesh, rules, checkpointer, compiled_step: str,
+           source: init_from.Source | None) -> dict:
   # ------------------------------------------------------------- data and state
   requested_rows = config.data.batch_size
   run, state = setup.build(config, workdir, mesh, rules, compiled_step)
@@ -74,6 +79,9 @@ def _train(config, workdir: str, mesh, rules, checkpointer, compiled_step: str) 
       if position:
         train_iterator.set_state(position)
       logging.info('Resumed from checkpoint at step %d', latest)
+    elif source is not None:  # fine-tuning: step 0 from another run's weights
+      state = init_from.start_state(source, state, run.shardings)
+      init_from.write_record(workdir, source)
     feeder = feeding.DeviceFeeder(train_iterator, run.batch_sharding,
                                   config.data.prefetch_to_device)
     cleanup.callback(feeder.close)

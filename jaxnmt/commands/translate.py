@@ -3,13 +3,20 @@
 Stdin is streamed like fairseq-interactive or Marian: a reader thread queues lines, and
 the decode loop blocks for the first, takes only what is already queued (up to a token
 budget), decodes it and writes and flushes its translations at once, so it works
-interactively and in pipes. `--input=FILE` reads the whole file first.
+interactively and in pipes.
+
+`--input=CORPUS` (text, .gz or .zst; local or gs://) is translated in chunks of
+`--commit_lines` lines (`decoding/corpus_job.py`): to stdout as each chunk is done, or
+with `--output=OUT` on any number of processes, each decoding its share of the chunks,
+resumably (a killed job rerun with the same flags goes on where it stopped), into one
+OUT that is byte for byte the same whatever the process count.
 
 Each line gives one translation line, or with `--nbest=N` N TSV rows
 `line_index<TAB>rank<TAB>score<TAB>translation` (`format_nbest`). Batching, decoding and
 long lines are `translation.Translator`'s.
 """
 
+import dataclasses
 import logging
 import queue
 import sys
@@ -18,45 +25,82 @@ from typing import Sequence, TextIO
 
 import jax
 
+from jaxnmt.decoding import corpus_job
 from jaxnmt.decoding import translation
 from jaxnmt.errors import UserError
+from jaxnmt.runtime import files
 
 
 def format_nbest(line_index: int, hypotheses: Sequence[translation.Hypothesis]) -> str:
   """TSV rows `line_index<TAB>rank<TAB>score<TAB>translation` (0-based index and rank)."""
-  return ''.join(f'{line_index}\t{rank}\t{h.score:.4f}\t{h.text.replace(chr(9), " ")}\n'
+  return ''.join(f'{line_index}\t{rank}\t{h.score:.4f}\t{_one_line(h.text).replace(chr(9), " ")}\n'
                  for rank, h in enumerate(hypotheses))
+
+
+def _one_line(text: str) -> str:
+  """`text` on one line (a model may emit a line break through byte fallback)."""
+  return text.replace('\r', ' ').replace('\n', ' ')
 
 
 def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
         batch_size: int = 64, options: translation.DecodeOptions = translation.DecodeOptions(),
         nbest: int = 0, step: int | None = None, batch_tokens: int = translation.BATCH_TOKENS,
-        weights: str = 'auto', source: TextIO | None = None, devices=None) -> None:
+        weights: str = 'auto', source: TextIO | None = None, devices=None,
+        output_path: str | None = None, commit_lines: int = corpus_job.CHUNK_LINES,
+        report_every_s: float = 30.0) -> dict:
   """Translates the lines of `input_path` (else streams `source`, default stdin) to
-  `output`: one translation per line, or with nbest >= 1 that many TSV rows
-  (`format_nbest`). Decodes on all local devices unless `devices` says otherwise."""
+  `output_path` (a corpus job: any process count, resumable) or else to `output`: one
+  translation per line, or with nbest >= 1 that many TSV rows (`format_nbest`).
+  Decodes on all local devices unless `devices` says otherwise. Returns the counts of
+  an --input run (lines, empty, replaced, tokens)."""
   if batch_tokens < 1:
     raise UserError(f'--batch_tokens must be >= 1, got {batch_tokens}')
   if not 0 <= nbest <= options.max_nbest:
     raise UserError(f'--nbest must be in [0, {options.max_nbest}] for {options.strategy} '
                     f'decoding (beam search gives at most --beam_size), got {nbest}')
-  lines = None
+  if output_path and not input_path:
+    raise UserError('--output needs --input (stdin is translated to stdout)')
   if input_path:
-    try:
-      with open(input_path, encoding='utf-8', errors='replace') as handle:
-        lines = handle.read().splitlines()
-    except OSError as error:
-      raise UserError(f'--input={input_path}: {error.strerror}') from None
+    files.check_supported(input_path)
+    if not files.exists(input_path):
+      raise UserError(f'--input={input_path}: no such file')
   translator = translation.Translator.from_workdir(
       workdir, step, options, devices or jax.local_devices(), weights, batch_tokens)
-  if lines is not None:
-    results = translator.decode_encoded(translator.encode(lines), max(nbest, 1), batch_size,
-                                        progress=True, scores=nbest > 0)
-    _write(output, results, 0, nbest)
+  summary = {}
+  if input_path:
+    settings = {'mode': 'translate', 'input': files.absolute(input_path),
+                'options': dataclasses.asdict(options), 'nbest': nbest,
+                'batch_size': batch_size, 'batch_tokens': batch_tokens,
+                'step': translator.step, 'weights': translator.loaded.weights,
+                'local_devices': translator.devices}
+    summary = corpus_job.run(
+        lambda: corpus_job.open_lines(input_path), output_path,
+        lambda first, lines: _translate_chunk(translator, first, lines, nbest, batch_size),
+        settings, commit_lines, 'translate', output, report_every_s)
+    if summary:
+      logging.info('translate: %d lines (%d empty, %d with invalid UTF-8 replaced), %d '
+                   'output tokens', summary.get('lines', 0), summary.get('empty', 0),
+                   summary.get('replaced', 0), summary.get('tokens', 0))
   else:
     stream(translator, sys.stdin if source is None else source, output, nbest, batch_size)
   if translator.long_lines:
     logging.info('%d line(s) were longer than the training length', translator.long_lines)
+  return summary
+
+
+def _translate_chunk(translator: translation.Translator, first: int, lines: list,
+                     nbest: int, batch_size: int) -> tuple[str, dict]:
+  """One chunk of a corpus job: (its output text, its counts)."""
+  texts = [text for text, _ in lines]
+  before = translator.output_tokens
+  results = translator.decode_encoded(translator.encode(texts, first), max(nbest, 1),
+                                      batch_size, scores=nbest > 0, first_index=first)
+  text = ''.join(format_nbest(index, hypotheses) if nbest else
+                 _one_line(hypotheses[0].text) + '\n'
+                 for index, hypotheses in enumerate(results, first))
+  return text, {'tokens': translator.output_tokens - before,
+                'empty': sum(not text.strip() for text in texts),
+                'replaced': sum(replaced for _, replaced in lines)}
 
 
 def stream(translator: translation.Translator, source: TextIO, output: TextIO, nbest: int = 0,
@@ -92,7 +136,7 @@ def stream(translator: translation.Translator, source: TextIO, output: TextIO, n
       encoded += translator.encode([line], count + len(encoded))
       tokens += translation.source_tokens(encoded[-1])
     results = translator.decode_encoded(encoded, max(nbest, 1), batch_size,
-                                        scores=nbest > 0)
+                                        scores=nbest > 0, first_index=count)
     _write(output, results, count, nbest)
     count += len(encoded)
 
@@ -101,11 +145,13 @@ def _write(output: TextIO, results: list[list[translation.Hypothesis]], first_in
            nbest: int) -> None:
   """Writes `results` (lines numbered from `first_index`) and flushes `output`."""
   for index, hypotheses in enumerate(results, first_index):
-    output.write(format_nbest(index, hypotheses) if nbest else hypotheses[0].text + '\n')
+    output.write(format_nbest(index, hypotheses) if nbest else
+                 _one_line(hypotheses[0].text) + '\n')
   output.flush()
 
 
 def main(workdir: str, flags) -> None:
   run(workdir, flags.input, batch_size=flags.batch_size,
       options=translation.DecodeOptions.from_flags(flags), nbest=flags.nbest,
-      step=flags.checkpoint_step, batch_tokens=flags.batch_tokens, weights=flags.weights)
+      step=flags.checkpoint_step, batch_tokens=flags.batch_tokens, weights=flags.weights,
+      output_path=flags.output, commit_lines=flags.commit_lines)

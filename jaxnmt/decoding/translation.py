@@ -133,8 +133,8 @@ class Translator:
     self.config, self.tokenizer = loaded.config, loaded.tokenizer
     self.mesh = loaded.mesh
     self.long_lines = 0  # lines seen longer than the training length
+    self.output_tokens = 0  # tokens decoded (best hypotheses, EOS included)
     self._decoders = {}
-    self._batches = 0  # decode batches run so far: the sampling key of the next one
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,
@@ -214,23 +214,26 @@ class Translator:
   def decode_encoded(self, encoded: Sequence, nbest: int = 1,
                      batch_size: int = 64, options: DecodeOptions | None = None,
                      fixed_rows: bool = False, progress: bool = False,
-                     scores: bool = True) -> list[list[Hypothesis]]:
+                     scores: bool = True, first_index: int = 0
+                     ) -> list[list[Hypothesis]]:
     """`translate_nbest` of already encoded lines (`encode`). fixed_rows: every batch
     of a length bucket has the same shape (results independent of the batch mates).
     A line split into sentences gets, at rank r, the rank-r translations of its
-    sentences joined (a sentence with fewer gives its last), scored by their sum."""
+    sentences joined (a sentence with fewer gives its last), scored by their sum.
+    `first_index`: the input line number (from 0) of encoded[0]; sampling keys come
+    from line numbers, so a batch samples the same wherever it is decoded."""
     flat, owners = [], []
     for index, ids in enumerate(encoded):
-      for sentence in (ids if isinstance(ids, tuple) else [ids]):
+      for part, sentence in enumerate(ids if isinstance(ids, tuple) else [ids]):
         flat.append(sentence)
-        owners.append(index)
+        owners.append((first_index + index, part))
     results = self._decode_sentences(flat, nbest, batch_size, options, fixed_rows,
-                                     progress, scores)
+                                     progress, scores, owners)
     if len(flat) == len(encoded):
       return results
     merged = [[] for _ in encoded]
-    for owner, hypotheses in zip(owners, results):
-      merged[owner].append(hypotheses)
+    for (line, _), hypotheses in zip(owners, results):
+      merged[line - first_index].append(hypotheses)
     return [parts[0] if len(parts) == 1 else [
         Hypothesis(' '.join(part[min(rank, len(part) - 1)].text for part in parts),
                    sum(part[min(rank, len(part) - 1)].score for part in parts))
@@ -238,9 +241,10 @@ class Translator:
 
   def _decode_sentences(self, encoded: Sequence[list[int] | None], nbest: int,
                         batch_size: int, options: DecodeOptions | None,
-                        fixed_rows: bool, progress: bool,
-                        scores: bool) -> list[list[Hypothesis]]:
-    """`decode_encoded` of single sentences."""
+                        fixed_rows: bool, progress: bool, scores: bool,
+                        owners: Sequence[tuple[int, int]]) -> list[list[Hypothesis]]:
+    """`decode_encoded` of single sentences; owners[i]: (input line, sentence in it)
+    of encoded[i], whose first row's keys a batch's sampling key."""
     options = options or self.options
     if not 1 <= nbest <= options.max_nbest:
       raise UserError(f'nbest must be in [1, {options.max_nbest}] for '
@@ -258,13 +262,14 @@ class Translator:
       for row, index in enumerate(indices):
         inputs[row, :len(encoded[index])] = encoded[index]
         caps[row] = self.output_cap(len(encoded[index]))
-      key = jax.random.fold_in(jax.random.key(options.seed), self._batches)
-      self._batches += 1
+      line, part = owners[indices[0]]
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(options.seed), line), part)
       tokens, batch_scores = decoder(
           self.loaded.params, self.loaded.rest, jax.device_put(inputs, rows_sharding),
           jax.device_put(caps, rows_sharding), key,
           max_length=self._output_length(source_length))
       tokens, batch_scores = np.asarray(tokens), np.asarray(batch_scores)
+      self.output_tokens += int(np.count_nonzero(tokens[:len(indices), 0]))
       for row, index in enumerate(indices):
         kept = [k for k in range(nbest) if batch_scores[row, k] > search.NEG_INF / 2] or [0]
         results[index] = [Hypothesis(self.tokenizer.decode(tokens[row, k]),

@@ -45,6 +45,8 @@ MODES = {
                     'when needed)', needs_config=True),
     'translate': Mode('jaxnmt.commands.translate', 'translate stdin or --input',
                       decoding=True),
+    'score': Mode('jaxnmt.commands.score', 'log-probability of source/target pairs '
+                  '(--input TSV, or with --target_input) as TSV rows', decoding=True),
     'eval': Mode('jaxnmt.commands.evaluate', 'the eval worker (BLEU of checkpoints)',
                  decoding=True),
     'serve': Mode('jaxnmt.commands.serve', 'translate over HTTP (--port)', decoding=True),
@@ -94,6 +96,8 @@ flags.DEFINE_string('input', None, 'translate: file of source lines (default: st
 flags.DEFINE_string('output', None, 'translate/score: write here (local or gs://) instead '
                     'of stdout: any number of processes each translate their share, '
                     'resumably (OUTPUT.parts holds the progress until the end).')
+flags.DEFINE_string('target_input', None, 'score: file of target lines matching --input '
+                    'line by line (else --input is TSV source<TAB>target).')
 flags.DEFINE_integer('commit_lines', 10_000, 'translate/score --input: lines per chunk, '
                      'the unit of work and of committed progress.')
 flags.DEFINE_integer('batch_size', 64, 'translate/eval/serve: sentences decoded together '

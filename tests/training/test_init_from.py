@@ -209,17 +209,20 @@ def test_mismatches_are_refused_naming_what_differs(trained_workdir, pairs_token
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--config.model.d_ff=128', r'config\.init_from: .* model\.d_ff: 64 -> 128'),
-    ('--config.init_from_weights=ema', 'holds no moving average'),
+    ('--config.model.d_ff=128', r'^error: config\.init_from: .* model\.d_ff: 64 -> 128'),
+    ('--config.tokenizer.path=OTHER', r'^error: config\.tokenizer\.path=.* is not the '
+     r'tokenizer of config\.init_from'),
+    ('--config.init_from_weights=ema', '^error: config.init_from_weights=ema: .*holds no '
+     'moving average'),
 ])
-def test_a_mismatch_is_one_line_and_exit_code_2(trained_workdir, questions, tmp_path,
-                                                flag, message):
+def test_a_mismatch_is_one_line_and_exit_code_2(trained_workdir, pairs_tokenizer, questions,
+                                                tmp_path, flag, message):
+  flag = flag.replace('OTHER', pairs_tokenizer.model_path)
   result = helpers.run_main('--config=tests/tiny_config.py', f'--workdir={tmp_path}/w',
                             f'--config.init_from={trained_workdir}', flag,
                             corpus=questions, timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
-  assert helpers.last_error(result.stderr).startswith('error: config.')
   assert re.search(message, helpers.last_error(result.stderr))
   assert not os.path.exists(os.path.join(tmp_path, 'w', 'data'))  # refused before preparing
 
@@ -254,3 +257,13 @@ def test_a_stopped_fine_tuning_resumes_from_its_own_checkpoints(trained_workdir,
   scratch.tokenizer.path = files.tokenizer_path(trained_workdir)  # the same token ids
   loop.train_and_evaluate(scratch, str(tmp_path / 'scratch'))
   assert first[5] < helpers.losses_by_step(str(tmp_path / 'scratch'))[5]
+
+
+def test_prepare_mode_tokenizes_a_fine_tuning_corpus_with_the_source_tokenizer(
+    trained_workdir, questions, tmp_path):
+  result = helpers.run_main('--mode=prepare', '--config=tests/tiny_config.py',
+                            f'--workdir={tmp_path}', f'--config.init_from={trained_workdir}',
+                            corpus=questions, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  manifest = prepare_lib.load_manifest(os.path.join(tmp_path, 'data'))
+  assert manifest['tokenizer_sha256'] == _sha(files.tokenizer_path(trained_workdir))

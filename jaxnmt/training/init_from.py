@@ -39,7 +39,7 @@ from jaxnmt.decoding import averaging
 from jaxnmt.model import initialize
 from jaxnmt.runtime import checkpointing
 from jaxnmt.runtime import files
-from jaxnmt.errors import CheckpointError, ConfigError, WorkdirError
+from jaxnmt.errors import CheckpointError, ConfigError, UserError, WorkdirError
 
 # Written by process 0 into the new workdir: where its first parameters came from.
 RECORD = 'init_from.json'
@@ -170,7 +170,11 @@ def _averaged(config, source_dir: str, step: int | None, name: str, tokenizer: s
   if step is not None:
     raise ConfigError(f'config.init_from_weights={name!r} names averaged weights, which '
                       f'belong to no single checkpoint: set init_from to the workdir')
-  averaging.check_name(name)
+  try:
+    averaging.check_name(name)
+  except UserError:
+    raise ConfigError(f'config.init_from_weights={name!r}: auto, raw, ema, or the name of '
+                      f'averaged weights (letters, digits, - and _)') from None
   info = averaging.restore_info(source_dir, name)
   if info is None:
     raise CheckpointError(f'config.init_from: no averaged weights {name!r} in '

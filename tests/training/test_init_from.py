@@ -195,6 +195,7 @@ def test_mismatches_are_refused_naming_what_differs(trained_workdir, pairs_token
       ConfigError, init_from=os.path.join(trained_workdir, 'averaged', 'x'),
       init_from_optimizer=True)
   assert 'no averaged weights' in refused(UserError, init_from_weights='last9')
+  assert 'auto, raw, ema, or the name' in refused(ConfigError, init_from_weights='a/b')
   config = _config(questions, trained_workdir, init_from_optimizer=True)
   config.optim.grad_clip_norm = 0.0
   with pytest.raises(ConfigError, match='gradient clipping on, this config has it off'):

@@ -37,9 +37,13 @@ def format_nbest(line_index: int, hypotheses: Sequence[translation.Hypothesis]) 
                  for rank, h in enumerate(hypotheses))
 
 
+# Every character str.splitlines breaks at: a translation stays one line for any reader.
+_LINE_BREAKS = str.maketrans(dict.fromkeys('\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029', ' '))
+
+
 def _one_line(text: str) -> str:
   """`text` on one line (a model may emit a line break through byte fallback)."""
-  return text.replace('\r', ' ').replace('\n', ' ')
+  return text.translate(_LINE_BREAKS)
 
 
 def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,

@@ -3,6 +3,7 @@ line per input line, logs on stderr, a file input, the n-best TSV of a chosen
 checkpoint, and its one-line errors."""
 
 import dataclasses
+import io
 import queue
 import subprocess
 import threading
@@ -115,3 +116,27 @@ def test_translate_without_a_trained_model_is_a_clear_error(tmp_path):
   assert last_error(result.stderr).startswith('error: ')
   assert 'config.json not found' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_a_corpus_job_writes_the_librarys_translations_in_order(trained_workdir, loaded,
+                                                                tmp_path):
+  lines = ['Good morning.', '', 'How are you?', 'Tom is here.', 'bad \ufffd byte'] * 3
+  source = tmp_path / 'in.txt'
+  source.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  output = tmp_path / 'out.txt'
+  summary = translate_command.run(trained_workdir, str(source), output_path=str(output),
+                                  options=BEAM2)
+  assert output.read_text(encoding='utf-8').splitlines() == translation.Translator(
+      loaded, BEAM2).translate(lines)
+  assert (summary['lines'], summary['empty']) == (15, 3)
+  # Sampling: chunks of 4 lines (keys from line numbers) to a file and to stdout agree.
+  sampling = translation.DecodeOptions(beam_size=1, temperature=1.0, seed=3)
+  streamed = io.StringIO()
+  translate_command.run(trained_workdir, str(source), streamed, options=sampling,
+                        nbest=1, commit_lines=4)
+  translate_command.run(trained_workdir, str(source), output_path=str(output),
+                        options=sampling, nbest=1, commit_lines=4)
+  assert output.read_text(encoding='utf-8') == streamed.getvalue()
+  rows = [row.split('\t') for row in streamed.getvalue().splitlines()]
+  assert [int(row[0]) for row in rows] == list(range(15))
+  assert [row[3] for row in rows[1::5]] == [''] * 3  # blank lines keep their place

@@ -26,6 +26,15 @@ STEPS = 60
 FAULT_AFTER = 25
 PEER_TIMEOUT_S = 20
 COLLECTIVE_TIMEOUT_S = 40
+# The timeouts a run gets: SHORT (the fast rows), or DEFAULTS (jaxnmt's own flags).
+SHORT = (f'--peer_timeout_s={PEER_TIMEOUT_S}', f'--collective_timeout_s={COLLECTIVE_TIMEOUT_S}')
+DEFAULTS = ()
+_timeouts = list(SHORT)
+
+
+def use_timeouts(timeouts) -> None:
+  """SHORT or DEFAULTS for every run started from now on."""
+  _timeouts[:] = timeouts
 
 
 def flags(workdir, steps=STEPS, *overrides) -> list[str]:
@@ -33,8 +42,7 @@ def flags(workdir, steps=STEPS, *overrides) -> list[str]:
           f'--config.num_train_steps={steps}', '--config.checkpoint_every_steps=10',
           '--config.log_every_steps=1', '--config.eval_every_steps=1000',
           '--config.keep_checkpoints=20', '--config.preemption_check_every_steps=5',
-          f'--peer_timeout_s={PEER_TIMEOUT_S}',
-          f'--collective_timeout_s={COLLECTIVE_TIMEOUT_S}', *overrides]
+          *_timeouts, *overrides]
 
 
 def environment(corpus, processes, devices, log_dir) -> dict:
@@ -53,7 +61,7 @@ def start(workdir, corpus, processes=2, devices=1, steps=STEPS, *overrides):
                           start_new_session=True)
 
 
-def finish(launcher, timeout=600) -> tuple[dict[int, int], str]:
+def finish(launcher, timeout=900) -> tuple[dict[int, int], str]:
   """Waits for the launcher; returns ({process: exit code}, process 0's stderr)."""
   _, stderr = launcher.communicate(timeout=timeout)
   codes = {int(i): int(code) for i, code in
@@ -109,7 +117,9 @@ class Outcome:
   at_fault: int | None  # the last step logged when the fault came
   restart_resumed: int | None = None
   bitwise: bool | None = None
-  note: str = ''
+  note: str = ''  # process 0's last "error: " line, else the first other process's
+  notes: dict = dataclasses.field(default_factory=dict)  # process -> its last error line
+  tracebacks: list = dataclasses.field(default_factory=list)  # processes that printed one
 
   @property
   def lost(self) -> int | None:
@@ -129,16 +139,13 @@ def inject(fault: str, workdir, corpus, processes=2, devices=1) -> Outcome:
   else:
     wait_for_step(workdir, FAULT_AFTER, launcher)
     began = time.time()
-    target, signum = {'SIGTERM to process 1': (1, signal.SIGTERM),
-                      'SIGINT to process 0': (0, signal.SIGINT),
-                      'kill -9 of process 1': (1, signal.SIGKILL),
-                      'SIGSTOP of process 1 (hung)': (1, signal.SIGSTOP)}[fault]
-    survivor = pid_of(workdir, 0)
+    target, signum = parse(fault)
+    survivors = [pid_of(workdir, i) for i in range(processes) if i != target]
     os.kill(pid_of(workdir, target), signum)
   at_fault = max(logged_steps(workdir), default=None)
-  if fault.startswith('SIGSTOP'):  # a hung process never exits: time process 0 alone
-    while os.path.exists(f'/proc/{survivor}') and _state(survivor) != 'Z':
-      assert time.time() - began < 600, 'process 0 still waits for the hung process'
+  if fault.startswith('SIGSTOP'):  # a hung process never exits: time the others
+    while any(os.path.exists(f'/proc/{pid}') and _state(pid) != 'Z' for pid in survivors):
+      assert time.time() - began < 900, 'the others still wait for the hung process'
       time.sleep(0.05)
     seconds = time.time() - began
     subprocess.run(['pkill', '-KILL', '-f', '--',
@@ -151,9 +158,44 @@ def inject(fault: str, workdir, corpus, processes=2, devices=1) -> Outcome:
     seconds = None
   saved = (committed_steps(workdir) or [None])[-1]
   outcome = Outcome(fault, codes, seconds, saved, at_fault)
-  outcome.note = next((line[len('error: '):] for line in reversed(stderr.splitlines())
-                       if line.startswith('error: ')), '')
+  read_outputs(outcome, stderr, f'{workdir}.logs', processes)
   return outcome
+
+
+TRACEBACK_SIGNS = ('Traceback (most recent call last)', 'Fatal Python error',
+                   'Check failure stack trace')
+
+
+def read_outputs(outcome: Outcome, stderr: str, log_dir, processes: int) -> None:
+  """Each process's last `error: ` line, and which processes printed a traceback
+  (Python's, or JAX's C++ abort), from process 0's stderr and the others' logs."""
+  outputs = {0: stderr}
+  for index in range(1, processes):
+    path = os.path.join(log_dir, f'process_{index}.log')
+    if os.path.exists(path):
+      with open(path, encoding='utf-8', errors='replace') as handle:
+        outputs[index] = handle.read()
+  for index, text in outputs.items():
+    lines = [line for line in text.splitlines() if not line.startswith('launch/')]
+    note = next((line[len('error: '):] for line in reversed(lines)
+                 if line.startswith('error: ')), '')
+    if note:
+      outcome.notes[index] = note
+    if any(sign in text for sign in TRACEBACK_SIGNS):
+      outcome.tracebacks.append(index)
+  outcome.note = outcome.notes.get(0) or next(iter(outcome.notes.values()), '')
+
+
+SIGNALS = {'SIGTERM': signal.SIGTERM, 'SIGINT': signal.SIGINT, 'kill -9': signal.SIGKILL,
+           'SIGSTOP': signal.SIGSTOP}
+
+
+def parse(fault: str) -> tuple[int, int]:
+  """'kill -9 of process 1' -> (1, SIGKILL); 'SIGSTOP of process 0 (hung)' -> ..."""
+  found = re.fullmatch(r'(SIGTERM|SIGINT|kill -9|SIGSTOP) (?:to|of) process (\d+)( \(hung\))?',
+                       fault)
+  assert found, fault
+  return int(found.group(2)), SIGNALS[found.group(1)]
 
 
 def _state(pid: int) -> str:

@@ -8,14 +8,20 @@ Nothing here waits without a bound:
   (`--collective_timeout_s`). A process that does not arrive is named in the error:
   "processes [1] did not reach the stop check after step 40 within 300 s".
 * **Liveness** (`PeerWatch`): a background thread in every process posts a heartbeat
-  counter to the key-value store; process 0 watches everyone's, the others watch for
-  a failure notice. A process whose heartbeat stops (kill -9, the OOM killer, a frozen
-  host) for `--peer_timeout_s` is named, and every process exits with code 1. A
-  process that fails with an error posts it first (`report_failure`), so the others
-  exit at once with the same code instead of waiting in a collective. JAX's own
-  heartbeat (`heartbeat_timeout_seconds`) stays armed behind it as a backstop; when the
-  coordinator (process 0) itself dies, JAX's client ends the other processes at once
-  (exit 134, "the JAX distributed service detected fatal errors").
+  counter to the key-value store; process 0 watches everyone's, the others watch
+  process 0's and a failure notice. A process whose heartbeat stops (kill -9, the OOM
+  killer, a frozen host) for `--peer_timeout_s` is named ("lost process 1: no
+  heartbeat for 120 s ..."), and every process exits with code 1, within
+  `peer_timeout_s` + 4 beats (a beat: min(5 s, peer_timeout_s / 10)). A process that
+  fails with an error posts it first (`report_failure`), so the others exit at once
+  with the same code instead of waiting in a collective.
+* **JAX's own heartbeat never decides first.** JAX's coordination service aborts
+  every process (exit 134) once one has sent no heartbeat for its heartbeat timeout;
+  its clients beat every half timeout, so that comes between half the timeout and the
+  timeout after a death. `coordinator.heartbeat_timeout_s` sets it so that half of it
+  lies beyond the peer watch's bound. The service runs in a process of its own started
+  by process 0 (`runtime.coordinator`): inside process 0, its death would abort every
+  other process at once, before any line of jaxnmt's.
 """
 
 import json
@@ -74,9 +80,7 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   # CPU collectives across processes go through gloo (ignored on GPUs and TPUs).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
-    jax.distributed.initialize(initialization_timeout=timeout_s,
-                               heartbeat_timeout_seconds=peer_timeout_s + 60,
-                               shutdown_timeout_seconds=collective_timeout_s, **kwargs)
+    _join(timeout_s, peer_timeout_s, collective_timeout_s, **kwargs)
   except Exception as error:  # the runtime raises several types (XlaRuntimeError, ...)
     raise RuntimeFailure(f'could not join the job through the {where} within '
                          f'{timeout_s}s: {str(error).splitlines()[0][:200]}') from error
@@ -84,6 +88,78 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   if jax.process_count() > 1:
     PeerWatch(_client(), jax.process_index(), jax.process_count(),
               timeout_s=peer_timeout_s).start()
+
+
+# What `initialize` gave JAX's runtime (`runtime_settings`).
+_runtime = {}
+
+
+def _join(timeout_s: int, peer_timeout_s: int, collective_timeout_s: int,
+          coordinator_address: str | None = None, num_processes: int | None = None,
+          process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` (JAX 0.10: `jax._src.distributed.State.initialize`)
+  with its coordination service in a process of its own (`runtime.coordinator`), so
+  that the others outlive process 0, and JAX's heartbeat set from `peer_timeout_s`
+  (`coordinator.heartbeat_timeout_s`): jaxnmt's peer watch always decides first.
+  Arguments left None are detected from the cluster, as JAX does."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  from jax._src import clusters
+  from jax._src import distributed as jax_distributed
+  from jax._src import xla_bridge
+  from jax._src.lib import _jax
+  from jaxnmt.runtime import coordinator
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError('jax.distributed must be joined before JAX starts a backend')
+  state = jax_distributed.global_state
+  if state.client is not None:
+    raise RuntimeError('this process has joined a job already')
+  local_device_ids = None
+  if env_ids := os.environ.get('JAX_LOCAL_DEVICE_IDS'):
+    local_device_ids = [int(x) for x in env_ids.split(',')]
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if None in (coordinator_address, num_processes, process_id, local_device_ids):
+    coordinator_address, num_processes, process_id, local_device_ids = (
+        clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            coordinator_address, num_processes, process_id, local_device_ids, None,
+            timeout_s))
+  if None in (coordinator_address, num_processes, process_id):
+    raise RuntimeError('the cluster did not give a coordinator address, process count '
+                       'and process index')
+  if local_device_ids:
+    visible = ','.join(str(x) for x in local_device_ids)
+    jax.config.update('jax_cuda_visible_devices', visible)
+    jax.config.update('jax_rocm_visible_devices', visible)
+  heartbeat = coordinator.heartbeat_timeout_s(peer_timeout_s)
+  service = None
+  if process_id == 0:
+    bind = os.environ.get('JAX_COORDINATOR_BIND_ADDRESS',
+                          '[::]:' + coordinator_address.rsplit(':', 1)[1])
+    # It serves until the others have named this process as lost, or left.
+    service = coordinator.start(bind, num_processes, heartbeat, collective_timeout_s,
+                                linger_s=peer_timeout_s + 60)
+  client = _jax.get_distributed_runtime_client(
+      coordinator_address, process_id, init_timeout=timeout_s, use_compression=True,
+      heartbeat_timeout=heartbeat, shutdown_timeout=collective_timeout_s)
+  client.connect()
+  state.coordinator_address = coordinator_address
+  state.process_id, state.num_processes, state.client = process_id, num_processes, client
+  state.initialize_preemption_sync_manager()
+  if (partition := os.environ.get('JAX_PARTITION_INDEX')) is not None:
+    state.partition_index = int(partition)
+  _runtime.update(heartbeat_timeout_s=heartbeat, client_heartbeat_interval_s=heartbeat / 2,
+                  shutdown_timeout_s=collective_timeout_s,
+                  service_pid=service.pid if service else None)
+  logging.info('Joined the job as process %d of %d: JAX heartbeat timeout %d s (a '
+               'heartbeat every %d s), jaxnmt peer timeout %d s%s', process_id,
+               num_processes, heartbeat, heartbeat // 2, peer_timeout_s,
+               f', coordination service in process {service.pid}' if service else '')
+
+
+def runtime_settings() -> dict:
+  """What `initialize` gave JAX's runtime: heartbeat_timeout_s (service and clients),
+  client_heartbeat_interval_s (JAX's client: half the timeout), shutdown_timeout_s,
+  service_pid (process 0: the coordination service's process)."""
+  return dict(_runtime)
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -234,6 +310,8 @@ class PeerWatch(threading.Thread):
 
   def run(self) -> None:
     beat, seen = 0, {}  # process -> (last counter, when it last changed)
+    # Process 0 watches everyone; the others watch process 0 (one read a beat each).
+    watched = range(self._count) if self._index == 0 else [0]
     while True:
       beat += 1
       try:
@@ -243,26 +321,30 @@ class PeerWatch(threading.Thread):
         if notice is not None:
           code, message = notice
           _exit_now(code, message)
-        if self._index == 0:
-          now = time.monotonic()
-          for key, counter in self._client.key_value_dir_get(f'{_PREFIX}/alive/'):
-            peer = int(key.rsplit('/', 1)[1])
-            if seen.get(peer, (None,))[0] != counter:
-              seen[peer] = (counter, now)
-          lost = sorted(peer for peer in range(self._count) if now - seen.setdefault(
-              peer, (None, now))[1] > self._timeout_s)
-          if lost:
-            message = (f'lost process{"es" if len(lost) > 1 else ""} '
-                       f'{", ".join(map(str, lost))}: no heartbeat for '
-                       f'{self._timeout_s:.0f} s (killed, out of memory, or its host '
-                       f'is gone); ending the job: rerun the command to resume from the '
-                       f'last complete checkpoint')
+        now = time.monotonic()
+        for peer, counter in self._counters(watched):
+          if seen.get(peer, (None,))[0] != counter:
+            seen[peer] = (counter, now)
+        lost = sorted(peer for peer in watched if peer != self._index and
+                      now - seen.setdefault(peer, (None, now))[1] > self._timeout_s)
+        if lost:
+          message = lost_message(lost, self._timeout_s)
+          if self._index == 0:
             post_failure(1, message)
             time.sleep(2 * self._interval_s)  # the others read it before we go
-            _exit_now(1, message)
+          _exit_now(1, message)
       except Exception as error:  # pylint: disable=broad-except  # service unreachable
         logging.warning('peer watch: %s', str(error).splitlines()[0][:200])
       time.sleep(self._interval_s)
+
+  def _counters(self, watched) -> list[tuple[int, str]]:
+    if self._index == 0:
+      return [(int(key.rsplit('/', 1)[1]), counter) for key, counter in
+              self._client.key_value_dir_get(f'{_PREFIX}/alive/')]
+    try:
+      return [(0, self._client.key_value_try_get(f'{_PREFIX}/alive/0'))]
+    except Exception:  # pylint: disable=broad-except  # NOT_FOUND: not started yet
+      return []
 
   def _failure_notice(self) -> tuple[int, str] | None:
     try:
@@ -273,6 +355,15 @@ class PeerWatch(threading.Thread):
     if notice['process'] == self._index:
       return None  # ours: the main thread is on its way out
     return notice['code'], f'process {notice["process"]} failed: {notice["message"]}'
+
+
+def lost_message(lost: list[int], timeout_s: float) -> str:
+  """The line every process ends with when processes `lost` stopped beating."""
+  names = ', '.join(f'{peer} (the coordinator)' if peer == 0 else str(peer)
+                    for peer in lost)
+  return (f'lost process{"es" if len(lost) > 1 else ""} {names}: no heartbeat for '
+          f'{timeout_s:.0f} s (killed, out of memory, or its host is gone); ending the '
+          f'job: rerun the command to resume from the last complete checkpoint')
 
 
 def post_failure(code: int, message: str) -> None:

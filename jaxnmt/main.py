@@ -279,8 +279,8 @@ def main(argv) -> None:
   except Exception as error:  # a bug or a library failure: the traceback helps
     if not _joined_a_job():
       raise
+    _await_lost_peer(error)  # a lost peer: the watch ends this process with its line
     traceback.print_exc()
-    _await_lost_peer(error)
     _exit(errors.EXIT_RUNTIME_FAILURE, f'{type(error).__name__}: {str(error)[:300]}')
 
 

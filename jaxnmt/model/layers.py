@@ -205,13 +205,12 @@ class Attention(nnx.Module):
                                                  out_axis=2)
     self.out = param(rngs, out_init, (num_heads, head_dim, d_model), (HEADS, HEAD_DIM, EMBED))
     # Biases of the four projections (Marian's, OPUS-MT's): `bias=True`.
-    self.query_bias = self.key_bias = self.value_bias = self.out_bias = None
-    if bias:
-      make_bias = lambda shape, axes: param(rngs, nnx.initializers.zeros, shape, axes)
-      self.query_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
-      self.key_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
-      self.value_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
-      self.out_bias = make_bias((d_model,), (EMBED,))
+    make_bias = lambda shape, axes: (param(rngs, nnx.initializers.zeros, shape, axes)
+                                     if bias else None)
+    self.query_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
+    self.key_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
+    self.value_bias = make_bias((num_heads, head_dim), (HEADS, HEAD_DIM))
+    self.out_bias = make_bias((d_model,), (EMBED,))
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def _project(self, hidden: jax.Array, kernel: nnx.Param, bias) -> jax.Array:

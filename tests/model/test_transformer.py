@@ -105,12 +105,26 @@ TRANSFORMER_OPTIONS = [
          position_embedding='learned', share_embeddings=False),
     dict(pre_layer_norm=False, activation='swiglu', position_embedding='rope'),
     dict(norm='rmsnorm', activation='swiglu', share_embeddings=False),
+    # Marian's (OPUS-MT's) architecture, and its switches beside others.
+    dict(pre_layer_norm=False, activation='swish', attention_bias=True, output_bias=True,
+         decoder_start='zeros'),
+    dict(activation='gelu_sigmoid', attention_bias=True, output_bias=True,
+         share_embeddings=False, decoder_start='zeros', position_embedding='rope'),
 ]
+
+
+def perturb_biases(model, seed: int = 0):
+  """Biases start at zero; random ones make the tests see them."""
+  rng = np.random.default_rng(seed)
+  for path, value in nnx.iter_graph(model):
+    if isinstance(value, nnx.Param) and 'bias' in str(path[-1]):
+      value[...] = value[...] + 0.3 * rng.standard_normal(value.shape).astype(np.float32)
+  return model
 
 
 @pytest.mark.parametrize('options', TRANSFORMER_OPTIONS)
 def test_cached_decoding_matches_full_recomputation(options):
-  model = make_model(**options)
+  model = perturb_biases(make_model(**options))
   batch = packed_batch()
   assert np.isfinite(model(batch)).all()
   source_segments = (batch['inputs_segment_ids'] > 0).astype(jnp.int32)  # one pair per row
@@ -199,6 +213,37 @@ def test_fused_loss_matches_the_plain_output_layer(chunks, smoothing):
       np.testing.assert_allclose(values[key], expected[key], rtol=1e-5, err_msg=key + name)
   for got, want in zip(grads, expected_grads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['transformer', 'decoder_lm'])
+def test_fused_loss_includes_the_output_bias(kind):
+  model = perturb_biases(make_model(kind=kind, output_bias=True))
+  batch = packed_batch()
+  weights = batch['targets_segment_ids'] > 0
+  plain = losses.cross_entropy_sums(model(batch), batch['targets'], weights, 0.1)
+  fused = losses.fused_cross_entropy_sums(*model.output_operands(model.features(batch)),
+                                          batch['targets'], weights, 0.1, 3)
+  for key in ('loss', 'nll'):
+    np.testing.assert_allclose(fused[key], plain[key], rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['transformer', 'decoder_lm'])
+def test_decoder_start_zeros_ignores_the_bos_embedding(kind):
+  batch = packed_batch()
+  bos = 2  # every segment starts with it; no other position holds it
+  batch['decoder_inputs'] = jnp.where(batch['targets_positions'] == 0, bos,
+                                      batch['decoder_inputs'])
+  for start, ignored in (('zeros', True), ('bos', False)):
+    model = make_model(kind=kind, decoder_start=start)
+    logits = model(batch)
+    embed = model.target_embed if kind == 'transformer' else model.embed
+    noise = jax.random.normal(jax.random.key(3), embed.embedding.shape[1:])
+    embed.embedding[...] = embed.embedding[...].at[bos].add(noise)
+    changed = model(batch)
+    # Only the first position of each packed segment reads the BOS token; the logit of
+    # the BOS token itself (tied embeddings) changes either way.
+    others = np.arange(changed.shape[-1]) != bos
+    assert np.allclose(changed[..., others], logits[..., others], atol=1e-5) == ignored, start
 
 
 def test_fused_loss_passes_gradients_to_the_loss_only():

@@ -28,9 +28,18 @@ def lm_model(**overrides):
     {'pre_layer_norm': False, 'position_embedding': 'sinusoidal', 'norm': 'layernorm',
      'activation': 'relu'},
     {'pre_layer_norm': False, 'share_embeddings': False},
+    {'pre_layer_norm': False, 'activation': 'swish', 'attention_bias': True,
+     'output_bias': True, 'decoder_start': 'zeros', 'position_embedding': 'sinusoidal',
+     'norm': 'layernorm'},
+    {'activation': 'gelu_sigmoid', 'attention_bias': True, 'share_embeddings': False,
+     'output_bias': True},
 ])
 def test_cached_generation_equals_full_recomputation(overrides):
   model = lm_model(**overrides)
+  rng = np.random.default_rng(0)
+  for path, value in nnx.iter_graph(model):  # biases start at zero: make them count
+    if isinstance(value, nnx.Param) and 'bias' in str(path[-1]):
+      value[...] = value[...] + 0.3 * rng.standard_normal(value.shape).astype(np.float32)
   tokens = jnp.asarray(np.random.default_rng(0).integers(4, 40, (2, 10)), jnp.int32)
   batch = lm_lib.lm_batch(np.concatenate([np.asarray(tokens), np.zeros((2, 1), np.int32)], 1))
   full = model({k: jnp.asarray(v) for k, v in batch.items()})

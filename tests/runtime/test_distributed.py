@@ -1,18 +1,94 @@
-"""runtime/distributed: joining a job whose coordinator nobody serves is a clear error
-in bounded time, and a straggler is named at an agreement point within the collective
-timeout (on processes started through launch/local.sh)."""
+"""runtime/distributed: the settings JAX's runtime runs with (read back from how it
+behaves), joining a job whose coordinator nobody serves (a clear error in bounded
+time), and a straggler named at an agreement point within the collective timeout (on
+processes started through launch/local.sh)."""
 
+import json
+import os
+import signal
+import socket
 import subprocess
+import sys
 import time
 
+import jax
 import pytest
 
+from jaxnmt.runtime import coordinator
 from tests import faults
 from tests.helpers import ROOT
 
-pytestmark = pytest.mark.slow
+# The JAX release whose runtime these settings were measured on (setup.py pins it).
+JAX_VERSION = '0.10.2'
+
+_JOIN = '''
+import json, sys, time
+from jaxnmt.runtime import distributed
+distributed._join(60, {peer}, 10, coordinator_address="127.0.0.1:{port}",
+                  num_processes=2, process_id=int(sys.argv[1]))
+print("joined", json.dumps(distributed.runtime_settings()), flush=True)
+time.sleep(120)
+'''
 
 
+def test_the_jax_release_these_settings_rely_on_is_the_one_installed():
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  assert (jax.__version__, jaxlib.__version__) == (JAX_VERSION, JAX_VERSION), (
+      'jaxnmt sets JAX 0.10.2 runtime internals (runtime/coordinator, '
+      'distributed._join): check them against this release, then update JAX_VERSION')
+
+
+@pytest.mark.parametrize('peer_timeout_s', [1, 5, 20, 60, 120, 600])
+def test_jax_never_declares_a_death_before_the_peer_watch_has(peer_timeout_s):
+  heartbeat = coordinator.heartbeat_timeout_s(peer_timeout_s)
+  beat = min(5.0, max(peer_timeout_s / 10, 0.2))  # PeerWatch's interval
+  watch_ends_all_by = peer_timeout_s + 4 * beat
+  # JAX's clients beat every heartbeat / 2: its service decides heartbeat / 2 after a
+  # death at the earliest.
+  assert heartbeat / 2 >= watch_ends_all_by + min(0.1 * peer_timeout_s, 20)
+
+
+def test_the_runtime_declares_a_silent_process_dead_after_the_heartbeat_jaxnmt_set(
+    tmp_path):
+  """Two processes join through `distributed._join` with --peer_timeout_s=1 (JAX
+  heartbeat 4 s); process 1 is stopped 3 s after joining. JAX's service aborts process
+  0 when process 1's last heartbeat is 4 s old: if the service used another timeout,
+  or process 1's client did not beat every 2 s after joining, the abort would come
+  at another time."""
+  peer_timeout_s, heartbeat = 1, coordinator.heartbeat_timeout_s(1)
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  code = _JOIN.format(peer=peer_timeout_s, port=port)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  processes = [subprocess.Popen([sys.executable, '-c', code, str(i)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  try:
+    settings = [json.loads(p.stdout.readline().split(' ', 1)[1]) for p in processes]
+    joined = time.monotonic()
+    assert settings[0]['heartbeat_timeout_s'] == settings[1]['heartbeat_timeout_s'] == 4
+    assert settings[0]['service_pid'] and settings[1]['service_pid'] is None
+    time.sleep(0.75 * heartbeat - (time.monotonic() - joined))
+    processes[1].send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    processes[0].wait(timeout=30)
+    seconds = time.monotonic() - stopped
+    stderr = processes[0].stderr.read()
+  finally:
+    for process in processes:
+      process.kill()
+      process.wait()
+  assert processes[0].returncode == -signal.SIGABRT, stderr[-2000:]
+  assert 'stopped sending heartbeats' in stderr and '\n1\n' in stderr, stderr[-2000:]
+  # Process 1's last heartbeat was 0 to 2 s before the stop (one every 2 s); the
+  # service checks about once a second.
+  print(f"process 0 aborted by JAX {seconds:.1f} s after process 1 stopped")
+  assert heartbeat / 2 - 0.5 <= seconds <= heartbeat + 2.5, seconds
+
+
+@pytest.mark.slow
 def test_an_unreachable_coordinator_is_a_clear_error_in_bounded_time():
   outcome = faults.coordinator_unreachable(timeout_s=10)
   assert outcome.exit_codes[1] == 1
@@ -20,6 +96,7 @@ def test_an_unreachable_coordinator_is_a_clear_error_in_bounded_time():
   assert 'could not join the job through the coordinator 127.0.0.1:9' in outcome.note
 
 
+@pytest.mark.slow
 def test_a_straggler_is_named_at_the_agreement_point_within_the_timeout(tmp_path):
   env = dict(faults.environment('', 2, 1, tmp_path / 'logs'), JAXNMT_MAIN='tests.agree_run')
   began = time.time()

@@ -1,0 +1,92 @@
+"""`--mode=translate --input --output` on several processes (launch/local.sh, one CPU
+device each): 2,000 lines sampled on 1, 2 and 4 processes give the same bytes, also
+when one process is killed with SIGKILL mid-run and the job is run again (no line
+missing, none twice)."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.helpers import real_pairs, run_main, start_main
+
+pytestmark = pytest.mark.slow
+
+SAMPLING = ('--temperature=1.0', '--top_k=20', '--decode_seed=5', '--commit_lines=200')
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory) -> str:
+  """2,000 English lines, every 97th blank."""
+  path = tmp_path_factory.mktemp('corpus') / 'in.txt'
+  pairs = real_pairs(5000)[3000:]
+  path.write_text(''.join(('' if i % 97 == 0 else en) + '\n'
+                          for i, (en, _) in enumerate(pairs)), encoding='utf-8')
+  return str(path)
+
+
+def _translate(workdir, corpus, output, processes: int, *extra):
+  result = run_main('--mode=translate', f'--workdir={workdir}', f'--input={corpus}',
+                    f'--output={output}', *SAMPLING, *extra, processes=processes,
+                    devices=1, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return open(output, 'rb').read()
+
+
+def _done(parts: str) -> list[str]:
+  """The chunks committed in `parts` (their counts files)."""
+  if not os.path.isdir(parts):
+    return []
+  return sorted(name for name in os.listdir(parts) if name[:8].isdigit()
+                and name.endswith('.json'))
+
+
+def _process_id(number: int, marker: str) -> int:
+  """The pid of process `number` of the job whose command line holds `marker`."""
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as handle:
+        words = handle.read().decode(errors='replace').split('\0')
+    except OSError:
+      continue
+    if f'--process_id={number}' in words and any(marker in word for word in words):
+      return int(pid)
+  raise AssertionError(f'process {number} of the job writing {marker} not found')
+
+
+def test_any_process_count_and_a_killed_process_give_the_same_bytes(trained_workdir,
+                                                                     corpus, tmp_path):
+  one = _translate(trained_workdir, corpus, tmp_path / 'one.txt', 1)
+  assert one.count(b'\n') == 2000 and len(set(one.split(b'\n'))) > 1000
+  assert _translate(trained_workdir, corpus, tmp_path / 'two.txt', 2) == one
+  assert _translate(trained_workdir, corpus, tmp_path / 'four.txt', 4) == one
+  # Kill -9 process 1 once a few chunks are committed; the job ends (exit 1, the peer
+  # watch names the lost process); the same command then finishes it.
+  output = tmp_path / 'killed.txt'
+  parts = f'{output}.parts'
+  job = start_main('--mode=translate', f'--workdir={trained_workdir}', f'--input={corpus}',
+                   f'--output={output}', *SAMPLING, '--peer_timeout_s=5', processes=2,
+                   devices=1)
+  try:
+    deadline = time.monotonic() + 180
+    while not (os.path.isdir(parts) and
+               len(_done(parts)) >= 4):
+      assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+      time.sleep(0.2)
+    os.kill(_process_id(1, str(output)), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=120)
+  finally:
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGKILL)
+  assert job.returncode != 0
+  assert 'lost process 1' in stderr, stderr[-3000:]
+  assert not output.exists()
+  done = _done(parts)
+  assert 4 <= len(done) < 10  # stopped mid-run
+  result = run_main('--mode=translate', f'--workdir={trained_workdir}', f'--input={corpus}',
+                    f'--output={output}', *SAMPLING, processes=2, devices=1, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'{len(done)} chunks done before' in result.stderr
+  assert output.read_bytes() == one
+  assert not os.path.exists(parts)

@@ -135,6 +135,10 @@ def test_weights_the_moving_average_by_default_else_raw_or_averaged(
   source, _, state = _start(config, str(tmp_path / 'auto'))
   assert source.weights == 'ema'
   assert _equal(state['params'], saved['ema']) and _equal(state['ema'], saved['ema'])
+  # With Adam's state kept, 'auto' is the parameters the moments belong to.
+  config = _config(questions, ema_copy, init_from_optimizer=True)
+  source, _, state = _start(config, str(tmp_path / 'adam'))
+  assert source.weights == 'raw' and _equal(state['params'], saved['params'])
   averaging.average(ema_copy, last=2, name='two')
   config = _config(questions, os.path.join(ema_copy, 'averaged', 'two'))
   source, _, state = _start(config, str(tmp_path / 'averaged'))

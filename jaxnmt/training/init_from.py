@@ -82,6 +82,13 @@ def resolve(config, workdir: str, checkpointer) -> Source | None:
   latest = checkpointer.latest_step()
   if latest is not None:
     saved = (checkpointer.read_metadata(latest) or {}).get('config') or {}
+    if saved and not saved.get('init_from'):
+      raise WorkdirError(f'config.init_from: {workdir} already holds a run that did not '
+                         f'start from other weights (checkpoint {latest}): fine-tune into '
+                         f'a new --workdir, or drop init_from to resume that run')
+    if saved.get('init_from') != config.init_from:
+      logging.warning('config.init_from=%s, the run in %s started from %s: resuming it',
+                      config.init_from, workdir, saved.get('init_from'))
     if not config.tokenizer.path:  # as the run was prepared with
       config.tokenizer.path = (saved.get('tokenizer') or {}).get('path', '')
     logging.info('Fine-tuning run: resuming from its own checkpoint %d (config.init_from '

@@ -262,6 +262,9 @@ def test_a_stopped_fine_tuning_resumes_from_its_own_checkpoints(trained_workdir,
   scratch.tokenizer.path = files.tokenizer_path(trained_workdir)  # the same token ids
   loop.train_and_evaluate(scratch, str(tmp_path / 'scratch'))
   assert first[5] < helpers.losses_by_step(str(tmp_path / 'scratch'))[5]
+  # A workdir of a run that did not start from init_from is not taken over by one.
+  with pytest.raises(WorkdirError, match='already holds a run that did not start from'):
+    _resolve(_config(questions, trained_workdir), str(tmp_path / 'scratch'))
 
 
 def test_prepare_mode_tokenizes_a_fine_tuning_corpus_with_the_source_tokenizer(

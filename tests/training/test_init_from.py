@@ -217,8 +217,6 @@ def test_mismatches_are_refused_naming_what_differs(trained_workdir, pairs_token
     ('--config.model.d_ff=128', r'^error: config\.init_from: .* model\.d_ff: 64 -> 128'),
     ('--config.tokenizer.path=OTHER', r'^error: config\.tokenizer\.path=.* is not the '
      r'tokenizer of config\.init_from'),
-    ('--config.init_from_weights=ema', '^error: config.init_from_weights=ema: .*holds no '
-     'moving average'),
 ])
 def test_a_mismatch_is_one_line_and_exit_code_2(trained_workdir, pairs_tokenizer, questions,
                                                 tmp_path, flag, message):

@@ -14,8 +14,11 @@ worker per workdir: it holds a lease (eval/worker.json, locks.EvalLock) that is 
 its heartbeat, by which the trainer keeps the checkpoints it has not scored.
 
 With several processes, every process scores the checkpoints process 0 picks, in the
-same order (each decodes on its own local devices), and process 0 alone holds the
-lease and writes: results, hypotheses, TensorBoard.
+same order; the decode batches of each test set are dealt over the processes (each
+decodes its share on its own local devices, `Translator.decode_encoded` with
+all_processes) and the translations gathered, so BLEU is the one-process BLEU (with as
+many local devices per process) in about 1/N of the decoding time; process 0 alone
+holds the lease and writes: results, hypotheses, TensorBoard.
 """
 
 import contextlib
@@ -144,14 +147,14 @@ class Evaluator:
     samples = []  # the first validation sentences (as the trainer's greedy ones)
     if self._valid_bleu_pairs:
       sources, references = map(list, zip(*self._valid_bleu_pairs))
-      hypotheses = self.translator.translate(sources, self.batch_size)
+      hypotheses = self.translator.translate(sources, self.batch_size, all_processes=True)
       result['valid_bleu'] = bleu.scores(bleu.statistics(hypotheses, references))['bleu']
       samples = _samples(sources, references, hypotheses, self.num_samples)
     # The first set ('test' when the corpus has a held-out test split) gives the plain
     # bleu/chrf keys; every set also gives bleu_<name>/chrf_<name>.
     for index, (name, (sources, references)) in enumerate(self.sets.items()):
       started = time.time()
-      hypotheses = self.translator.translate(sources, self.batch_size)
+      hypotheses = self.translator.translate(sources, self.batch_size, all_processes=True)
       seconds = time.time() - started
       tag = step if loaded.weights in averaging.RESERVED else loaded.weights
       hypotheses_name = f'{name}_hypotheses_{tag}.txt'

@@ -3,6 +3,7 @@ device each): 2,000 lines sampled on 1, 2 and 4 processes give the same bytes, a
 when one process is killed with SIGKILL mid-run and the job is run again (no line
 missing, none twice)."""
 
+import json
 import os
 import signal
 import time
@@ -90,3 +91,25 @@ def test_any_process_count_and_a_killed_process_give_the_same_bytes(trained_work
   assert f'{len(done)} chunks done before' in result.stderr
   assert output.read_bytes() == one
   assert not os.path.exists(parts)
+
+
+def test_eval_worker_on_two_processes_gives_the_one_process_bleu(workdir_copy, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  other = str(tmp_path / 'other')
+  shutil.copytree(workdir_copy, other)
+  results = {}
+  for workdir, processes in ((workdir_copy, 1), (other, 2)):
+    result = run_main('--mode=eval', f'--workdir={workdir}', '--checkpoint_step=20',
+                      '--beam_size=2', '--max_valid_sentences=20', processes=processes,
+                      devices=1, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, 'eval', 'results.jsonl'), encoding='utf-8') as handle:
+      results[processes] = [json.loads(line) for line in handle][-1]
+    with open(os.path.join(workdir, 'eval', 'test_hypotheses_20.txt'), 'rb') as handle:
+      results[processes]['text'] = handle.read()
+  assert results[2]['text'] == results[1]['text']
+  for key in ('bleu', 'chrf', 'valid_bleu'):
+    assert results[2][key] == results[1][key], key
+  # The loss is every process's own (not split); XLA:CPU settings differ between one
+  # process and several (host.prepare), hence a last-digit difference.
+  assert abs(results[2]['valid_loss'] - results[1]['valid_loss']) < 1e-5

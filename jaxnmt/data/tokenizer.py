@@ -3,6 +3,10 @@
 Fixed ids: PAD=0, UNK=1, BOS=2, EOS=3. Text is not normalised (no lowercasing, no
 Unicode rewriting), and unknown characters fall back to UTF-8 bytes, so decoding
 restores the original casing and punctuation of anything the model reproduces.
+
+Tags (`data/tags.py`: `<bt>`, `<2es>`) are user-defined symbols, given when the model
+is trained (ids 4, 5, ... in that order) and read back from it (`Tokenizer.tags`); the
+tags a text starts with (each followed by one space) become their ids directly.
 """
 
 import json
@@ -27,20 +31,38 @@ class Tokenizer:
       raise FileNotFoundError(f'tokenizer model not found: {model_path}')
     self.model_path = model_path
     # From the bytes, so the model may lie on gs:// too.
-    self._processor = spm.SentencePieceProcessor(
-        model_proto=files.read_bytes(model_path))
+    proto = files.read_bytes(model_path)
+    self._processor = spm.SentencePieceProcessor(model_proto=proto)
+    self.tags = _user_defined(proto)  # in id order
+    self._tag_ids = {tag: self._processor.piece_to_id(tag) for tag in self.tags}
 
   @property
   def vocab_size(self) -> int:
     return self._processor.get_piece_size()
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without BOS/EOS."""
+    """Token ids of `text`, without BOS/EOS; leading tags one id each."""
+    if self._tag_ids:
+      return self.encode_batch([text])[0]
     return self._processor.encode(text, out_type=int)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text (one call into SentencePiece)."""
-    return self._processor.encode(list(texts), out_type=int)
+    if not self._tag_ids:
+      return self._processor.encode(list(texts), out_type=int)
+    leading, rests = zip(*map(self._leading_tags, texts)) if texts else ((), ())
+    return [tags + ids for tags, ids in zip(
+        leading, self._processor.encode(list(rests), out_type=int))]
+
+  def _leading_tags(self, text: str) -> tuple[list[int], str]:
+    """(ids of the tags `text` starts with, the rest of it)."""
+    ids = []
+    while True:
+      word, space, rest = text.partition(' ')
+      if word not in self._tag_ids:
+        return ids, text
+      ids.append(self._tag_ids[word])
+      text = rest
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; stops at the first EOS and ignores PAD and BOS."""
@@ -60,9 +82,20 @@ class Tokenizer:
     self.__init__(state['model_path'])
 
 
+def _user_defined(proto: bytes) -> tuple[str, ...]:
+  """The user-defined pieces (tags) of a serialized SentencePiece model."""
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  model = sentencepiece_model_pb2.ModelProto()
+  model.ParseFromString(proto)
+  user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+  return tuple(piece.piece for piece in model.pieces if piece.type == user_defined)
+
+
 def train(sentences: Sequence[str], model_path: str, vocab_size: int,
-          model_type: str = 'unigram', max_sentences: int = 0, seed: int = 0) -> Tokenizer:
-  """Trains a SentencePiece model on `sentences` and writes it to `model_path`."""
+          model_type: str = 'unigram', max_sentences: int = 0, seed: int = 0,
+          tags: Sequence[str] = ()) -> Tokenizer:
+  """Trains a SentencePiece model on `sentences` and writes it to `model_path`; `tags`
+  become user-defined symbols (ids 4, 5, ... in order)."""
   sentences = [s for s in sentences if s]
   if max_sentences and len(sentences) > max_sentences:
     sentences = random.Random(seed).sample(sentences, max_sentences)
@@ -74,7 +107,7 @@ def train(sentences: Sequence[str], model_path: str, vocab_size: int,
   with tempfile.TemporaryDirectory(dir=directory) as scratch:
     prefix = os.path.join(scratch, 'spm')
     try:
-      _train_sentencepiece(sentences, prefix, vocab_size, model_type)
+      _train_sentencepiece(sentences, prefix, vocab_size, model_type, tags)
     except RuntimeError as error:  # SentencePiece reports a bad request this way
       message = str(error).splitlines()[0]
       if 'Vocabulary size too high' in message:
@@ -90,7 +123,9 @@ def train(sentences: Sequence[str], model_path: str, vocab_size: int,
   return Tokenizer(model_path)
 
 
-def _train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: str) -> None:
+def _train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: str,
+                         tags: Sequence[str] = ()) -> None:
+  extra = {'user_defined_symbols': list(tags)} if tags else {}
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sentences),
       model_prefix=prefix,
@@ -104,6 +139,7 @@ def _train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: st
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
       num_threads=os.cpu_count() or 1,
       minloglevel=2,
+      **extra,
   )
 
 

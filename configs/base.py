@@ -108,6 +108,13 @@ def get_config():
   # Sampling weights of the corpora in data.path, comma-separated (e.g. '0.9,0.1');
   # empty: in proportion to their sizes (every pair once per epoch).
   config.data.weights = ''
+  # Tags (docs/back-translation.md): one tag name per corpus of data.path, '' for none;
+  # 'bt' puts the symbol <bt> before each source of that corpus (e.g. ',bt').
+  config.data.tags = ''
+  # A multilingual model: one target language per corpus; each source then starts with
+  # target_tag_format.format(lang) ('<2es>'; '>>{}<<' for OPUS-MT's style).
+  config.data.target_langs = ''
+  config.data.target_tag_format = '<2{}>'
   # Languages of the files: the first TSV column and PREFIX.<source_lang> are the source.
   config.data.source_lang = 'en'
   config.data.target_lang = 'es'
@@ -179,6 +186,9 @@ def get_config():
   config.tokenizer.max_training_sentences = 2_000_000
   # An existing tokenizer model to use instead of training one ('' = train).
   config.tokenizer.path = ''
+  # Tag symbols the tokenizer holds although no corpus uses them yet (comma-separated,
+  # e.g. '<2de>,<2it>'): tags are fixed when the tokenizer is trained.
+  config.tokenizer.reserved_tags = ''
 
   # ---------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()

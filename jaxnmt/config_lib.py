@@ -77,6 +77,7 @@ FIELD_RULES = {
     **dict.fromkeys((
         'data.path', 'data.filename', 'data.url', 'data.weights', 'data.test_sets',
         'data.source_lang', 'data.target_lang', 'data.prepared_dir', 'tokenizer.path',
+        'data.tags', 'data.target_langs', 'data.target_tag_format', 'tokenizer.reserved_tags',
         'init_from', 'init_from_weights'), _STRING),
     'init_from_optimizer': _BOOLEAN,
     'task': _one_of('translation', 'lm'),
@@ -163,6 +164,21 @@ def _check_data_lists(config) -> None:
              and sum(weights) > 0, 'data.weights',
              f'needs one number >= 0 per corpus of data.path ({max(len(corpora), 1)}), '
              f'not all 0; got {data.weights!r}')
+  for field in ('tags', 'target_langs'):
+    items = [item.strip() for item in data[field].split(',')] if data[field].strip() else []
+    _require(not items or len(items) == max(len(corpora), 1), f'data.{field}',
+             f'needs one entry per corpus of data.path ({max(len(corpora), 1)}, \'\' for '
+             f'none), got {data[field]!r}')
+    _require(all(item.replace('_', '').replace('-', '').isalnum() for item in items if item),
+             f'data.{field}', f'entries are names of letters, digits, _ and -, got '
+             f'{data[field]!r}')
+  _require(data.target_tag_format.count('{}') == 1 and ' ' not in data.target_tag_format,
+           'data.target_tag_format', "needs one '{}' (the language) and no space, got "
+           f'{data.target_tag_format!r}')
+  uses_tags = any(item.strip() for item in (data.tags + ',' + data.target_langs + ',' +
+                                            config.tokenizer.reserved_tags).split(','))
+  _require(not uses_tags or config.tokenizer.model_type in ('unigram', 'bpe'), 'data.tags',
+           'tags are SentencePiece symbols: they need tokenizer.model_type unigram or bpe')
   names = []
   for item in (item for item in data.test_sets.split(',') if item.strip()):
     name, equals, spec = item.partition('=')

@@ -74,3 +74,14 @@ def test_a_tokenizer_without_a_needed_tag_is_refused(tagged, pairs_tokenizer):
     tags_lib.check_tokenizer(config, tagged, 'T')
   with pytest.raises(DataError, match='its tags: none'):
     tags_lib.check_tokenizer(config, pairs_tokenizer, 'P')
+
+
+def test_config_checks_of_tags_are_one_line():
+  from jaxnmt import config_lib  # pylint: disable=g-import-not-at-top
+  from jaxnmt.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  config_lib.validate(_config(tags=',bt', target_langs='es,fr'))
+  for data, message in (({'tags': 'bt'}, 'config.data.tags: needs one entry per corpus'),
+                        ({'target_langs': 'es,f r'}, 'entries are names'),
+                        ({'target_tag_format': '<2>'}, "needs one '{}'")):
+    with pytest.raises(ConfigError, match=message):
+      config_lib.validate(_config(**data))

@@ -37,6 +37,7 @@ from jaxnmt.runtime import files
 from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.data import corpus as corpus_lib
 from jaxnmt.data import records as records_lib
+from jaxnmt.data import tags as tags_lib
 from jaxnmt.errors import ConfigError, DataError, UserError
 
 MANIFEST = 'manifest.json'
@@ -91,6 +92,9 @@ def data_spec(config) -> dict:
       'filter_max_length_ratio': data.filter_max_length_ratio, 'dedup': data.dedup,
       'tokenizer': {'path': config.tokenizer.path, 'vocab_size': config.tokenizer.vocab_size,
                     'model_type': config.tokenizer.model_type},
+      # Only when set: directories prepared before tags existed stay valid.
+      **({'tags': {'corpora': tags_lib.corpus_prefixes(config, len(corpus_specs(config))),
+                   'tokenizer': tags_lib.all_tags(config)}} if tags_lib.all_tags(config) else {}),
   }
 
 
@@ -268,9 +272,10 @@ def _split_stage(config, directory: str, specs: list[str], names: list[str],
   sample = _Reservoir(config.tokenizer.max_training_sentences, config.seed)
   seen = set() if data.dedup else None
   with tqdm.tqdm(desc='split', unit=' pairs', disable=not progress, mininterval=2) as bar:
-    for name, spec in zip(names, specs):
+    prefixes = tags_lib.corpus_prefixes(config, len(specs))
+    for name, spec, prefix in zip(names, specs, prefixes):
       stats['corpora'][name] = _split_corpus(config, spec, name, raw_dir, test_sources,
-                                             heldout, sample, seen, bar)
+                                             heldout, sample, seen, bar, prefix)
   rng = np.random.default_rng(data.split_seed)  # spa.txt is sorted by length
   for split, sample_of_split in heldout.items():
     pairs = sample_of_split.items
@@ -286,8 +291,10 @@ def _split_stage(config, directory: str, specs: list[str], names: list[str],
 
 
 def _split_corpus(config, spec: str, name: str, raw_dir: str, test_sources: set,
-                  heldout: dict, sample: _Reservoir, seen: set | None, bar) -> dict:
-  """Streams one corpus into raw training shards, the held-out lists and the sample."""
+                  heldout: dict, sample: _Reservoir, seen: set | None, bar,
+                  prefix: str = '') -> dict:
+  """Streams one corpus into raw training shards, the held-out lists and the sample;
+  `prefix` (its tags, data/tags.py) goes before every source, held-out ones too."""
   data = config.data
   report = corpus_lib.ReadReport(spec)
   filtered = collections.Counter()
@@ -306,6 +313,8 @@ def _split_corpus(config, spec: str, name: str, raw_dir: str, test_sources: set,
       seen.add(digest)
     split = corpus_lib.assign_split(pair[0], data.valid_fraction, data.test_fraction,
                                     data.split_seed)
+    if prefix:
+      pair = (prefix + pair[0], pair[1])
     if split == 'train':
       writer.write(pair)
       sample.add(pair[0])
@@ -368,6 +377,8 @@ def _tokenizer_stage(config, directory: str) -> str:
     if not os.path.isfile(config.tokenizer.path):
       raise DataError(f'config.tokenizer.path: no such file: {config.tokenizer.path}')
     shutil.copyfile(config.tokenizer.path, target + '.partial')
+    tags_lib.check_tokenizer(config, tokenizer_lib.load(
+        target + '.partial', config.tokenizer.model_type), config.tokenizer.path)
     os.replace(target + '.partial', target)
     logging.info('Tokenizer: copied %s', config.tokenizer.path)
     return target
@@ -378,7 +389,8 @@ def _tokenizer_stage(config, directory: str) -> str:
     tokenizer_lib.train_chars(''.join(sentences), target)
   else:
     tokenizer_lib.train(sentences, target, vocab_size=config.tokenizer.vocab_size,
-                        model_type=config.tokenizer.model_type, seed=config.seed)
+                        model_type=config.tokenizer.model_type, seed=config.seed,
+                        tags=tags_lib.all_tags(config))
   logging.info('Tokenizer: trained on a sample of %d sentences in %.0f s', len(sentences),
                time.time() - started)
   return target

@@ -7,11 +7,24 @@ temporary folder and renames it when complete (on gs://, which has no rename, it
 in place and marks the step complete with <step>/commit_success.txt last), so a
 half-written step is never listed or read. A checkpoint that cannot be read is moved aside (never deleted) and the next
 older one is used.
+
+Every file of a step is checksummed (CRC-32) once the step is complete, by the process
+that wrote it (process 0 also for the files written for all: manifests, metadata), into
+<step>/checksums/process_<i>.json. Before the collective restore each process verifies
+the files written by the process of its own index (on an unchanged topology: its own
+shards, which it reads back), the processes agree, and a step with a bad file is set
+aside before Orbax reads any of it: a corrupt array file that only one process reads
+cannot leave the others waiting inside Orbax.
 """
 
+import concurrent.futures
 import json
 import logging
+import os
+import re
+import threading
 import time
+import zlib
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,6 +37,10 @@ from jaxnmt.errors import CheckpointError, RuntimeFailure, WorkdirError
 MAX_ITERATOR_STATE_BYTES = 1 << 20
 # On gs:// Orbax lists a step only once this object exists in it.
 _COMMIT_MARKER = 'commit_success.txt'
+# Each process's record of the checksums of the files it wrote in a step:
+# <step>/checksums/process_<i>.json.
+CHECKSUMS = 'checksums'
+_CHUNK = 8 << 20
 # The layout of the saved state (the parameter tree); stored in each checkpoint's
 # metadata. 2: one Transformer block for encoder, decoder and LM.
 FORMAT = 2
@@ -63,6 +80,8 @@ class Checkpointer:
         async_options=ocp.options.AsyncOptions(
             timeout_secs=int(distributed.collective_timeout_s())))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unrecorded: list[int] = []  # saved steps whose checksums are not written yet
+    self._recorder: threading.Thread | None = None
 
   def all_steps(self) -> list[int]:
     self._manager.reload()
@@ -86,6 +105,39 @@ class Checkpointer:
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as error:  # pylint: disable=broad-except  # OSError, TensorStore, ...
       raise self._save_error(f'could not save checkpoint {step}', error) from error
+    # Orbax has finished the steps before this one (it waits for them before a save):
+    # checksum them in the background while this one is written.
+    self._record_checksums(background=True)
+    self._unrecorded.append(step)
+
+  def _record_checksums(self, background: bool) -> None:
+    """Writes this process's checksums of the complete steps saved so far."""
+    if self._recorder is not None:
+      self._recorder.join()
+      self._recorder = None
+    steps, self._unrecorded = self._unrecorded, []
+    if not steps:
+      return
+    if background:
+      self._recorder = threading.Thread(target=self._write_checksums, args=(steps,),
+                                        name='checkpoint-checksums', daemon=True)
+      self._recorder.start()
+    else:
+      self._write_checksums(steps)
+
+  def _write_checksums(self, steps: list[int]) -> None:
+    index = jax.process_index()
+    for step in steps:
+      base = files.join(self.directory, str(step))
+      try:
+        if not files.exists(files.join(base, 'state')):
+          continue  # pruned already, or never completed
+        record = {name: [size, crc] for name, (size, crc) in
+                  _checksums(base, _written_by(base, index)).items()}
+        files.write_text(files.join(base, CHECKSUMS, f'process_{index}.json'),
+                         json.dumps({'algorithm': 'crc32', 'files': record}))
+      except (OSError, ValueError) as error:  # a step deleted meanwhile: nothing to record
+        logging.warning('checksums of checkpoint %s not recorded: %s', base, error)
 
   def _save_error(self, what: str, error: Exception) -> SaveError:
     return SaveError(f'{what} in {self.directory}: {type(error).__name__}: '
@@ -147,7 +199,7 @@ class Checkpointer:
     on every process."""
     steps = distributed.gather_json(self.all_steps(), 'listing the checkpoints')[0]
     for step in reversed(steps):
-      problem = self._unreadable_files(step)
+      problem = self._unreadable_files(step) or self._corrupt_files(step)
       if not distributed.agree([problem is not None], f'checking checkpoint {step}')[0]:
         try:
           restored = self.restore(step, abstract_state)
@@ -182,6 +234,34 @@ class Checkpointer:
       except (OSError, ValueError) as error:
         return (f'checkpoint {base} could not be read: {name}: {type(error).__name__}: '
                 f'{str(error)[:200]}')
+    return None
+
+  def _corrupt_files(self, step: int) -> str | None:
+    """The first file of step `step` whose size or checksum differs from the record of
+    the process that wrote it, among the files this process verifies: those written by
+    the process of its index (and of index + k * process count, where fewer processes
+    restore than saved). None: all match, or the step has no record."""
+    base = files.join(self.directory, str(step))
+    count, index = jax.process_count(), jax.process_index()
+    records = {}
+    for name in files.listdir(files.join(base, CHECKSUMS)):
+      found = re.fullmatch(r'process_(\d+)\.json', name)  # not a .partial left by a kill
+      if found and int(found.group(1)) % count == index:
+        try:
+          records[name] = json.loads(files.read_text(files.join(base, CHECKSUMS, name)))
+        except (OSError, ValueError) as error:
+          return f'checkpoint {base} could not be read: {CHECKSUMS}/{name}: {error}'
+    expected = {path: tuple(value) for record in records.values()
+                for path, value in record['files'].items()}
+    try:
+      found = _checksums(base, sorted(expected))
+    except OSError as error:
+      return f'checkpoint {base} could not be read: {error}'
+    for path, want in expected.items():
+      if found[path] != want:
+        return (f'checkpoint {base} could not be read: {path} is corrupt ({found[path][0]} '
+                f'bytes, CRC-32 {found[path][1]:08x}; written: {want[0]} bytes, CRC-32 '
+                f'{want[1]:08x})')
     return None
 
   def set_aside(self, step: int) -> None:
@@ -223,6 +303,7 @@ class Checkpointer:
       self._manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except  # from Orbax's save thread
       raise self._save_error('could not finish saving a checkpoint', error) from error
+    self._record_checksums(background=False)
 
   def close(self) -> None:
     self.wait()
@@ -236,3 +317,42 @@ def gather_json(iterator_state, step: int) -> list:
     raise CheckpointError(f'data-iterator state of {len(encoded)} bytes exceeds '
                           f'{MAX_ITERATOR_STATE_BYTES}')
   return distributed.gather_json(iterator_state, f'the checkpoint save of step {step}')
+
+
+def _written_by(base: str, index: int) -> list[str]:
+  """The files of the step at `base` (relative paths) that process `index` wrote: its
+  own OCDBT folder (state/ocdbt.process_<index>/), and for process 0 every other file
+  but the checksum records."""
+  own = f'state/ocdbt.process_{index}'
+  names = []
+  for path in _walk(base, ''):
+    if path.startswith(own + '/'):
+      names.append(path)
+    elif index == 0 and not path.startswith(('state/ocdbt.process_', CHECKSUMS + '/')):
+      names.append(path)
+  return sorted(names)
+
+
+def _walk(base: str, relative: str) -> list[str]:
+  found = []
+  for name in files.listdir(files.join(base, relative) if relative else base):
+    path = f'{relative}/{name}' if relative else name
+    if files.isdir(files.join(base, path)):
+      found += _walk(base, path)
+    else:
+      found.append(path)
+  return found
+
+
+def _checksums(base: str, names: list[str]) -> dict[str, tuple[int, int]]:
+  """(size, CRC-32) of each file, read in parallel (zlib releases the GIL)."""
+  def one(name):
+    size, crc = 0, 0
+    with files.open_binary(files.join(base, *name.split('/'))) as handle:
+      while chunk := handle.read(_CHUNK):
+        size, crc = size + len(chunk), zlib.crc32(chunk, crc)
+    return name, (size, crc)
+  if not names:
+    return {}
+  with concurrent.futures.ThreadPoolExecutor(min(8, len(names), os.cpu_count() or 1)) as pool:
+    return dict(pool.map(one, names))

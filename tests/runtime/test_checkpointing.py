@@ -51,6 +51,60 @@ def test_a_failed_save_is_a_clear_error_and_keeps_the_complete_checkpoints(tmp_p
   np.testing.assert_array_equal(restored['w'], state['w'])
 
 
+def _flip_bytes(path) -> None:
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as handle:
+    handle.seek(size // 2)
+    data = handle.read(4)
+    handle.seek(size // 2)
+    handle.write(bytes(byte ^ 0xFF for byte in data))
+
+
+def _abstract(state):
+  return jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), state)
+
+
+def test_checksums_are_recorded_and_a_flipped_byte_sets_the_step_aside(tmp_path):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=None)
+  state = {'w': jax.numpy.arange(1000.0), 'b': jax.numpy.ones((50, 50))}
+  checkpointer.save(1, state)
+  checkpointer.save(2, jax.tree.map(lambda x: x + 1, state))
+  checkpointer.wait()
+  base = tmp_path / 'checkpoints'
+  for step in (1, 2):  # the step before the last recorded in the background
+    record = json.loads((base / str(step) / 'checksums' / 'process_0.json').read_text())
+    assert record['algorithm'] == 'crc32'
+    assert any(name.startswith('state/ocdbt.process_0/d/') for name in record['files'])
+  step, restored, _, _ = checkpointer.restore_latest(_abstract(state))
+  assert step == 2 and restored['w'][1] == 2
+  data = glob.glob(str(base / '2' / 'state' / 'ocdbt.process_0' / 'd' / '*'))
+  _flip_bytes(max(data, key=os.path.getsize))  # same size: only the checksum tells
+  step, restored, _, _ = checkpointer.restore_latest(_abstract(state))
+  assert step == 1 and restored['w'][1] == 1
+  assert len(glob.glob(str(base / 'unreadable-2-*'))) == 1
+  checkpointer.close()
+
+
+@pytest.mark.slow
+def test_a_corrupt_array_file_read_by_one_process_only_is_set_aside_on_all(tmp_path,
+                                                                              small_corpus):
+  """2 processes x 1 device, the state split over both (mesh.fsdp=2): bytes flipped in
+  one of process 1's array files of the newest step. Before Orbax's collective restore
+  process 1 finds it, both agree, the step is set aside and the one before restored."""
+  workdir, mesh = str(tmp_path / 'run'), ('--config.mesh.data=1', '--config.mesh.fsdp=2')
+  faults.run(workdir, small_corpus, 2, 1, 20, *mesh)
+  data = glob.glob(os.path.join(workdir, 'checkpoints', '20', 'state', 'ocdbt.process_1',
+                                'd', '*'))
+  _flip_bytes(max(data, key=os.path.getsize))
+  stderr = faults.run(workdir, small_corpus, 2, 1, 30, *mesh)
+  assert 'Resumed from checkpoint at step 10' in stderr, stderr[-3000:]
+  assert glob.glob(os.path.join(workdir, 'checkpoints', 'unreadable-20-*'))
+  log = open(f'{workdir}.logs/process_1.log', encoding='utf-8').read()
+  assert 'ocdbt.process_1/d/' in log and 'is corrupt' in log
+  assert committed_steps(workdir)[-1] == 30
+
+
 @pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back(workdir_copy, small_corpus):
   latest = faults.corrupt_latest(workdir_copy)

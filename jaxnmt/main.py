@@ -96,6 +96,9 @@ flags.DEFINE_string('input', None, 'translate: file of source lines (default: st
 flags.DEFINE_string('output', None, 'translate/score: write here (local or gs://) instead '
                     'of stdout: any number of processes each translate their share, '
                     'resumably (OUTPUT.parts holds the progress until the end).')
+flags.DEFINE_string('target_lang', None, 'translate/score/eval/serve: the target language '
+                    'of a multilingual model (its tag, e.g. <2es>, goes before each input '
+                    'line that names none; serve: a request may name its own).')
 flags.DEFINE_string('target_input', None, 'score: file of target lines matching --input '
                     'line by line (else --input is TSV source<TAB>target).')
 flags.DEFINE_integer('commit_lines', 10_000, 'translate/score --input: lines per chunk, '

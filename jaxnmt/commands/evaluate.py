@@ -101,8 +101,9 @@ class Evaluator:
 
   def __init__(self, workdir: str, options: translation.DecodeOptions, batch_size: int = 64,
                max_test_sentences: int = 0, num_samples: int = 8, weights: str = 'auto',
-               max_valid_sentences: int = 0):
+               max_valid_sentences: int = 0, target_lang: str | None = None):
     self.workdir = workdir
+    self.target_lang = target_lang  # for test sets whose sources carry no language tag
     self.weights = weights
     self.batch_size = batch_size
     self.num_samples = num_samples
@@ -126,7 +127,8 @@ class Evaluator:
     if self.translator is None:
       self.translator = translation.Translator(
           inference.load(self.workdir, step, devices=jax.local_devices(),
-                         weights=self.weights), self.options)
+                         weights=self.weights), self.options,
+          target_lang=self.target_lang)
       config = self.translator.config
       self._valid_batches = list(eval_batches.make_eval_batches(
           self._valid_pairs, self.translator.tokenizer,
@@ -214,7 +216,8 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
                     options: translation.DecodeOptions = translation.DecodeOptions(),
                     batch_size: int = 64, poll_seconds: float = 10.0,
                     max_test_sentences: int = 0, weights: str = 'auto',
-                    max_valid_sentences: int = 0) -> list[dict]:
+                    max_valid_sentences: int = 0,
+                    target_lang: str | None = None) -> list[dict]:
   """Scores every checkpoint of `workdir` not scored yet, then waits for new ones; stops
   once the trainer's final checkpoint is scored (never, with `follow`), or after
   `checkpoint_step` alone. A WorkdirError at once if another eval worker holds the
@@ -224,7 +227,7 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
                        f'start the trainer first or pass --follow to wait for it')
   if weights not in averaging.RESERVED:
     return [_score_averaged(workdir, weights, options, batch_size, max_test_sentences,
-                            max_valid_sentences)]
+                            max_valid_sentences, target_lang)]
   with contextlib.ExitStack() as cleanup:  # closed in reverse order, however we leave
     lease = _take_lease(workdir)
     if lease is not None:
@@ -236,7 +239,8 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
       evaluator = LMEvaluator(workdir, weights)
     else:
       evaluator = Evaluator(workdir, options, batch_size, max_test_sentences,
-                            weights=weights, max_valid_sentences=max_valid_sentences)
+                            weights=weights, max_valid_sentences=max_valid_sentences,
+                            target_lang=target_lang)
     checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
     cleanup.callback(checkpointer.close)
     scored, written = files.scored_steps(workdir), []
@@ -279,11 +283,12 @@ def run_eval_worker(workdir: str, *, follow: bool = False, checkpoint_step: int 
 
 
 def _score_averaged(workdir: str, name: str, options, batch_size: int,
-                    max_test_sentences: int, max_valid_sentences: int) -> dict:
+                    max_test_sentences: int, max_valid_sentences: int,
+                    target_lang: str | None = None) -> dict:
   """Scores the averaged weights `name` once, into eval/averaged_<name>.json (not the
   per-checkpoint results: they belong to no single checkpoint)."""
   evaluator = Evaluator(workdir, options, batch_size, max_test_sentences, weights=name,
-                        max_valid_sentences=max_valid_sentences)
+                        max_valid_sentences=max_valid_sentences, target_lang=target_lang)
   result = evaluator.score(None)
   result['averaged_steps'] = averaging.restore_info(workdir, name)['steps']
   if jax.process_index() == 0:
@@ -359,4 +364,5 @@ def main(workdir: str, flags) -> None:
                   options=translation.DecodeOptions.from_flags(flags),
                   batch_size=flags.batch_size, poll_seconds=flags.poll_seconds,
                   max_test_sentences=flags.max_test_sentences, weights=flags.weights,
-                  max_valid_sentences=flags.max_valid_sentences)
+                  max_valid_sentences=flags.max_valid_sentences,
+                  target_lang=flags.target_lang)

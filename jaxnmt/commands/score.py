@@ -21,6 +21,7 @@ from typing import TextIO
 
 import jax
 
+from jaxnmt.data import tags as tags_lib
 from jaxnmt.decoding import corpus_job
 from jaxnmt.decoding import inference
 from jaxnmt.decoding import scoring
@@ -65,7 +66,8 @@ def run(workdir: str, input_path: str, target_path: str | None = None,
         output: TextIO = sys.stdout, output_path: str | None = None,
         batch_size: int = 64, batch_tokens: int = translation.BATCH_TOKENS,
         step: int | None = None, weights: str = 'auto', devices=None,
-        commit_lines: int = corpus_job.CHUNK_LINES, report_every_s: float = 30.0) -> dict:
+        commit_lines: int = corpus_job.CHUNK_LINES, report_every_s: float = 30.0,
+        target_lang: str | None = None) -> dict:
   """Scores the pairs of `input_path` (and `target_path`) into `output_path` (a corpus
   job) or else `output`; returns the counts (lines, unscored, replaced, tokens)."""
   if not input_path:
@@ -84,12 +86,17 @@ def run(workdir: str, input_path: str, target_path: str | None = None,
   settings = {'mode': 'score', 'input': files.absolute(input_path),
               'target_input': target_path and files.absolute(target_path),
               'batch_size': batch_size, 'batch_tokens': batch_tokens, 'step': loaded.step,
-              'weights': loaded.weights, 'local_devices': loaded.mesh.devices.size}
+              'weights': loaded.weights, 'local_devices': loaded.mesh.devices.size,
+              'target_lang': target_lang}
+  tagger = tags_lib.Tagger(loaded.config, loaded.tokenizer, target_lang)
 
   def score_chunk(first: int, chunk: list) -> tuple[str, dict]:
-    usable = [pair for pair in chunk if pair.source is not None]
-    results = iter(scoring.score_text(loaded, [p.source for p in usable],
-                                      [p.target for p in usable], batch_size=batch_size,
+    usable = [(number, pair) for number, pair in enumerate(chunk, first + 1)
+              if pair.source is not None]
+    sources = [tagger(pair.source.strip(), number) if pair.source.strip() else ''
+               for number, pair in usable]
+    results = iter(scoring.score_text(loaded, sources, [p.target for _, p in usable],
+                                      batch_size=batch_size,
                                       batch_tokens=batch_tokens))
     scores = [None if pair.source is None else next(results) for pair in chunk]
     text = ''.join(format_score(index, score) for index, score in enumerate(scores, first))
@@ -111,4 +118,5 @@ def run(workdir: str, input_path: str, target_path: str | None = None,
 def main(workdir: str, flags) -> None:
   run(workdir, flags.input, flags.target_input, output_path=flags.output,
       batch_size=flags.batch_size, batch_tokens=flags.batch_tokens,
-      step=flags.checkpoint_step, weights=flags.weights, commit_lines=flags.commit_lines)
+      step=flags.checkpoint_step, weights=flags.weights, commit_lines=flags.commit_lines,
+      target_lang=flags.target_lang)

@@ -1,6 +1,7 @@
 """`--mode=serve`: translation over HTTP, with the standard library only.
 
   POST /translate   ["a sentence", ...]  or  {"sentences": [...], "beam_size": 4, "nbest": 2}
+                    (+ "target_lang": "es" for a multilingual model; default --target_lang)
       -> {"translations": [...], "scores": [...], "step": 20}
          (+ "nbest": [[{"translation": ..., "score": ...}, ...], ...] when asked for)
   GET /health       -> {"status": "ok", "step": 20, "weights": ..., ...}
@@ -141,10 +142,10 @@ def parse_request(body: bytes, translator: translation.Translator, limits: Limit
   if not isinstance(request, dict):
     raise BadRequest(400, 'the body must be a list of sentences or an object with '
                           '"sentences"')
-  unknown = sorted(set(request) - {'sentences', 'beam_size', 'nbest'})
+  unknown = sorted(set(request) - {'sentences', 'beam_size', 'nbest', 'target_lang'})
   if unknown:
     raise BadRequest(400, f'unknown fields {unknown}: expected "sentences", "beam_size", '
-                          f'"nbest"')
+                          f'"nbest", "target_lang"')
   sentences = request.get('sentences')
   if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
     raise BadRequest(400, '"sentences" must be a list of strings')
@@ -162,8 +163,9 @@ def parse_request(body: bytes, translator: translation.Translator, limits: Limit
       raise BadRequest(400, f'sentence {index} has {len(sentence)} characters: at most '
                             f'{max_tokens * CHARS_PER_TOKEN}')
   try:
-    encoded = translator.encode([sentence.replace('\n', ' ') for sentence in sentences])
-  except UserError as error:  # longer than a learned position table
+    encoded = translator.encode([sentence.replace('\n', ' ') for sentence in sentences],
+                                target_lang=request.get('target_lang') or None)
+  except UserError as error:  # longer than a learned position table, an unknown tag
     raise BadRequest(400, str(error)) from None
   for index, ids in enumerate(encoded):
     if translation.source_tokens(ids) > max_tokens:
@@ -295,7 +297,8 @@ class Server:
 
 def run(workdir: str, host: str, port: int, options: translation.DecodeOptions,
         step: int | None = None, weights: str = 'auto', batch_size: int = 64,
-        batch_tokens: int = translation.BATCH_TOKENS, limits: Limits = Limits()) -> None:
+        batch_tokens: int = translation.BATCH_TOKENS, limits: Limits = Limits(),
+        target_lang: str | None = None) -> None:
   """Serves checkpoint `step` of `workdir` on all local devices until SIGTERM/SIGINT."""
   import jax  # pylint: disable=g-import-not-at-top
   if not 0 <= port < 65536 or batch_tokens < 1 or limits.max_request_sentences < 1 or \
@@ -303,7 +306,7 @@ def run(workdir: str, host: str, port: int, options: translation.DecodeOptions,
     raise UserError('--port must be in [0, 65535]; --batch_tokens, '
                     '--max_request_sentences and --max_sentence_tokens >= 1')
   translator = translation.Translator.from_workdir(workdir, step, options, jax.local_devices(),
-                                                 weights, batch_tokens)
+                                                 weights, batch_tokens, target_lang)
   try:
     server = Server(translator, host, port, limits, batch_size)
   except OSError as error:
@@ -333,4 +336,5 @@ def main(workdir: str, flags) -> None:
   run(workdir, flags.host, flags.port, translation.DecodeOptions.from_flags(flags),
       step=flags.checkpoint_step, weights=flags.weights, batch_size=flags.serve_batch_size,
       batch_tokens=flags.batch_tokens,
-      limits=Limits(flags.max_request_sentences, flags.max_sentence_tokens))
+      limits=Limits(flags.max_request_sentences, flags.max_sentence_tokens),
+      target_lang=flags.target_lang)

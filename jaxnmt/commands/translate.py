@@ -51,7 +51,7 @@ def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
         nbest: int = 0, step: int | None = None, batch_tokens: int = translation.BATCH_TOKENS,
         weights: str = 'auto', source: TextIO | None = None, devices=None,
         output_path: str | None = None, commit_lines: int = corpus_job.CHUNK_LINES,
-        report_every_s: float = 30.0) -> dict:
+        report_every_s: float = 30.0, target_lang: str | None = None) -> dict:
   """Translates the lines of `input_path` (else streams `source`, default stdin) to
   `output_path` (a corpus job: any process count, resumable) or else to `output`: one
   translation per line, or with nbest >= 1 that many TSV rows (`format_nbest`).
@@ -69,14 +69,15 @@ def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
     if not files.exists(input_path):
       raise UserError(f'--input={input_path}: no such file')
   translator = translation.Translator.from_workdir(
-      workdir, step, options, devices or jax.local_devices(), weights, batch_tokens)
+      workdir, step, options, devices or jax.local_devices(), weights, batch_tokens,
+      target_lang)
   summary = {}
   if input_path:
     settings = {'mode': 'translate', 'input': files.absolute(input_path),
                 'options': dataclasses.asdict(options), 'nbest': nbest,
                 'batch_size': batch_size, 'batch_tokens': batch_tokens,
                 'step': translator.step, 'weights': translator.loaded.weights,
-                'local_devices': translator.devices}
+                'local_devices': translator.devices, 'target_lang': target_lang}
     summary = corpus_job.run(
         lambda: corpus_job.open_lines(input_path), output_path,
         lambda first, lines: _translate_chunk(translator, first, lines, nbest, batch_size),
@@ -158,4 +159,5 @@ def main(workdir: str, flags) -> None:
   run(workdir, flags.input, batch_size=flags.batch_size,
       options=translation.DecodeOptions.from_flags(flags), nbest=flags.nbest,
       step=flags.checkpoint_step, batch_tokens=flags.batch_tokens, weights=flags.weights,
-      output_path=flags.output, commit_lines=flags.commit_lines)
+      output_path=flags.output, commit_lines=flags.commit_lines,
+      target_lang=flags.target_lang)

@@ -19,6 +19,7 @@
 """
 
 import re
+from typing import Sequence
 
 from jaxnmt.errors import DataError, UserError
 
@@ -119,6 +120,16 @@ class Tagger:
                         f'{target_tag_example(self)}')
       return f'{self.target} {text}'
     return text
+
+
+def split_tags(text: str, known: Sequence[str]) -> tuple[str, str]:
+  """(the known tags `text` starts with, each followed by one space; the rest)."""
+  prefix = ''
+  while True:
+    word, space, rest = text.partition(' ')
+    if not space or word not in known:
+      return prefix, text
+    prefix, text = prefix + word + ' ', rest
 
 
 def target_tag_example(tagger: Tagger) -> str:

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxnmt.decoding import search
 from jaxnmt.decoding import inference
 from jaxnmt.model import initialize
+from jaxnmt.data import tags as tags_lib
 from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.errors import UserError
 from jaxnmt.runtime import distributed
@@ -127,11 +128,13 @@ class Translator:
   thread decodes (the server has one decode worker)."""
 
   def __init__(self, loaded: inference.LoadedModel, options: DecodeOptions = DecodeOptions(),
-               batch_tokens: int = BATCH_TOKENS):
+               batch_tokens: int = BATCH_TOKENS, target_lang: str | None = None):
     if loaded.config.get('task') == 'lm':
       raise UserError('this workdir holds a language model: use --mode=generate')
     self.loaded, self.options, self.batch_tokens = loaded, options, batch_tokens
     self.config, self.tokenizer = loaded.config, loaded.tokenizer
+    # Tags (data/tags.py): the target-language tag added, unknown ones refused.
+    self.tagger = tags_lib.Tagger(loaded.config, loaded.tokenizer, target_lang)
     self.mesh = loaded.mesh
     self.long_lines = 0  # lines seen longer than the training length
     self.output_tokens = 0  # tokens decoded (best hypotheses, EOS included)
@@ -140,10 +143,12 @@ class Translator:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,
                    options: DecodeOptions = DecodeOptions(), devices=None,
-                   weights: str = 'auto', batch_tokens: int = BATCH_TOKENS) -> 'Translator':
+                   weights: str = 'auto', batch_tokens: int = BATCH_TOKENS,
+                   target_lang: str | None = None) -> 'Translator':
     """Checkpoint `step` (default: the latest) of `workdir`, on `devices` (default:
     this process's first device); `weights` as in `inference.load`."""
-    return cls(inference.load(workdir, step, devices, weights=weights), options, batch_tokens)
+    return cls(inference.load(workdir, step, devices, weights=weights), options, batch_tokens,
+               target_lang)
 
   @property
   def step(self) -> int | None:
@@ -181,20 +186,28 @@ class Translator:
     return self.decode_encoded(self.encode(lines), nbest, batch_size, options,
                                progress=progress, scores=scores)
 
-  def encode(self, lines: Sequence[str], first_line: int = 0) -> list:
+  def encode(self, lines: Sequence[str], first_line: int = 0,
+             target_lang: str | None = None) -> list:
     """Token ids of each line with its EOS (None for a blank line); a line longer than
     the training length that holds several sentences gives a tuple of the ids of
     each. A sentence longer than a learned position table is a UserError naming its
     line (numbers from `first_line` + 1); sentences longer than the training length
-    are counted and logged the first time."""
+    are counted and logged the first time. Tags: `self.tagger`'s, or with
+    `target_lang` that language's (the server's per-request choice)."""
+    tagger = self.tagger if target_lang is None else tags_lib.Tagger(
+        self.config, self.tokenizer, target_lang)
     encoded, long_lines = [], 0
     trained = self.config.data.max_source_length
     for number, line in enumerate(lines, first_line + 1):
+      line = line.strip()
+      if line:
+        line = tagger(line, number)
       ids = self._ids(line)
       if ids and len(ids) > trained:
-        sentences = split_sentences(line.strip())
-        if len(sentences) > 1:
-          ids = tuple(self._ids(sentence) for sentence in sentences)
+        tags, text = tags_lib.split_tags(line, tagger.known)
+        sentences = split_sentences(text)
+        if len(sentences) > 1:  # each keeps the line's tags
+          ids = tuple(self._ids(tags + sentence) for sentence in sentences)
       for sentence in (ids if isinstance(ids, tuple) else [ids]):
         if sentence and self.max_source_tokens and len(sentence) > self.max_source_tokens:
           raise UserError(

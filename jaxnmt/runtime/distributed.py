@@ -81,6 +81,8 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
     _join(timeout_s, peer_timeout_s, collective_timeout_s, **kwargs)
+  except RuntimeFailure:
+    raise
   except Exception as error:  # the runtime raises several types (XlaRuntimeError, ...)
     raise RuntimeFailure(f'could not join the job through the {where} within '
                          f'{timeout_s}s: {str(error).splitlines()[0][:200]}') from error
@@ -137,6 +139,8 @@ def _join(timeout_s: int, peer_timeout_s: int, collective_timeout_s: int,
     # It serves until the others have named this process as lost, or left.
     service = coordinator.start(bind, num_processes, heartbeat, collective_timeout_s,
                                 linger_s=peer_timeout_s + 60)
+    _wait_for_the_others(int(bind.rsplit(':', 1)[1]), num_processes - 1, timeout_s,
+                         coordinator_address)
   client = _jax.get_distributed_runtime_client(
       coordinator_address, process_id, init_timeout=timeout_s, use_compression=True,
       heartbeat_timeout=heartbeat, shutdown_timeout=collective_timeout_s)
@@ -153,6 +157,25 @@ def _join(timeout_s: int, peer_timeout_s: int, collective_timeout_s: int,
                'heartbeat every %d s), jaxnmt peer timeout %d s%s', process_id,
                num_processes, heartbeat, heartbeat // 2, peer_timeout_s,
                f', coordination service in process {service.pid}' if service else '')
+
+
+def _wait_for_the_others(port: int, others: int, timeout_s: float, address: str) -> None:
+  """Process 0: waits until the other processes' clients are connected to the service
+  (each holds a connection to `port` on this host: Linux's /proc/net/tcp), or raises
+  a RuntimeFailure naming how many came. JAX's client would abort this process from
+  C++ instead (exit 134) when they do not all register within the timeout."""
+  from jaxnmt.runtime import coordinator  # pylint: disable=g-import-not-at-top
+  deadline = time.monotonic() + timeout_s
+  while (connected := coordinator._connected_clients(port)) < others:  # pylint: disable=protected-access
+    if connected < 0:
+      return  # not Linux: JAX's own timeout decides
+    if time.monotonic() > deadline:
+      raise RuntimeFailure(
+          f'process 0 waited {timeout_s:.0f} s for the other processes: {connected} of '
+          f'{others} connected to the coordinator {address}; start them all with the '
+          f'same --coordinator_address and --num_processes (or raise '
+          f'--distributed_timeout_s)')
+    time.sleep(0.5)
 
 
 def runtime_settings() -> dict:

@@ -60,6 +60,11 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   code=0
   wait "${pids[$i]}" || code=$?
   echo "launch/local.sh: process $i exited with code $code" >&2
+  if [[ $code -eq 134 ]]; then  # SIGABRT: JAX's runtime ended it from C++ (its log says why)
+    echo "launch/local.sh: process $i was aborted by JAX's distributed runtime: a" \
+         "process of the job was lost or never came; rerun the command to resume from" \
+         "the last complete checkpoint" >&2
+  fi
   if [[ $code -ne 0 ]]; then status=$code; fi
 done
 exit "$status"

@@ -322,23 +322,23 @@ def gather_json(iterator_state, step: int) -> list:
 def _written_by(base: str, index: int) -> list[str]:
   """The files of the step at `base` (relative paths) that process `index` wrote: its
   own OCDBT folder (state/ocdbt.process_<index>/), and for process 0 every other file
-  but the checksum records."""
-  own = f'state/ocdbt.process_{index}'
-  names = []
-  for path in _walk(base, ''):
-    if path.startswith(own + '/'):
-      names.append(path)
-    elif index == 0 and not path.startswith(('state/ocdbt.process_', CHECKSUMS + '/')):
-      names.append(path)
+  but the other processes' folders and the checksum records (listed without entering
+  them: on gs:// every listing is a request)."""
+  names = _walk(base, f'state/ocdbt.process_{index}')
+  if index == 0:
+    names += _walk(base, '', skip=lambda path: path == CHECKSUMS or
+                   path.startswith('state/ocdbt.process_'))
   return sorted(names)
 
 
-def _walk(base: str, relative: str) -> list[str]:
+def _walk(base: str, relative: str, skip=lambda path: False) -> list[str]:
   found = []
-  for name in files.listdir(files.join(base, relative) if relative else base):
+  for name in files.listdir(files.join(base, *relative.split('/')) if relative else base):
     path = f'{relative}/{name}' if relative else name
-    if files.isdir(files.join(base, path)):
-      found += _walk(base, path)
+    if skip(path):
+      continue
+    if files.isdir(files.join(base, *path.split('/'))):
+      found += _walk(base, path, skip)
     else:
       found.append(path)
   return found

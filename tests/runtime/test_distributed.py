@@ -111,3 +111,32 @@ def test_a_straggler_is_named_at_the_agreement_point_within_the_timeout(tmp_path
   assert 'process 0 failed: processes 1 did not reach' in log
   assert 'process 1 exited with code 1' in result.stderr
   assert seconds < 40, seconds
+
+
+@pytest.mark.slow
+def test_process_0_waiting_for_processes_that_never_come_ends_with_one_line(tmp_path):
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  began = time.time()
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxnmt.main', f'--coordinator_address=127.0.0.1:{port}',
+       '--num_processes=2', '--process_id=0', '--distributed_timeout_s=5',
+       '--config=tests/tiny_config.py', f'--workdir={tmp_path / "run"}'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert 'process 0 waited 5 s for the other processes: 0 of 1 connected' in last
+  assert 'Traceback' not in result.stderr and 'Fatal Python error' not in result.stderr
+  assert time.time() - began < 60
+  # The coordination service's process has let the port go.
+  deadline = time.time() + 10
+  while True:
+    try:
+      with socket.socket(socket.AF_INET6) as again:
+        again.bind(('::', port))
+      break
+    except OSError:
+      assert time.time() < deadline, 'the coordination service still holds the port'
+      time.sleep(0.5)

@@ -1,4 +1,5 @@
-"""JAX's coordination service in a process of its own, started by process 0.
+"""Joining JAX's runtime (`join`), with its coordination service in a process of its
+own, started by process 0.
 
 `jax.distributed.initialize` runs the coordination service inside process 0. When
 process 0 dies, every other process's client loses the service within a second and
@@ -20,13 +21,17 @@ save through this service) and writes nothing after its ready line.
 """
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 
+from jaxnmt.errors import RuntimeFailure
+
 READY = 'jaxnmt coordination service ready'
+
 
 
 def heartbeat_timeout_s(peer_timeout_s: float) -> int:
@@ -61,6 +66,98 @@ def start(bind_address: str, num_processes: int, heartbeat_timeout: int,
                        f'{(error or [line or "no answer"])[-1][:200]}')
   process.stderr.close()
   return process
+
+
+# What `join` gave JAX's runtime (`runtime_settings`).
+_runtime = {}
+
+
+def join(timeout_s: int, peer_timeout_s: int, collective_timeout_s: int,
+         coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` (JAX 0.10.2: `jax._src.distributed.State.initialize`)
+  with its coordination service in a process of its own (`start`), so that the others
+  outlive process 0, and JAX's heartbeat set from `peer_timeout_s`
+  (`heartbeat_timeout_s`): jaxnmt's peer watch always decides first. Arguments left
+  None are detected from the cluster, as JAX does."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  import jax
+  from jax._src import clusters
+  from jax._src import distributed as jax_distributed
+  from jax._src import xla_bridge
+  from jax._src.lib import _jax
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError('jax.distributed must be joined before JAX starts a backend')
+  state = jax_distributed.global_state
+  if state.client is not None:
+    raise RuntimeError('this process has joined a job already')
+  local_device_ids = None
+  if env_ids := os.environ.get('JAX_LOCAL_DEVICE_IDS'):
+    local_device_ids = [int(x) for x in env_ids.split(',')]
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if None in (coordinator_address, num_processes, process_id, local_device_ids):
+    coordinator_address, num_processes, process_id, local_device_ids = (
+        clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            coordinator_address, num_processes, process_id, local_device_ids, None,
+            timeout_s))
+  if None in (coordinator_address, num_processes, process_id):
+    raise RuntimeError('the cluster did not give a coordinator address, process count '
+                       'and process index')
+  if local_device_ids:
+    visible = ','.join(str(x) for x in local_device_ids)
+    jax.config.update('jax_cuda_visible_devices', visible)
+    jax.config.update('jax_rocm_visible_devices', visible)
+  heartbeat = heartbeat_timeout_s(peer_timeout_s)
+  service = None
+  if process_id == 0:
+    bind = os.environ.get('JAX_COORDINATOR_BIND_ADDRESS',
+                          '[::]:' + coordinator_address.rsplit(':', 1)[1])
+    # It serves until the others have named this process as lost, or left.
+    service = start(bind, num_processes, heartbeat, collective_timeout_s,
+                    linger_s=peer_timeout_s + 60)
+    _wait_for_the_others(int(bind.rsplit(':', 1)[1]), num_processes - 1, timeout_s,
+                         coordinator_address)
+  client = _jax.get_distributed_runtime_client(
+      coordinator_address, process_id, init_timeout=timeout_s, use_compression=True,
+      heartbeat_timeout=heartbeat, shutdown_timeout=collective_timeout_s)
+  client.connect()
+  state.coordinator_address = coordinator_address
+  state.process_id, state.num_processes, state.client = process_id, num_processes, client
+  state.initialize_preemption_sync_manager()
+  if (partition := os.environ.get('JAX_PARTITION_INDEX')) is not None:
+    state.partition_index = int(partition)
+  _runtime.update(heartbeat_timeout_s=heartbeat, client_heartbeat_interval_s=heartbeat / 2,
+                  shutdown_timeout_s=collective_timeout_s,
+                  service_pid=service.pid if service else None)
+  logging.info('Joined the job as process %d of %d: JAX heartbeat timeout %d s (a '
+               'heartbeat every %d s), jaxnmt peer timeout %d s%s', process_id,
+               num_processes, heartbeat, heartbeat // 2, peer_timeout_s,
+               f', coordination service in process {service.pid}' if service else '')
+
+
+def _wait_for_the_others(port: int, others: int, timeout_s: float, address: str) -> None:
+  """Process 0: waits until the other processes' clients are connected to the service
+  (each holds a connection to `port` on this host: Linux's /proc/net/tcp), or raises
+  a RuntimeFailure naming how many came. JAX's client would abort this process from
+  C++ instead (exit 134) when they do not all register within the timeout."""
+  deadline = time.monotonic() + timeout_s
+  while (connected := _connected_clients(port)) < others:
+    if connected < 0:
+      return  # not Linux: JAX's own timeout decides
+    if time.monotonic() > deadline:
+      raise RuntimeFailure(
+          f'process 0 waited {timeout_s:.0f} s for the other processes: {connected} of '
+          f'{others} connected to the coordinator {address}; start them all with the '
+          f'same --coordinator_address and --num_processes (or raise '
+          f'--distributed_timeout_s)')
+    time.sleep(0.5)
+
+
+def runtime_settings() -> dict:
+  """What `join` gave JAX's runtime: heartbeat_timeout_s (service and clients),
+  client_heartbeat_interval_s (JAX's client: half the timeout), shutdown_timeout_s,
+  service_pid (process 0: the coordination service's process)."""
+  return dict(_runtime)
 
 
 def _connected_clients(port: int) -> int:

@@ -23,10 +23,10 @@ JAX_VERSION = '0.10.2'
 
 _JOIN = '''
 import json, sys, time
-from jaxnmt.runtime import distributed
-distributed._join(60, {peer}, 10, coordinator_address="127.0.0.1:{port}",
-                  num_processes=2, process_id=int(sys.argv[1]))
-print("joined", json.dumps(distributed.runtime_settings()), flush=True)
+from jaxnmt.runtime import coordinator
+coordinator.join(60, {peer}, 10, coordinator_address="127.0.0.1:{port}",
+                 num_processes=2, process_id=int(sys.argv[1]))
+print("joined", json.dumps(coordinator.runtime_settings()), flush=True)
 time.sleep(120)
 '''
 
@@ -34,8 +34,8 @@ time.sleep(120)
 def test_the_jax_release_these_settings_rely_on_is_the_one_installed():
   import jaxlib  # pylint: disable=g-import-not-at-top
   assert (jax.__version__, jaxlib.__version__) == (JAX_VERSION, JAX_VERSION), (
-      'jaxnmt sets JAX 0.10.2 runtime internals (runtime/coordinator, '
-      'distributed._join): check them against this release, then update JAX_VERSION')
+      'jaxnmt sets JAX 0.10.2 runtime internals (runtime/coordinator.join): check '
+      'them against this release, then update JAX_VERSION')
 
 
 @pytest.mark.parametrize('peer_timeout_s', [1, 5, 20, 60, 120, 600])
@@ -50,7 +50,7 @@ def test_jax_never_declares_a_death_before_the_peer_watch_has(peer_timeout_s):
 
 def test_the_runtime_declares_a_silent_process_dead_after_the_heartbeat_jaxnmt_set(
     tmp_path):
-  """Two processes join through `distributed._join` with --peer_timeout_s=1 (JAX
+  """Two processes join through `coordinator.join` with --peer_timeout_s=1 (JAX
   heartbeat 4 s); process 1 is stopped 3 s after joining. JAX's service aborts process
   0 when process 1's last heartbeat is 4 s old: if the service used another timeout,
   or process 1's client did not beat every 2 s after joining, the abort would come

@@ -30,7 +30,7 @@ def corpus(tmp_path_factory) -> str:
 def _translate(workdir, corpus, output, processes: int, *extra):
   result = run_main('--mode=translate', f'--workdir={workdir}', f'--input={corpus}',
                     f'--output={output}', *SAMPLING, *extra, processes=processes,
-                    devices=1, timeout=240)
+                    devices=1, timeout=480)
   assert result.returncode == 0, result.stderr[-3000:]
   return open(output, 'rb').read()
 
@@ -86,7 +86,7 @@ def test_any_process_count_and_a_killed_process_give_the_same_bytes(trained_work
   done = _done(parts)
   assert 4 <= len(done) < 10  # stopped mid-run
   result = run_main('--mode=translate', f'--workdir={trained_workdir}', f'--input={corpus}',
-                    f'--output={output}', *SAMPLING, processes=2, devices=1, timeout=240)
+                    f'--output={output}', *SAMPLING, processes=2, devices=1, timeout=480)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'{len(done)} chunks done before' in result.stderr
   assert output.read_bytes() == one
@@ -101,7 +101,7 @@ def test_eval_worker_on_two_processes_gives_the_one_process_bleu(workdir_copy, t
   for workdir, processes in ((workdir_copy, 1), (other, 2)):
     result = run_main('--mode=eval', f'--workdir={workdir}', '--checkpoint_step=20',
                       '--beam_size=2', '--max_valid_sentences=20', processes=processes,
-                      devices=1, timeout=240)
+                      devices=1, timeout=480)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(workdir, 'eval', 'results.jsonl'), encoding='utf-8') as handle:
       results[processes] = [json.loads(line) for line in handle][-1]

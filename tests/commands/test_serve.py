@@ -103,6 +103,8 @@ LONG = 'word ' * 500
     ('POST', '/translate', '{"sentences": ["Hi."], "nbest": "2"}', 400, '"nbest" must'),
     ('POST', '/translate', '{"sentences": ["Hi."], "beam_size": 1, "nbest": 2}', 400,
      'in [1, 1]'),
+    ('POST', '/translate', '{"sentences": ["Hi."], "target_lang": "fr"}', 400,
+     'this model has no tag <2fr>'),
     ('GET', '/nowhere', None, 404, 'no GET /nowhere'),
     ('POST', '/health', '[]', 405, 'no POST /health'),
     ('GET', '/translate', None, 405, 'no GET /translate'),

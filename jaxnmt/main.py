@@ -57,6 +57,10 @@ MODES = {
     'bench': Mode('jaxnmt.commands.bench', 'measure training and decoding speed into '
                   'WORKDIR/bench.json', needs_config=True),
     'curves': Mode('jaxnmt.commands.curves', 'render WORKDIR/curves.png', joins_job=False),
+    'export': Mode('jaxnmt.commands.export', 'write the model as a CTranslate2 model '
+                   '(--format=ctranslate2 --output=DIR [--quantization=int8])'),
+    'import': Mode('jaxnmt.commands.import_model', 'make a workdir from an OPUS-MT / Marian '
+                   'model directory (--from=marian --input=DIR)'),
     'compile': Mode('jaxnmt.commands.compile', 'compile every step for a TPU slice '
                     '(--topology) from this machine: memory, FLOPs and collectives per '
                     'chip into WORKDIR/compile/', needs_config=True),
@@ -138,6 +142,12 @@ flags.DEFINE_string('weights', 'auto', 'translate/eval/serve/generate: which wei
                     'parameters), raw, ema, or the name of averaged weights '
                     '(--mode=average).')
 # Averaging.
+flags.DEFINE_enum('format', 'ctranslate2', ['ctranslate2'], 'export: the format written.')
+flags.DEFINE_string('quantization', 'float32', 'export: weight type of the CTranslate2 '
+                    'model: float32, int8, int8_float32, int8_float16, int8_bfloat16, int16, '
+                    'float16 or bfloat16.')
+flags.DEFINE_enum('from', 'marian', ['marian'], 'import: the kind of model in --input (an '
+                  'OPUS-MT / Marian model directory).')
 flags.DEFINE_integer('average_last', 5, 'average: how many of the newest checkpoints.')
 flags.DEFINE_string('average_name', None, 'average: name of the result (default '
                     'last<N>), for --weights=<name>.')

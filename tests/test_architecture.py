@@ -27,11 +27,13 @@ ALLOWED = {
     'config_lib': {'model', 'runtime', 'errors'},
     'decoding': {'config_lib', 'data', 'model', 'runtime', 'errors'},
     'training': {'decoding', 'config_lib', 'data', 'model', 'runtime', 'errors'},
-    'commands': {'training', 'decoding', 'config_lib', 'data', 'model', 'runtime', 'errors'},
-    'main': {'commands', 'training', 'decoding', 'config_lib', 'data', 'model', 'runtime',
-             'errors'},
+    'interop': {'training', 'decoding', 'config_lib', 'data', 'model', 'runtime', 'errors'},
+    'commands': {'interop', 'training', 'decoding', 'config_lib', 'data', 'model', 'runtime',
+                 'errors'},
+    'main': {'commands', 'interop', 'training', 'decoding', 'config_lib', 'data', 'model',
+             'runtime', 'errors'},
 }
-WINGS = ('runtime', 'model', 'data', 'decoding', 'training', 'commands')
+WINGS = ('runtime', 'model', 'data', 'decoding', 'training', 'interop', 'commands')
 
 
 def _modules() -> dict[str, str]:

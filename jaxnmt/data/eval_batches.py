@@ -14,7 +14,7 @@ def encode_pair(pair: tuple[str, str], tokenizer, max_source_length: int,
                 max_target_length: int) -> dict[str, np.ndarray]:
   """One example: source + EOS, BOS + target (decoder input), target + EOS."""
   source_ids = tokenizer.encode(pair[0])[:max_source_length - 1]
-  target_ids = tokenizer.encode(pair[1])[:max_target_length - 1]
+  target_ids = tokenizer.encode_target(pair[1])[:max_target_length - 1]
   return {
       'inputs': np.asarray(source_ids + [tokenizer_lib.EOS_ID], np.int32),
       'decoder_inputs': np.asarray([tokenizer_lib.BOS_ID] + target_ids, np.int32),

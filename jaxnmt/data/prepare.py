@@ -447,7 +447,7 @@ def _tokenize_shard(task) -> dict:
   order = np.random.default_rng(zlib.crc32(os.path.basename(raw_path).encode()))
   pairs = [pairs[i] for i in order.permutation(len(pairs))]
   sources = tokenizer.encode_batch([source for source, _ in pairs])
-  targets = tokenizer.encode_batch([target for _, target in pairs])
+  targets = tokenizer.encode_target_batch([target for _, target in pairs])
   filtered = collections.Counter()
   counts = {'pairs': 0, 'source_tokens': 0, 'target_tokens': 0}
   partial = shard_path + '.partial'

@@ -64,6 +64,13 @@ class Tokenizer:
       ids.append(self._tag_ids[word])
       text = rest
 
+  # One model for both sides (a VocabTokenizer has one per side).
+  def encode_target(self, text: str) -> list[int]:
+    return self.encode(text)
+
+  def encode_target_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self.encode_batch(texts)
+
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; stops at the first EOS and ignores PAD and BOS."""
     kept = []
@@ -165,6 +172,8 @@ class CharTokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(text) for text in texts]
 
+  encode_target, encode_target_batch = encode, encode_batch
+
   def decode(self, ids: Iterable[int]) -> str:
     chars = []
     for token in ids:
@@ -184,7 +193,12 @@ def train_chars(text: str, model_path: str) -> CharTokenizer:
 
 
 def load(model_path: str, model_type: str):
-  """The tokenizer stored at `model_path`: CharTokenizer for 'char', else SentencePiece."""
+  """The tokenizer stored at `model_path`: CharTokenizer for 'char', a VocabTokenizer
+  (SentencePiece per side onto a fixed vocabulary: imported Marian models) for
+  'spm_vocab', else SentencePiece."""
+  if model_type == 'spm_vocab':
+    from jaxnmt.data import spm_vocab  # pylint: disable=import-outside-toplevel
+    return spm_vocab.VocabTokenizer(model_path)
   return CharTokenizer(model_path) if model_type == 'char' else Tokenizer(model_path)
 
 

@@ -20,7 +20,9 @@ from jaxnmt.model import transformer
 from jaxnmt.runtime import sharding
 
 
-def _new_state(params, tx, ema: bool) -> dict:
+def new_state(params, tx, ema: bool) -> dict:
+  """The state at step 0 of given parameters: a fresh optimizer state, and with `ema`
+  the moving average starting at the parameters."""
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
   if ema:
     state['ema'] = jax.tree.map(jnp.copy, params)
@@ -29,7 +31,7 @@ def _new_state(params, tx, ema: bool) -> dict:
 
 def abstract_train_state(model_cfg: transformer.ModelConfig, tx, ema: bool = False) -> dict:
   """Shapes of the train state, e.g. as the target of a checkpoint restore."""
-  return jax.eval_shape(lambda params: _new_state(params, tx, ema),
+  return jax.eval_shape(lambda params: new_state(params, tx, ema),
                         initialize.abstract_params(model_cfg))
 
 
@@ -46,7 +48,7 @@ def create_train_state(model_cfg: transformer.ModelConfig, tx, seed: int, mesh, 
   def init():
     model = transformer.build(model_cfg, rngs=initialize.rngs(seed))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    return _new_state(params, tx, ema), rest
+    return new_state(params, tx, ema), rest
 
   total, per_device = sharding.planned_bytes(abstract, shardings)
   logging.info('Parameters + optimizer state: %.1f MB in all, %.1f MB per device',

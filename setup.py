@@ -36,6 +36,10 @@ setuptools.setup(
         'sacrebleu>=2.4.0',
         'tqdm>=4.66',
         'matplotlib>=3.8',
+        # --mode=export writes CTranslate2 models with its own spec API; --mode=import
+        # reads Marian's YAML model config and vocabularies.
+        'ctranslate2>=4.8',
+        'pyyaml>=6.0',
     ],
     extras_require={
         # A workdir on Cloud Storage (gs://...): gcsfs, and with it google-cloud-storage,
@@ -51,7 +55,5 @@ setuptools.setup(
         # TPU-compile tests need the TPU compiler (they fail under CI=true without it).
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'gcsfs>=2026.10.1',
                  'gcp-storage-emulator>=2026.7.19', TPU_COMPILER],
-        # benchmarks/ct2_compare.py: decoding speed against CTranslate2 on the same weights.
-        'bench': ['ctranslate2>=4.8'],
     },
 )

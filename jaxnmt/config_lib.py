@@ -92,7 +92,8 @@ FIELD_RULES = {
     'model.remat': _one_of('none', 'full', 'dots'),
     'model.position_embedding': _one_of('sinusoidal', 'learned', 'rope'),
     'optim.schedule': _one_of('rsqrt', 'cosine'),
-    'tokenizer.model_type': _one_of('unigram', 'bpe', 'char'),
+    # 'spm_vocab': SentencePiece per side onto a fixed vocabulary (imported models).
+    'tokenizer.model_type': _one_of('unigram', 'bpe', 'char', 'spm_vocab'),
 }
 
 
@@ -135,7 +136,8 @@ def _check_combinations(config) -> None:
   _require(data.valid_fraction + data.test_fraction < 0.9, 'data.test_fraction',
            'valid_fraction + test_fraction must leave training data')
   # SentencePiece needs room for the 4 special ids and 256 byte-fallback pieces.
-  _require(config.tokenizer.model_type == 'char' or config.tokenizer.vocab_size >= 300,
+  _require(config.tokenizer.model_type in ('char', 'spm_vocab')
+           or config.tokenizer.vocab_size >= 300,
            'tokenizer.vocab_size',
            f'must be >= 300 (specials + byte fallback), got {config.tokenizer.vocab_size}')
   _require(bool(config.init_from) or not config.init_from_optimizer,

@@ -1,0 +1,123 @@
+"""--mode=import of a Marian model directory, checked against CTranslate2's own Marian
+converter; the round trip through --mode=export; the refusals."""
+
+import collections
+import os
+
+import ctranslate2
+import numpy as np
+import pytest
+import sentencepiece as spm
+from ctranslate2.converters import marian as ct2_marian
+
+from jaxnmt.decoding import inference
+from jaxnmt.decoding import translation
+from jaxnmt.interop import marian
+from jaxnmt.model import layers
+from tests import helpers
+from tests.interop import marian_model
+
+SENTENCES = [en for en, _ in helpers.real_pairs(100, seed=11)]
+
+
+def _marian_positions(num_positions, dim):
+  """Marian's own table (sines, then cosines, of timescales 10000^(i / (D/2 - 1)))."""
+  return np.asarray(layers.sinusoidal_positions(np.arange(num_positions)[None], dim)[0])
+
+
+def test_ctranslate2_writes_another_sinusoidal_table_than_marian():
+  """Why the converter below gets Marian's table: CTranslate2's Marian converter writes
+  timescales 10000^(i / (D/2)). If this starts failing, CTranslate2 fixed it."""
+  ours = _marian_positions(64, 32)
+  theirs = ct2_marian._make_sinusoidal_position_encodings(32, 64)  # pylint: disable=protected-access
+  assert np.allclose(ours[:, [0, 16]], theirs[:, [0, 16]])  # the first timescale agrees
+  assert not np.allclose(ours, theirs, atol=1e-3)
+
+
+def _ct2_marian(directory, output, monkeypatch):
+  monkeypatch.setattr(ct2_marian, '_make_sinusoidal_position_encodings',
+                      lambda dim, num_positions=2048: _marian_positions(num_positions, dim))
+  converter = ct2_marian.MarianConverter(os.path.join(directory, 'model.npz'),
+                                         [os.path.join(directory, 'vocab.yml')] * 2)
+  converter.convert(output, quantization='float32')
+  return ctranslate2.Translator(output, compute_type='float32')
+
+
+def _ct2_translate(translator, directory, caps, lines):
+  source = spm.SentencePieceProcessor(model_file=os.path.join(directory, 'source.spm'))
+  target = spm.SentencePieceProcessor(model_file=os.path.join(directory, 'target.spm'))
+  pieces = [source.encode(line, out_type=str) for line in lines]
+  groups = collections.defaultdict(list)
+  for index, tokens in enumerate(pieces):
+    groups[caps(len(tokens) + 1)].append(index)
+  out = [''] * len(lines)
+  for cap, indices in groups.items():
+    results = translator.translate_batch([pieces[i] for i in indices], beam_size=1,
+                                         max_decoding_length=cap - 1, min_decoding_length=0)
+    for i, result in zip(indices, results):
+      out[i] = target.decode(result.hypotheses[0])
+  return out
+
+
+@pytest.mark.parametrize('options', [
+    {},  # OPUS-MT's: post-LN, swish, tied embeddings
+    {'transformer-preprocess': 'n', 'transformer-postprocess': 'da',
+     'transformer-postprocess-top': 'n', 'transformer-ffn-activation': 'gelu',
+     'tied-embeddings-all': False, 'tied-embeddings': True},
+], ids=['opus-mt', 'pre-ln-gelu-untied'])
+def test_import_translates_as_ctranslate2s_marian_converter(options, tmp_path, monkeypatch):
+  directory = str(tmp_path / 'marian')
+  marian_model.write(directory, **options)
+  result = helpers.run_main('--mode=import', '--from=marian', f'--input={directory}',
+                            f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  loaded = inference.load(str(tmp_path / 'run'))
+  ours = translation.Translator(loaded, translation.DecodeOptions(beam_size=1)).translate(
+      SENTENCES)
+  caps = lambda tokens: translation.output_cap(tokens, loaded.config.decode, None)
+  theirs = _ct2_translate(_ct2_marian(directory, str(tmp_path / 'ct2'), monkeypatch),
+                          directory, caps, SENTENCES)
+  differ = [(s, a, b) for s, a, b in zip(SENTENCES, ours, theirs) if a != b]
+  assert not differ, (len(differ), differ[:2])
+  # Round trip: import -> export -> CTranslate2 translates as jaxnmt did.
+  exported = helpers.run_main('--mode=export', f'--workdir={tmp_path / "run"}',
+                              f'--output={tmp_path / "export"}')
+  assert exported.returncode == 0, exported.stderr[-2000:]
+  assert {'source.spm', 'target.spm'} <= set(os.listdir(tmp_path / 'export'))
+  again = _ct2_translate(ctranslate2.Translator(str(tmp_path / 'export'),
+                                                compute_type='float32'),
+                         directory, caps, SENTENCES)
+  assert again == ours
+
+
+def test_vocabulary_is_reordered_and_padded(tmp_path):
+  directory = str(tmp_path / 'marian')
+  marian_model.write(directory)
+  vocabulary = marian.read_vocabulary(os.path.join(directory, 'vocab.yml'))
+  assert vocabulary[:2] == ['</s>', '<unk>'] and len(set(vocabulary)) == len(vocabulary)
+  pieces, order = marian._vocabulary_order(vocabulary)  # pylint: disable=protected-access
+  assert pieces[:4] == ['<pad>', '<unk>', '<s>', '</s>']
+  assert len(pieces) % marian.VOCAB_MULTIPLE == 0 and list(order[:4]) == [-1, 1, -1, 0]
+  assert [vocabulary[i] for i in order if i >= 0] == [vocabulary[1], vocabulary[0],
+                                                      *vocabulary[2:]]
+
+
+@pytest.mark.parametrize('option, value, named', [
+    ('transformer-ffn-activation', 'tanh', 'transformer-ffn-activation'),
+    ('transformer-postprocess-emb', 'dn', 'transformer-postprocess-emb'),
+    ('transformer-tied-layers', [1, 1], 'transformer-tied-layers'),
+    ('transformer-decoder-autoreg', 'rnn', 'transformer-decoder-autoreg'),
+])
+def test_an_unsupported_option_is_one_line(option, value, named, tmp_path):
+  directory = str(tmp_path / 'marian')
+  marian_model.write(directory, **{option: value})
+  result = helpers.run_main('--mode=import', f'--input={directory}',
+                            f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2, result.stderr[-1000:]
+  assert named in helpers.last_error(result.stderr) and 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'run' / 'config.json')
+
+
+def test_a_missing_file_is_one_line(tmp_path):
+  result = helpers.run_main('--mode=import', f'--input={tmp_path}', f'--workdir={tmp_path / "r"}')
+  assert result.returncode == 2 and 'decoder.yml' in helpers.last_error(result.stderr)

@@ -19,7 +19,7 @@ ROOT = helpers.ROOT
     ('model.num_heads', 3, 'config.model.num_heads: d_model=512 must divide by num_heads=3'),
     ('model.num_encoder_layers', 0, 'config.model.num_encoder_layers: must be an integer >= 1'),
     ('model.dropout_rate', 1.5, 'config.model.dropout_rate: must be a number in [0.0, 1.0)'),
-    ('model.activation', 'swish',
+    ('model.activation', 'tanh',
      "config.model.activation: must be one of ['gelu', 'gelu_sigmoid', 'relu', 'swiglu', 'swish']"),
     ('model.position_embedding', 'alibi',
      "config.model.position_embedding: must be one of ['learned', 'rope', 'sinusoidal']"),

@@ -30,6 +30,9 @@ from jaxnmt.errors import UserError
 from jaxnmt.runtime import files
 
 
+FIXED_ROWS_LINES = 1000  # as translate's: full rows for big chunks (bounded shapes)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Pair:
   source: str | None  # None: the line was malformed (no tab)
@@ -96,8 +99,8 @@ def run(workdir: str, input_path: str, target_path: str | None = None,
     sources = [tagger(pair.source.strip(), number) if pair.source.strip() else ''
                for number, pair in usable]
     results = iter(scoring.score_text(loaded, sources, [p.target for _, p in usable],
-                                      batch_size=batch_size,
-                                      batch_tokens=batch_tokens))
+                                      batch_size=batch_size, batch_tokens=batch_tokens,
+                                      fixed_rows=len(chunk) >= FIXED_ROWS_LINES))
     scores = [None if pair.source is None else next(results) for pair in chunk]
     text = ''.join(format_score(index, score) for index, score in enumerate(scores, first))
     return text, {'tokens': sum(s.tokens for s in scores if s is not None),

@@ -70,10 +70,11 @@ def log_prob_function(graphdef):
 
 
 def plan(source_lengths: Sequence[int], target_lengths: Sequence[int], devices: int,
-         batch_size: int = 64, batch_tokens: int = translation.BATCH_TOKENS
-         ) -> list[tuple[int, int, list[int]]]:
+         batch_size: int = 64, batch_tokens: int = translation.BATCH_TOKENS,
+         fixed_rows: bool = False) -> list[tuple[int, int, list[int]]]:
   """Batches of pairs whose sides have these lengths (EOS included): [(padded length,
-  rows, pair indices)], shortest first; a pair with an empty side is left out."""
+  rows, pair indices)], shortest first; a pair with an empty side is left out.
+  fixed_rows: a bucket's last batch has its full rows too (fewer shapes)."""
   longer = [max(s, t) if s and t else 0 for s, t in zip(source_lengths, target_lengths)]
   order = sorted((i for i, length in enumerate(longer) if length), key=lambda i: longer[i])
   buckets = {}
@@ -87,14 +88,14 @@ def plan(source_lengths: Sequence[int], target_lengths: Sequence[int], devices: 
       rows = devices
       while rows < len(chunk):
         rows *= 2
-      batches.append((length, min(rows, full), chunk))
+      batches.append((length, full if fixed_rows else min(rows, full), chunk))
   return batches
 
 
 def score(loaded: inference.LoadedModel, sources: Sequence[Sequence[int]],
           targets: Sequence[Sequence[int]], batch_size: int = 64,
           batch_tokens: int = translation.BATCH_TOKENS, add_eos: bool = True,
-          per_token: bool = False) -> list[Score]:
+          per_token: bool = False, fixed_rows: bool = False) -> list[Score]:
   """Score of each (source, target) pair of token ids, in order. add_eos: append EOS to
   both sides (False: the ids already end as the model expects). A pair with an empty
   side scores Score(0.0, 0). per_token: keep each token's log-probability too."""
@@ -110,7 +111,8 @@ def score(loaded: inference.LoadedModel, sources: Sequence[Sequence[int]],
   rows_sharding = NamedSharding(mesh, PartitionSpec('data'))
   function = log_prob_function(loaded.graphdef)
   for length, rows, indices in plan([len(s) for s in sources], [len(t) for t in targets],
-                                    mesh.devices.size, batch_size, batch_tokens):
+                                    mesh.devices.size, batch_size, batch_tokens,
+                                    fixed_rows):
     if limit is not None and length > limit:
       length = limit
       for index in indices:

@@ -10,7 +10,6 @@ and exactly `--target_length` decoder steps (EOS banned before, the length force
 float32 on both sides; CTranslate2 runs with intra_threads=--threads, XLA uses every
 core.
 
-  pip install -e '.[bench]'
   python benchmarks/ct2_compare.py --dims=tiny,base --beams=1,4 --batch_size=32,64,128
 
 Each configuration runs once to compile/warm up, then `--repeats` times, alternating
@@ -29,13 +28,13 @@ import ctranslate2
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ctranslate2.specs import common_spec, transformer_spec
 from flax import nnx
 
 import jaxnmt
 from jaxnmt.decoding import search
+from jaxnmt.interop import ctranslate2 as ct2_export
+from jaxnmt.interop import weights as weights_lib
 from jaxnmt.runtime import host
-from jaxnmt.model import layers
 from jaxnmt.model import transformer
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -65,55 +64,13 @@ def build_jaxnmt(dims: str, seed: int) -> transformer.Transformer:
 
 
 def to_ctranslate2(model: transformer.Transformer, directory: str, threads: int):
-  """Writes `model`'s weights as a CTranslate2 TransformerSpec -> a Translator."""
-  config = model.config
-  d_model, heads = config.d_model, config.num_heads
-  array = lambda value: np.asarray(value[...], np.float32)
-  linear = lambda kernel: array(kernel).reshape(d_model, -1).T  # [D, N, H] -> [N*H, D]
-
-  def norm(spec, layer_norm):
-    spec.gamma, spec.beta = array(layer_norm.scale), array(layer_norm.bias)
-
-  def attention(spec, block_norm, module, fused_self: bool):
-    norm(spec.layer_norm, block_norm)
-    q, k, v = linear(module.query), linear(module.key), linear(module.value)
-    if fused_self:
-      spec.linear[0].weight = np.concatenate([q, k, v])
-    else:
-      spec.linear[0].weight = q
-      spec.linear[1].weight = np.concatenate([k, v])
-    spec.linear[-1].weight = array(module.out).reshape(-1, d_model).T  # [D, N*H]
-
-  def ffn(spec, block):
-    norm(spec.layer_norm, block.mlp_norm)
-    spec.linear_0.weight, spec.linear_0.bias = array(block.mlp.wi).T, array(block.mlp.bi)
-    spec.linear_1.weight, spec.linear_1.bias = array(block.mlp.wo).T, array(block.mlp.bo)
-
-  spec = transformer_spec.TransformerSpec.from_config(
-      (config.num_encoder_layers, config.num_decoder_layers), heads, pre_norm=True,
-      activation=common_spec.Activation.RELU)
-  embedding = array(model.source_embed.embedding)  # [V, D], tied everywhere
-  positions = np.asarray(layers.sinusoidal_positions(jnp.arange(512)[None], d_model)[0])
-  for side, stack, final_norm in ((spec.encoder, model.encoder_layers, model.encoder_norm),
-                                  (spec.decoder, model.decoder_layers, model.decoder_norm)):
-    embeddings = side.embeddings[0] if side is spec.encoder else side.embeddings
-    embeddings.weight = embedding
-    side.scale_embeddings = True  # x sqrt(D), as layers.Embed
-    side.position_encodings.encodings = positions
-    norm(side.layer_norm, final_norm)
-    for layer, block in zip(side.layer, stack):
-      attention(layer.self_attention, block.self_attention_norm, block.self_attention, True)
-      if side is spec.decoder:
-        attention(layer.attention, block.cross_attention_norm, block.cross_attention, False)
-      ffn(layer.ffn, block)
-  spec.decoder.projection.weight = embedding
-  spec.config.layer_norm_epsilon = 1e-6  # as layers.LayerNorm
-  vocabulary = SPECIALS + [f'w{i}' for i in range(len(SPECIALS), config.vocab_size)]
-  spec.register_source_vocabulary(vocabulary)
-  spec.register_target_vocabulary(vocabulary)
-  spec.validate()
-  spec.optimize(quantization='float32')
-  spec.save(directory)
+  """Writes `model`'s weights as a CTranslate2 model (jaxnmt's own exporter,
+  interop/ctranslate2.py, the code behind --mode=export) -> a Translator."""
+  vocabulary = SPECIALS + [f'w{i}' for i in range(len(SPECIALS), model.config.vocab_size)]
+  spec = ct2_export.build_spec(model.config, weights_lib.flat(nnx.state(model, nnx.Param)),
+                               vocabulary)
+  spec.config.add_source_eos = False  # the sources here end in EOS already
+  ct2_export.save(spec, directory, 'float32', force=True)
   return ctranslate2.Translator(directory, device='cpu', compute_type='float32',
                                 inter_threads=1, intra_threads=threads)
 

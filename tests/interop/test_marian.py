@@ -121,3 +121,29 @@ def test_an_unsupported_option_is_one_line(option, value, named, tmp_path):
 def test_a_missing_file_is_one_line(tmp_path):
   result = helpers.run_main('--mode=import', f'--input={tmp_path}', f'--workdir={tmp_path / "r"}')
   assert result.returncode == 2 and 'decoder.yml' in helpers.last_error(result.stderr)
+
+
+def test_an_imported_model_fine_tunes(tmp_path, small_corpus):
+  """init_from an imported Marian model: training starts from its weights (the first
+  loss is the imported model's), on data tokenized by its spm_vocab tokenizer, and
+  the loss falls."""
+  directory = str(tmp_path / 'marian')
+  marian_model.write(directory)
+  imported = helpers.run_main('--mode=import', f'--input={directory}',
+                              f'--workdir={tmp_path / "opus"}')
+  assert imported.returncode == 0, imported.stderr[-2000:]
+  flags = [f'--config.{name}' for name in (
+      'model.num_encoder_layers=2', 'model.num_decoder_layers=2', 'model.d_model=32',
+      'model.num_heads=4', 'model.d_ff=48', 'model.activation=swish',
+      'model.pre_layer_norm=False', 'model.attention_bias=True', 'model.output_bias=True',
+      'model.decoder_start=zeros', 'tokenizer.model_type=spm_vocab',
+      'tokenizer.vocab_size=' + str(inference.load(str(tmp_path / 'opus')).model_config.vocab_size),
+      'model.attention_dropout_rate=0.0', 'num_train_steps=30',
+      'checkpoint_every_steps=30', 'eval_every_steps=30', 'log_every_steps=5',
+      'optim.learning_rate=3e-3', 'optim.warmup_steps=1')]
+  tuned = helpers.run_main('--config=tests/tiny_config.py', f'--workdir={tmp_path / "tuned"}',
+                           f'--config.init_from={tmp_path / "opus"}', *flags,
+                           corpus=small_corpus, timeout=600)
+  assert tuned.returncode == 0, tuned.stderr[-3000:]
+  losses = helpers.losses_by_step(tmp_path / 'tuned')
+  assert losses[30] < 0.8 * losses[5], losses

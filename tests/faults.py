@@ -211,6 +211,8 @@ def restart(outcome: Outcome, workdir, corpus, reference_of, processes=2,
   """Reruns the same command to the end; compares with `reference_of(steps)`, the
   workdir of an uninterrupted run of that many steps."""
   steps = STEPS if outcome.fault != 'time limit' else outcome.saved + 10
+  if os.path.isdir(f'{workdir}.logs'):  # the restart writes its own there
+    shutil.copytree(f'{workdir}.logs', f'{workdir}.fault-logs', dirs_exist_ok=True)
   stderr = run(workdir, corpus, processes, devices, steps)
   found = re.search(r'Resumed from checkpoint at step (\d+)', stderr)
   outcome.restart_resumed = int(found.group(1)) if found else None

@@ -24,6 +24,7 @@ Nothing here waits without a bound:
   other process at once, before any line of jaxnmt's.
 """
 
+import atexit
 import json
 import logging
 import os
@@ -237,7 +238,12 @@ class PeerWatch(threading.Thread):
     self._client, self._index, self._count = client, process_index, process_count
     self._timeout_s = timeout_s
     self._interval_s = interval_s or min(5.0, max(timeout_s / 10, 0.2))
+    self._exiting = threading.Event()
     _watch = self
+    # From the exit handlers on (this one runs before JAX's, which shuts its client
+    # down), the watch keeps beating but logs nothing: the closed client's errors,
+    # written to stderr while the interpreter finalizes, could abort it.
+    atexit.register(self._exiting.set)
 
   def run(self) -> None:
     beat, seen = 0, {}  # process -> (last counter, when it last changed)
@@ -265,7 +271,8 @@ class PeerWatch(threading.Thread):
             time.sleep(2 * self._interval_s)  # the others read it before we go
           _exit_now(1, message)
       except Exception as error:  # pylint: disable=broad-except  # service unreachable
-        logging.warning('peer watch: %s', str(error).splitlines()[0][:200])
+        if not self._exiting.is_set():
+          logging.warning('peer watch: %s', str(error).splitlines()[0][:200])
       time.sleep(self._interval_s)
 
   def _counters(self, watched) -> list[tuple[int, str]]:

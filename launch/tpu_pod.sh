@@ -45,4 +45,11 @@ if [[ -n ${DRY_RUN:-} && $DRY_RUN != 0 ]]; then
   echo "$remote"
   exit 0
 fi
-exec "${command[@]}"
+code=0
+"${command[@]}" || code=$?
+if [[ $code -eq 134 ]]; then  # SIGABRT on a worker: JAX's runtime ended it (its log says why)
+  echo "launch/tpu_pod.sh: a worker was aborted by JAX's distributed runtime: a process" \
+       "of the job was lost or never came; rerun the command to resume from the last" \
+       "complete checkpoint" >&2
+fi
+exit "$code"

@@ -287,6 +287,13 @@ class Checkpointer:
     steps = sorted(set(self.all_steps()) | ({saving} if saving is not None else set()))
     doomed = [step for step in steps[:max(len(steps) - keep, 0)] if step not in protected]
     doomed = distributed.gather_json(doomed, f'pruning at step {saving}')[0]
+    # The background checksum writer may be writing into a doomed step: let it finish
+    # first (deleting a folder while files are created in it fails), and record no
+    # checksums of the doomed steps later.
+    if self._recorder is not None:
+      self._recorder.join()
+      self._recorder = None
+    self._unrecorded = [step for step in self._unrecorded if step not in doomed]
     for step in doomed:
       if step != saving:
         self._manager.delete(step)

@@ -59,6 +59,7 @@ def _ct2_translate(translator, directory, caps, lines):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('options', [
     {},  # OPUS-MT's: post-LN, swish, tied embeddings
     {'transformer-preprocess': 'n', 'transformer-postprocess': 'da',
@@ -123,6 +124,7 @@ def test_a_missing_file_is_one_line(tmp_path):
   assert result.returncode == 2 and 'decoder.yml' in helpers.last_error(result.stderr)
 
 
+@pytest.mark.slow
 def test_an_imported_model_fine_tunes(tmp_path, small_corpus):
   """init_from an imported Marian model: training starts from its weights (the first
   loss is the imported model's), on data tokenized by its spm_vocab tokenizer, and

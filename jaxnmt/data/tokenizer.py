@@ -9,6 +9,7 @@ is trained (ids 4, 5, ... in that order) and read back from it (`Tokenizer.tags`
 tags a text starts with (each followed by one space) become their ids directly.
 """
 
+import base64
 import json
 import os
 import random
@@ -21,6 +22,19 @@ from jaxnmt.runtime import files
 from jaxnmt.errors import ConfigError, WorkdirError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def content_ids(ids: Iterable[int], size: int | None = None) -> list[int]:
+  """The ids of an output up to its first EOS, without PAD and BOS (and, with `size`,
+  without ids from `size` on: a model's padding rows)."""
+  kept = []
+  for token in ids:
+    token = int(token)
+    if token == EOS_ID:
+      break
+    if token not in (PAD_ID, BOS_ID) and (size is None or token < size):
+      kept.append(token)
+  return kept
 
 
 class Tokenizer:
@@ -73,14 +87,7 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; stops at the first EOS and ignores PAD and BOS."""
-    kept = []
-    for token in ids:
-      token = int(token)
-      if token == EOS_ID:
-        break
-      if token not in (PAD_ID, BOS_ID):
-        kept.append(token)
-    return self._processor.decode(kept)
+    return self._processor.decode(content_ids(ids))
 
   def __getstate__(self):  # Grain may pickle the pipeline; keep only the path.
     return {'model_path': self.model_path}
@@ -197,8 +204,7 @@ def load(model_path: str, model_type: str):
   (SentencePiece per side onto a fixed vocabulary: imported Marian models) for
   'spm_vocab', else SentencePiece."""
   if model_type == 'spm_vocab':
-    from jaxnmt.data import spm_vocab  # pylint: disable=import-outside-toplevel
-    return spm_vocab.VocabTokenizer(model_path)
+    return VocabTokenizer(model_path)
   return CharTokenizer(model_path) if model_type == 'char' else Tokenizer(model_path)
 
 
@@ -208,3 +214,86 @@ def from_workdir(workdir: str, model_type: str):
   if not files.exists(target):
     raise WorkdirError(f'{target} not found: train a model in {workdir} first')
   return load(target, model_type)
+
+
+# ----------------------------------------------------------------------------- spm_vocab
+# A SentencePiece model per side mapped onto one fixed vocabulary: the tokenizer of an
+# imported Marian / OPUS-MT model (`tokenizer.model_type='spm_vocab'`). Marian splits
+# text with `source.spm` and `target.spm` and looks the pieces up in its vocabulary;
+# so does `VocabTokenizer`, with the vocabulary in jaxnmt's fixed ids
+# (interop/marian.py). A piece the vocabulary lacks is UNK; leading `>>xxx<<` tags
+# (multilingual OPUS-MT) in the vocabulary are one id each. One JSON file holds the
+# pieces and both SentencePiece models, so its hash covers all a checkpoint depends on.
+
+
+VOCAB_FORMAT = 1
+
+
+def write_vocab_tokenizer(path: str, pieces: Sequence[str], source_model: bytes, target_model: bytes) -> None:
+  files.write_text(path, json.dumps({
+      'format': VOCAB_FORMAT, 'pieces': list(pieces),
+      'source_spm': base64.b64encode(source_model).decode('ascii'),
+      'target_spm': base64.b64encode(target_model).decode('ascii')}, ensure_ascii=False))
+
+
+class VocabTokenizer:
+  """Encodes the source with one SentencePiece model, the target with the other, both
+  onto `pieces` (one per id); decodes ids with the target model."""
+
+  def __init__(self, model_path: str):
+    if not files.exists(model_path):
+      raise FileNotFoundError(f'tokenizer model not found: {model_path}')
+    self.model_path = model_path
+    stored = json.loads(files.read_text(model_path))
+    self.pieces = tuple(stored['pieces'])
+    self._source_model = base64.b64decode(stored['source_spm'])
+    self._target_model = base64.b64decode(stored['target_spm'])
+    self._source = spm.SentencePieceProcessor(model_proto=self._source_model)
+    self._target = spm.SentencePieceProcessor(model_proto=self._target_model)
+    self._ids = {piece: index for index, piece in enumerate(self.pieces)}
+    self.tags = tuple(p for p in self.pieces if p.startswith('>>') and p.endswith('<<'))
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.pieces)
+
+  def tag_id(self, symbol: str) -> int | None:
+    return self._ids.get(symbol) if symbol in self.tags else None
+
+  def _lookup(self, pieces: Iterable[str]) -> list[int]:
+    return [self._ids.get(piece, UNK_ID) for piece in pieces]
+
+  def encode(self, text: str) -> list[int]:
+    """Source-side ids of `text` (without EOS); leading vocabulary tags are one id each."""
+    head = []
+    words = text.split(' ')
+    while words and self.tag_id(words[0]) is not None:
+      head.append(self.tag_id(words.pop(0)))
+    return head + self._lookup(self._source.encode(' '.join(words), out_type=str))
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(text) for text in texts]
+
+  def encode_target(self, text: str) -> list[int]:
+    return self._lookup(self._target.encode(text, out_type=str))
+
+  def encode_target_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode_target(text) for text in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of target ids; stops at the first EOS, skips PAD, BOS and padding rows."""
+    kept = content_ids(ids, len(self.pieces))
+    return self._target.decode_pieces([self.pieces[token] for token in kept])
+
+  def write_sentencepiece(self, directory: str) -> list[str]:
+    """source.spm and target.spm into `directory` (a CTranslate2 export's tokenizer)."""
+    for name, model in (('source.spm', self._source_model), ('target.spm', self._target_model)):
+      with open(os.path.join(directory, name), 'wb') as handle:
+        handle.write(model)
+    return ['source.spm', 'target.spm']
+
+  def __getstate__(self):
+    return {'model_path': self.model_path}
+
+  def __setstate__(self, state):
+    self.__init__(state['model_path'])

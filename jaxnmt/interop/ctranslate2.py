@@ -62,8 +62,6 @@ class ExportError(UserError):
 
 def problem(model_cfg: transformer.ModelConfig) -> str | None:
   """Why CTranslate2 cannot run `model_cfg` as jaxnmt does (None: it can)."""
-  if model_cfg.d_model % model_cfg.num_heads:
-    return f'd_model {model_cfg.d_model} does not divide by num_heads {model_cfg.num_heads}'
   if model_cfg.activation not in ACTIVATIONS:
     return f'model.activation={model_cfg.activation!r} has no CTranslate2 counterpart'
   if model_cfg.kind == 'decoder_lm' and model_cfg.decoder_start == 'zeros':

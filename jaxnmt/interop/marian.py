@@ -4,7 +4,7 @@ workdir, config)`.
 The directory is the one Marian's authors publish: `decoder.yml` (naming the `.npz` and
 the vocabulary `.yml` files), the `.npz` (parameters, and the training options as
 `special:model.yml`), `source.spm` and `target.spm`. The result is a workdir with the
-config, a `spm_vocab` tokenizer (data/spm_vocab.py) and checkpoint 0, which translate,
+config, a `spm_vocab` tokenizer (data/tokenizer.VocabTokenizer) and checkpoint 0, which translate,
 the eval worker, serve, average, export and training take like any run.
 
 How Marian's transformer maps onto jaxnmt's model (BUILD_NOTES.md, "Marian models"):
@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from jaxnmt import config_lib
-from jaxnmt.data import spm_vocab
+from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.errors import ConfigError, UserError
 from jaxnmt.interop import weights as weights_lib
 from jaxnmt.runtime import files
@@ -309,7 +309,7 @@ def import_model(directory: str, workdir: str, config) -> dict:
     source_model = handle.read()
   with open(target_spm, 'rb') as handle:
     target_model = handle.read()
-  spm_vocab.write(files.tokenizer_path(workdir), pieces, source_model, target_model)
+  tokenizer_lib.write_vocab_tokenizer(files.tokenizer_path(workdir), pieces, source_model, target_model)
   weights_lib.write_workdir(workdir, config, params)
   return {'workdir': workdir, 'model': source, 'vocabulary': len(marian_vocabulary),
           'padded_vocabulary': len(pieces), 'fields': fields}

@@ -147,11 +147,6 @@ class Comparison:
   sentences: int
   score_difference: float  # largest |log p| difference over scored tokens
 
-  def holds(self) -> bool:
-    return (self.greedy_same == self.sentences and self.beam_same + self.beam_ties ==
-            self.sentences and self.beam_same >= 0.98 * self.sentences
-            and self.score_difference <= 1e-4)
-
 
 def _translate_jaxnmt(model, sources, beam: int):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

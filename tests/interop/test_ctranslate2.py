@@ -36,7 +36,9 @@ LM_MODELS = ct2_oracle.pairwise({**{k: v for k, v in FACTORS.items() if k != 'de
 
 
 def test_the_option_sets_hold_every_pair_of_values():
-  for factors, rows in ((FACTORS, TRANSLATION_MODELS), ):
+  lm_factors = {**{k: v for k, v in FACTORS.items() if k != 'decoder_start'},
+                'kind': ['decoder_lm']}
+  for factors, rows in ((FACTORS, TRANSLATION_MODELS), (lm_factors, LM_MODELS)):
     for a, b in ((a, b) for a in factors for b in factors if a < b):
       assert {(x, y) for x in factors[a] for y in factors[b]} <= {
           (row[a], row[b]) for row in rows}, (a, b)

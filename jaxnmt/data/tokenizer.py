@@ -54,6 +54,11 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self._processor.get_piece_size()
 
+  @property
+  def pieces(self) -> tuple[str, ...]:
+    """The piece of every id."""
+    return tuple(self._processor.id_to_piece(i) for i in range(self.vocab_size))
+
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without BOS/EOS; leading tags one id each."""
     if self._tag_ids:
@@ -172,6 +177,11 @@ class CharTokenizer:
   @property
   def vocab_size(self) -> int:
     return len(self.characters) + 4
+
+  @property
+  def pieces(self) -> tuple[str, ...]:
+    """The piece of every id: the four specials, then the characters."""
+    return ('<pad>', '<unk>', '<s>', '</s>', *self.characters)
 
   def encode(self, text: str) -> list[int]:
     return [self._ids.get(char, UNK_ID) for char in text]

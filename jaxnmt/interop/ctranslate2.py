@@ -229,13 +229,7 @@ def save(spec, output: str, quantization: str = 'float32', force: bool = False) 
 def vocabulary(tokenizer, size: int) -> list[str]:
   """One token string per model id: the tokenizer's pieces (ids 0-3 named as
   CTranslate2 expects them), then placeholders up to the model's (padded) size."""
-  if hasattr(tokenizer, 'pieces'):  # a VocabTokenizer (imported Marian models)
-    tokens = list(tokenizer.pieces)
-  elif isinstance(tokenizer, tokenizer_lib.CharTokenizer):
-    tokens = list(SPECIALS) + list(tokenizer.characters)
-  else:
-    processor = tokenizer._processor  # pylint: disable=protected-access
-    tokens = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+  tokens = list(tokenizer.pieces)
   tokens[:len(SPECIALS)] = SPECIALS
   taken = set(tokens)
   if len(taken) != len(tokens):

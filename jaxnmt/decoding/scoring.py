@@ -137,7 +137,9 @@ def score(loaded: inference.LoadedModel, sources: Sequence[Sequence[int]],
 
 def score_text(loaded: inference.LoadedModel, sources: Sequence[str],
                targets: Sequence[str], **options) -> list[Score]:
-  """`score` of text pairs, encoded with the model's tokenizer (blank side: 0, 0)."""
+  """`score` of text pairs, each side encoded as training encodes it (the target with
+  the target side's model where the tokenizer has one per side; blank side: 0, 0)."""
   tokenizer = loaded.tokenizer
-  encode = lambda texts: [tokenizer.encode(t.strip()) if t.strip() else [] for t in texts]
-  return score(loaded, encode(sources), encode(targets), **options)
+  encode = lambda texts, side: [side(t.strip()) if t.strip() else [] for t in texts]
+  return score(loaded, encode(sources, tokenizer.encode),
+               encode(targets, tokenizer.encode_target), **options)

@@ -238,12 +238,25 @@ class PeerWatch(threading.Thread):
     self._client, self._index, self._count = client, process_index, process_count
     self._timeout_s = timeout_s
     self._interval_s = interval_s or min(5.0, max(timeout_s / 10, 0.2))
-    self._exiting = threading.Event()
+    self._exiting, self._stopped = threading.Event(), threading.Event()
     _watch = self
-    # From the exit handlers on (this one runs before JAX's, which shuts its client
-    # down), the watch keeps beating but logs nothing: the closed client's errors,
-    # written to stderr while the interpreter finalizes, could abort it.
-    atexit.register(self._exiting.set)
+    atexit.register(self._shut_down_at_exit)
+
+  def _shut_down_at_exit(self) -> None:
+    """At a normal exit (this handler runs before JAX's own): runs JAX's exit clean-up
+    (backends, then the shutdown barrier with the other processes) while the watch
+    still beats, so that a process that waits there for a slower one is not named
+    lost; then stops the watch and waits for it. A watch thread still inside a call
+    of the runtime's client when the interpreter finalizes aborts the process
+    ("terminate called after throwing", exit 134): Python ends daemon threads by
+    unwinding them, which C++ does not allow."""
+    self._exiting.set()  # the closed client's errors are expected from here on
+    try:
+      from jax._src import api  # pylint: disable=g-import-not-at-top
+      api.clean_up()  # JAX's own exit handler; when it runs again later, a no-op
+    finally:
+      self._stopped.set()
+      self.join(timeout=60)
 
   def run(self) -> None:
     beat, seen = 0, {}  # process -> (last counter, when it last changed)
@@ -273,7 +286,8 @@ class PeerWatch(threading.Thread):
       except Exception as error:  # pylint: disable=broad-except  # service unreachable
         if not self._exiting.is_set():
           logging.warning('peer watch: %s', str(error).splitlines()[0][:200])
-      time.sleep(self._interval_s)
+      if self._stopped.wait(self._interval_s):
+        return
 
   def _counters(self, watched) -> list[tuple[int, str]]:
     if self._index == 0:

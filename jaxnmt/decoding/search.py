@@ -117,6 +117,8 @@ def sample(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id
            window: int | None = WINDOW) -> jax.Array:
   """Ancestral sampling from the temperature-scaled distribution, restricted to the
   `top_k` most likely tokens (0 = all) and to the nucleus of mass `top_p` -> [B, L].
+  `key`: one key for the batch, or a key per row ([B]: a row's tokens then depend on
+  its own key and logits only, not on its batch mates or its place in the batch).
 
   To continue a prompt whose first `start_index` tokens are already in `cache`, pass
   its last token as `first_tokens` [B]; the result then holds max_length - start_index
@@ -126,6 +128,8 @@ def sample(step_fn, cache, batch_size: int, max_length: int, bos_id: int, eos_id
     if eos_banned is not None:
       logits = selection.ban(logits, eos_banned)
     filtered = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
+    if step_key.ndim:  # a key per row
+      return jax.vmap(lambda k, row: jax.random.categorical(k, row))(step_key, filtered)
     return jax.random.categorical(step_key, filtered, axis=-1)
   return _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
                      max_lengths, key, start_index, first_tokens, min_lengths=min_lengths,
@@ -169,7 +173,9 @@ def _token_loop(step_fn, cache, select, batch_size, max_length, bos_id, eos_id,
     index = state['index']
     logits, cache = step_fn(state['cache'], state['previous'], index)
     eos_banned = None if min_lengths is None else (eos_id, index + 1 < min_lengths)
-    chosen = select(logits.astype(jnp.float32), jax.random.fold_in(key, index), eos_banned)
+    step_key = (jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, index) if key.ndim
+                else jax.random.fold_in(key, index))
+    chosen = select(logits.astype(jnp.float32), step_key, eos_banned)
     chosen = chosen.astype(jnp.int32)
     chosen = jnp.where(index + 1 >= max_lengths, eos_id, chosen)
     chosen = jnp.where(state['finished'], 0, chosen)

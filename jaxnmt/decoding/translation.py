@@ -270,7 +270,7 @@ class Translator:
                         owners: Sequence[tuple[int, int]], share: tuple[int, int] = (0, 1)
                         ) -> list[list[Hypothesis] | None]:
     """`decode_encoded` of single sentences; owners[i]: (input line, sentence in it)
-    of encoded[i], whose first row's keys a batch's sampling key. share (i, N): only
+    of encoded[i], which key its sampling (`row_keys`). share (i, N): only
     batches b with b mod N == i are decoded; the others' sentences give None."""
     options = options or self.options
     if not 1 <= nbest <= options.max_nbest:
@@ -290,11 +290,13 @@ class Translator:
       for row, index in enumerate(indices):
         inputs[row, :len(encoded[index])] = encoded[index]
         caps[row] = self.output_cap(len(encoded[index]))
-      line, part = owners[indices[0]]
-      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(options.seed), line), part)
+      lines, parts = np.full((2, rows), -1, np.int32)  # padding rows: any key
+      for row, index in enumerate(indices):
+        lines[row], parts[row] = owners[index]
+      keys = row_keys(options.seed, lines, parts)
       tokens, batch_scores = decoder(
           self.loaded.params, self.loaded.rest, jax.device_put(inputs, rows_sharding),
-          jax.device_put(caps, rows_sharding), key,
+          jax.device_put(caps, rows_sharding), jax.device_put(keys, rows_sharding),
           max_length=self._output_length(source_length))
       tokens, batch_scores = np.asarray(tokens), np.asarray(batch_scores)
       self.output_tokens += int(np.count_nonzero(tokens[:len(indices), 0]))
@@ -367,9 +369,23 @@ def _gather(results: list[list[Hypothesis] | None]) -> list[list[Hypothesis]]:
   return merged
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _row_keys(seed: int, lines, parts):
+  base = jax.random.key(seed)
+  return jax.vmap(lambda line, part: jax.random.fold_in(jax.random.fold_in(base, line),
+                                                        part))(lines, parts)
+
+
+def row_keys(seed: int, lines: np.ndarray, parts: np.ndarray) -> jax.Array:
+  """The sampling key of each row [B]: from the seed, the row's input line (from 0)
+  and the sentence's place in that line, so that a sentence samples the same in any
+  batch, on any process."""
+  return _row_keys(seed, lines, parts)
+
+
 def decoder(graphdef, options: DecodeOptions, scores: bool = False):
-  """`_decode_batch` jitted: (params, rest, inputs, max_lengths, key, *, max_length)
-  -> (tokens, scores)."""
+  """`_decode_batch` jitted: (params, rest, inputs, max_lengths, keys, *, max_length)
+  -> (tokens, scores); keys: a sampling key per row (`row_keys`)."""
   return jax.jit(functools.partial(_decode_batch, graphdef, options, scores),
                  static_argnames=('max_length',))
 
@@ -389,12 +405,13 @@ def compile_decoder(model_cfg, config, devices, options: DecodeOptions,
   graphdef, params, rest = initialize.abstract_model(model_cfg)
   replicated = NamedSharding(mesh, PartitionSpec())
   split = NamedSharding(mesh, PartitionSpec('data'))
-  key = jax.eval_shape(lambda: jax.random.key(options.seed))
+  keys = jax.eval_shape(lambda: row_keys(options.seed, np.zeros(rows, np.int32),
+                                         np.zeros(rows, np.int32)))
   compiled = decoder(graphdef, options).lower(
       initialize.with_shardings(params, replicated), initialize.with_shardings(rest, replicated),
       jax.ShapeDtypeStruct((rows, source_length), jnp.int32, sharding=split),
       jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split),
-      jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+      jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=split),
       max_length=decode_length).compile()
   return compiled, rows, source_length, decode_length
 
@@ -424,7 +441,7 @@ def full_batch_rows(source_length: int, batch_size: int, batch_tokens: int,
 
 
 def _decode_batch(graphdef, options: DecodeOptions, scores: bool, params, rest, inputs,
-                  max_lengths, key, *, max_length: int):
+                  max_lengths, keys, *, max_length: int):
   """inputs: int32 [B, S] (0 = pad); max_lengths: int32 [B] -> (tokens int32 [B, K, L],
   scores float32 [B, K]) best first; K = beam size for beam search, else 1 (scores NaN
   unless `scores`)."""
@@ -447,7 +464,7 @@ def _decode_batch(graphdef, options: DecodeOptions, scores: bool, params, rest, 
                               eos, options.length_penalty, max_lengths,
                               min_lengths=min_lengths)
   if options.strategy == 'sample':
-    tokens = search.sample(step_fn, cache, batch, max_length, bos, eos, key,
+    tokens = search.sample(step_fn, cache, batch, max_length, bos, eos, keys,
                            options.temperature, options.top_k, options.top_p, max_lengths,
                            min_lengths=min_lengths)
   else:

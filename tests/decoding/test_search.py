@@ -118,6 +118,23 @@ def test_sampling_draws_from_the_filtered_distribution():
   assert set(first(temperature=0.01)) == {4}
 
 
+def test_a_key_per_row_samples_a_row_the_same_in_any_batch():
+  """Keys [B]: a row's tokens depend on its own key only, wherever it sits in the
+  batch; and per-row keys still draw from the distribution (not one draw repeated)."""
+  table = np.full((12, 12), 1 / 8)
+  table[:, :4] = 0.0
+  table[:, EOS] = 1 / 8
+  step_fn = markov_step(table)
+  keys = jax.random.split(jax.random.key(7), 64)
+  run = lambda k: np.asarray(search.sample(step_fn, {'calls': jnp.zeros((len(k),), jnp.int32)},
+                                           len(k), 6, BOS, EOS, k))
+  whole = run(keys)
+  order = np.random.default_rng(0).permutation(64)
+  np.testing.assert_array_equal(run(keys[order]), whole[order])
+  np.testing.assert_array_equal(run(keys[5:13]), whole[5:13])
+  assert len({tuple(row) for row in whole}) > 50
+
+
 def small_model():
   config = transformer.ModelConfig(vocab_size=30, num_encoder_layers=1, num_decoder_layers=2,
                                  d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0,

@@ -9,7 +9,10 @@ interactively and in pipes.
 `--commit_lines` lines (`decoding/corpus_job.py`): to stdout as each chunk is done, or
 with `--output=OUT` on any number of processes, each decoding its share of the chunks,
 resumably (a killed job rerun with the same flags goes on where it stopped), into one
-OUT that is byte for byte the same whatever the process count.
+OUT that is byte for byte the same whatever the process count. `--input` may also be a
+prepared corpus (a `--mode=prepare` folder tokenized with the model's tokenizer): its
+source side is translated in the prepared order and each row is
+`source<TAB>translation`, a corpus for another run (distillation).
 
 Each line gives one translation line, or with `--nbest=N` N TSV rows
 `line_index<TAB>rank<TAB>score<TAB>translation` (`format_nbest`). Batching, decoding and
@@ -25,6 +28,7 @@ from typing import Sequence, TextIO
 
 import jax
 
+from jaxnmt.data import tags as tags_lib
 from jaxnmt.decoding import corpus_job
 from jaxnmt.decoding import translation
 from jaxnmt.errors import UserError
@@ -78,9 +82,16 @@ def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
                 'batch_size': batch_size, 'batch_tokens': batch_tokens,
                 'step': translator.step, 'weights': translator.loaded.weights,
                 'local_devices': translator.devices, 'target_lang': target_lang}
+    prepared = corpus_job.is_prepared(input_path)
+    if prepared:
+      items = lambda: corpus_job.open_prepared(input_path, translator.tokenizer)
+      settings['input'] += ' (prepared)'
+    else:
+      items = lambda: corpus_job.open_lines(input_path)
     summary = corpus_job.run(
-        lambda: corpus_job.open_lines(input_path), output_path,
-        lambda first, lines: _translate_chunk(translator, first, lines, nbest, batch_size),
+        items, output_path,
+        lambda first, lines: _translate_chunk(translator, first, lines, nbest, batch_size,
+                                              with_source=prepared and not nbest),
         settings, commit_lines, 'translate', output, report_every_s)
     if summary:
       logging.info('translate: %d lines (%d empty, %d with invalid UTF-8 replaced), %d '
@@ -101,19 +112,27 @@ FIXED_ROWS_LINES = 1000
 
 
 def _translate_chunk(translator: translation.Translator, first: int, lines: list,
-                     nbest: int, batch_size: int) -> tuple[str, dict]:
-  """One chunk of a corpus job: (its output text, its counts)."""
+                     nbest: int, batch_size: int, with_source: bool = False
+                     ) -> tuple[str, dict]:
+  """One chunk of a corpus job: (its output text, its counts). with_source: rows
+  `source<TAB>translation`, the source without its tags (a corpus for another run)."""
   texts = [text for text, _ in lines]
   before = translator.output_tokens
   results = translator.decode_encoded(translator.encode(texts, first), max(nbest, 1),
                                       batch_size, scores=nbest > 0, first_index=first,
                                       fixed_rows=len(lines) >= FIXED_ROWS_LINES)
   text = ''.join(format_nbest(index, hypotheses) if nbest else
-                 _one_line(hypotheses[0].text) + '\n'
-                 for index, hypotheses in enumerate(results, first))
+                 _source_column(translator, source) * with_source
+                 + _one_line(hypotheses[0].text) + '\n'
+                 for (index, hypotheses), source in zip(enumerate(results, first), texts))
   return text, {'tokens': translator.output_tokens - before,
                 'empty': sum(not text.strip() for text in texts),
                 'replaced': sum(replaced for _, replaced in lines)}
+
+
+def _source_column(translator: translation.Translator, source: str) -> str:
+  untagged = tags_lib.split_tags(source, translator.tokenizer.tags)[1]
+  return _one_line(untagged).replace('\t', ' ') + '\t'
 
 
 def stream(translator: translation.Translator, source: TextIO, output: TextIO, nbest: int = 0,

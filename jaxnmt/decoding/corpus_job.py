@@ -18,8 +18,9 @@
   holds the settings that shape the output; a rerun with others is refused with one
   line. Once every chunk is done, process 0 streams the parts into OUTPUT (a `.partial`
   renamed, or one upload) and removes OUTPUT.parts.
-* **Streaming.** Input is read a line at a time (text, `.gz`, `.zst`; local or gs://),
-  at most one chunk is held, and memory does not grow with the corpus.
+* **Streaming.** Input is read a line at a time (text, `.gz`, `.zst`; local or gs://;
+  or the source side of a prepared corpus, `open_prepared`), at most one chunk is
+  held, and memory does not grow with the corpus.
 * **Bad lines keep their place**: an empty line gives an empty output line, invalid
   UTF-8 is replaced (U+FFFD); both are counted and reported at the end.
 * **Progress**: every `report_every_s`, each process logs its lines done, sentences/s,
@@ -31,11 +32,16 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from typing import Callable, Iterable, Iterator
 
 import jax
+import numpy as np
 
+from jaxnmt.data import corpus as corpus_lib
+from jaxnmt.data import prepare as prepare_lib
+from jaxnmt.data import records as records_lib
 from jaxnmt.errors import UserError
 from jaxnmt.runtime import distributed
 from jaxnmt.runtime import files
@@ -69,6 +75,34 @@ def open_lines(path: str) -> Iterator[tuple[str, bool]]:
     except (OSError, EOFError, ValueError) as error:  # cut short, corrupt
       raise UserError(f'{path}: unreadable after {count} lines ({error}): the file is cut '
                       f'short or corrupt') from None
+
+
+def is_prepared(path: str) -> bool:
+  """Whether `path` is a prepared corpus (`--mode=prepare`: a folder with a manifest)."""
+  return os.path.isfile(os.path.join(path, prepare_lib.MANIFEST))
+
+
+def open_prepared(directory: str, tokenizer) -> Iterator[tuple[str, bool]]:
+  """(source text, False) of every pair of a prepared corpus, in its order (corpora
+  as the manifest lists them, then shards, then records), streamed. The corpus must be
+  tokenized by `tokenizer` (its file's sha256 is the manifest's): the ids are the
+  model's own, and their text (tags included) is what the model is given."""
+  manifest = prepare_lib.load_manifest(directory)
+  mine = corpus_lib.file_sha256(tokenizer.model_path) if os.path.isfile(
+      getattr(tokenizer, 'model_path', '')) else None
+  if manifest['tokenizer_sha256'] != mine:
+    raise UserError(f'--input={directory} was prepared with another tokenizer than the '
+                    f"model's (sha256 {manifest['tokenizer_sha256'][:12]}, the model's "
+                    f'{(mine or "?")[:12]}): translate its text files instead')
+  dtype = np.dtype(manifest['record_dtype'])
+  for corpus in prepare_lib.open_corpora(manifest, directory):
+    for start in range(0, len(corpus), _PREPARED_BLOCK):
+      records = corpus.__getitems__(range(start, min(start + _PREPARED_BLOCK, len(corpus))))
+      for record in records:
+        yield tokenizer.decode(records_lib.decode_record(record, dtype)[0]), False
+
+
+_PREPARED_BLOCK = 1024  # records read at once from a prepared corpus
 
 
 def count_lines(items: Iterable) -> int:

@@ -140,3 +140,44 @@ def test_a_corpus_job_writes_the_librarys_translations_in_order(trained_workdir,
   rows = [row.split('\t') for row in streamed.getvalue().splitlines()]
   assert [int(row[0]) for row in rows] == list(range(15))
   assert [row[3] for row in rows[1::5]] == [''] * 3  # blank lines keep their place
+
+
+def test_a_prepared_corpus_is_translated_in_its_order_with_its_sources(
+    trained_workdir, loaded, small_corpus, tmp_path):
+  """`--input` = a prepared folder tokenized with the model's tokenizer: its pairs'
+  sources in the prepared order, each row `source<TAB>translation`; one prepared
+  with another tokenizer is refused in one line."""
+  # pylint: disable=g-import-not-at-top
+  import os
+  from jaxnmt.data import prepare
+  from jaxnmt.data import records
+  from tests.tiny_config import tiny_config
+  corpus = tmp_path / 'few.tsv'
+  lines = open(small_corpus, encoding='utf-8').read().splitlines()[:40]
+  corpus.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  config = tiny_config(str(corpus))
+  config.data.valid_fraction = config.data.test_fraction = 0.0
+  config.data.pairs_per_shard = 15
+  config.tokenizer.path = os.path.join(trained_workdir, 'tokenizer.model')
+  manifest = prepare.prepare(config, str(tmp_path / 'w'), progress=False)
+  directory = prepare.prepared_dir(config, str(tmp_path / 'w'))
+  shards = prepare.open_corpora(manifest, directory)
+  dtype = np.dtype(manifest['record_dtype'])
+  tokenizer = loaded.tokenizer
+  sources = [tokenizer.decode(records.decode_record(record, dtype)[0])
+             for corpus_records in shards
+             for record in corpus_records.__getitems__(range(len(corpus_records)))]
+  assert len(sources) == 40 and len(manifest['corpora'][0]['shards']) > 1
+  output = tmp_path / 'out.tsv'
+  summary = translate_command.run(trained_workdir, directory, output_path=str(output),
+                                  options=BEAM2, commit_lines=16)
+  rows = [row.split('\t') for row in output.read_text(encoding='utf-8').splitlines()]
+  assert [row[0] for row in rows] == sources
+  assert [row[1] for row in rows] == translation.Translator(loaded, BEAM2).translate(sources)
+  assert summary['lines'] == 40
+  # The same corpus prepared with its own tokenizer: refused, naming both hashes.
+  config.tokenizer.path = ''
+  config.data.prepared_dir = str(tmp_path / 'own')
+  prepare.prepare(config, str(tmp_path / 'w2'), progress=False)
+  with pytest.raises(UserError, match='prepared with another tokenizer'):
+    translate_command.run(trained_workdir, str(tmp_path / 'own'), output_path=str(output))

@@ -145,8 +145,9 @@ def start_main(*flags, corpus: str = '', processes: int = 1, devices: int = 8,
   popen = {'stdout': subprocess.PIPE, 'stderr': subprocess.PIPE, 'text': True,
            'start_new_session': True, **popen}
   # pylint: disable-next=consider-using-with
-  return subprocess.Popen(main_command(*flags, processes=processes), cwd=ROOT,
-                          env=environment(corpus, processes, devices), **popen)
+  env = popen.pop('env', None) or environment(corpus, processes, devices)
+  return subprocess.Popen(main_command(*flags, processes=processes), cwd=ROOT, env=env,
+                          **popen)
 
 
 def last_error(stderr: str) -> str:

@@ -96,8 +96,10 @@ class Tagger:
     if target_lang:
       self.target = fmt.format(target_lang)
       if self.target not in self.known:
+        langs = self.langs or [tag[len(prefix):len(tag) - len(suffix)] for tag in self.known
+                               if self._target_pattern.match(tag)]
         raise UserError(f'--target_lang={target_lang}: this model has no tag {self.target} '
-                        f'(its target languages: {", ".join(self.langs) or "none"})')
+                        f'(its target languages: {", ".join(langs) or "none"})')
 
   def __call__(self, text: str, number: int) -> str:
     """`text` (stripped, not blank) of input line `number` (from 1), tagged."""
@@ -112,8 +114,10 @@ class Tagger:
       if word not in self.known:
         raise UserError(f'input line {number} starts with the tag {word}, which this model '
                         f'was not trained with (its tags: {", ".join(self.known)})')
-    if self.langs and not any(self._target_pattern.match(word) for word in leading):
+    if not any(self._target_pattern.match(word) for word in leading):
       if self.target is None:
+        if not self.langs:
+          return text
         raise UserError(f'input line {number} names no target language and this model is '
                         f'multilingual ({", ".join(self.langs)}): give --target_lang or '
                         f'start the line with its tag, e.g. '

@@ -10,11 +10,18 @@ import time
 
 import pytest
 
-from tests.helpers import real_pairs, run_main, start_main
+from tests.helpers import environment, real_pairs, run_main, start_main
 
 pytestmark = pytest.mark.slow
 
 SAMPLING = ('--temperature=1.0', '--top_k=20', '--decode_seed=5', '--commit_lines=200')
+
+
+@pytest.fixture(scope='module')
+def compiled(tmp_path_factory) -> tuple[str, ...]:
+  """One persistent compilation cache for every run here: the first run compiles the
+  decode shapes, the others (any process count) load them; decoding is the same."""
+  return (f'--compilation_cache_dir={tmp_path_factory.mktemp("xla_cache")}',)
 
 
 @pytest.fixture(scope='module')
@@ -30,9 +37,14 @@ def corpus(tmp_path_factory) -> str:
 def _translate(workdir, corpus, output, processes: int, *extra):
   result = run_main('--mode=translate', f'--workdir={workdir}', f'--input={corpus}',
                     f'--output={output}', *SAMPLING, *extra, processes=processes,
-                    devices=1, timeout=480)
+                    devices=1, timeout=480, env=_environment(processes))
   assert result.returncode == 0, result.stderr[-3000:]
   return open(output, 'rb').read()
+
+
+def _environment(processes: int) -> dict:
+  # Small decode programs too (JAX caches only those that took a second to compile).
+  return environment('', processes, 1, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 
 
 def _done(parts: str) -> list[str]:
@@ -57,18 +69,19 @@ def _process_id(number: int, marker: str) -> int:
 
 
 def test_any_process_count_and_a_killed_process_give_the_same_bytes(trained_workdir,
-                                                                     corpus, tmp_path):
-  one = _translate(trained_workdir, corpus, tmp_path / 'one.txt', 1)
+                                                                     corpus, compiled,
+                                                                     tmp_path):
+  one = _translate(trained_workdir, corpus, tmp_path / 'one.txt', 1, *compiled)
   assert one.count(b'\n') == 2000 and len(set(one.split(b'\n'))) > 1000
-  assert _translate(trained_workdir, corpus, tmp_path / 'two.txt', 2) == one
-  assert _translate(trained_workdir, corpus, tmp_path / 'four.txt', 4) == one
+  assert _translate(trained_workdir, corpus, tmp_path / 'two.txt', 2, *compiled) == one
+  assert _translate(trained_workdir, corpus, tmp_path / 'four.txt', 4, *compiled) == one
   # Kill -9 process 1 once a few chunks are committed; the job ends (exit 1, the peer
   # watch names the lost process); the same command then finishes it.
   output = tmp_path / 'killed.txt'
   parts = f'{output}.parts'
   job = start_main('--mode=translate', f'--workdir={trained_workdir}', f'--input={corpus}',
-                   f'--output={output}', *SAMPLING, '--peer_timeout_s=5', processes=2,
-                   devices=1)
+                   f'--output={output}', *SAMPLING, *compiled, '--peer_timeout_s=5',
+                   processes=2, devices=1, env=_environment(2))
   try:
     deadline = time.monotonic() + 180
     while not (os.path.isdir(parts) and
@@ -86,22 +99,25 @@ def test_any_process_count_and_a_killed_process_give_the_same_bytes(trained_work
   done = _done(parts)
   assert 4 <= len(done) < 10  # stopped mid-run
   result = run_main('--mode=translate', f'--workdir={trained_workdir}', f'--input={corpus}',
-                    f'--output={output}', *SAMPLING, processes=2, devices=1, timeout=480)
+                    f'--output={output}', *SAMPLING, *compiled, processes=2, devices=1,
+                    timeout=480, env=_environment(2))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'{len(done)} chunks done before' in result.stderr
   assert output.read_bytes() == one
   assert not os.path.exists(parts)
 
 
-def test_eval_worker_on_two_processes_gives_the_one_process_bleu(workdir_copy, tmp_path):
+def test_eval_worker_on_two_processes_gives_the_one_process_bleu(workdir_copy, compiled,
+                                                                tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   other = str(tmp_path / 'other')
   shutil.copytree(workdir_copy, other)
   results = {}
   for workdir, processes in ((workdir_copy, 1), (other, 2)):
     result = run_main('--mode=eval', f'--workdir={workdir}', '--checkpoint_step=20',
-                      '--beam_size=2', '--max_valid_sentences=20', processes=processes,
-                      devices=1, timeout=480)
+                      '--beam_size=2', '--max_valid_sentences=20', *compiled,
+                      processes=processes, devices=1, timeout=480,
+                      env=_environment(processes))
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(workdir, 'eval', 'results.jsonl'), encoding='utf-8') as handle:
       results[processes] = [json.loads(line) for line in handle][-1]

@@ -36,8 +36,9 @@ def _vocab_line(token: str, index: int) -> str:
   return f'{token if plain else json.dumps(token, ensure_ascii=False)}: {index}\n'
 
 
-def write(directory: str, seed: int = 0, **options) -> dict:
-  """Writes the model; returns its options."""
+def write(directory: str, seed: int = 0, tags: tuple[str, ...] = (), **options) -> dict:
+  """Writes the model; returns its options. tags: vocabulary entries after `<unk>`
+  (a multilingual OPUS-MT model's `>>spa<<`), which no SentencePiece model holds."""
   options = {**OPTIONS, **options}
   os.makedirs(directory, exist_ok=True)
   pairs = helpers.real_pairs(600, seed=3)
@@ -45,7 +46,7 @@ def write(directory: str, seed: int = 0, **options) -> dict:
   _train_spm([es for _, es in pairs], os.path.join(directory, 'target'))
   os.replace(os.path.join(directory, 'source.model'), os.path.join(directory, 'source.spm'))
   os.replace(os.path.join(directory, 'target.model'), os.path.join(directory, 'target.spm'))
-  pieces = ['</s>', '<unk>']
+  pieces = ['</s>', '<unk>', *tags]
   for side in ('source', 'target'):
     processor = spm.SentencePieceProcessor(model_file=os.path.join(directory, f'{side}.spm'))
     for i in range(processor.get_piece_size()):

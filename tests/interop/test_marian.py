@@ -149,3 +149,52 @@ def test_an_imported_model_fine_tunes(tmp_path, small_corpus):
   assert tuned.returncode == 0, tuned.stderr[-3000:]
   losses = helpers.losses_by_step(tmp_path / 'tuned')
   assert losses[30] < 0.8 * losses[5], losses
+
+
+@pytest.mark.slow
+def test_a_multilingual_model_takes_its_target_language_tag(tmp_path, monkeypatch):
+  """A multilingual OPUS-MT model (`>>spa<<`, `>>por<<` in its vocabulary): after import,
+  `--target_lang=spa` puts `>>spa<<` before each source as one id, as a line that
+  starts with it does; each pair's log-probability under either tag is what
+  CTranslate2's Marian converter gives with the tag as the first source token, and
+  greedy translations are its; other tags are refused in one line."""
+  # pylint: disable=g-import-not-at-top
+  from configs import base
+  from jaxnmt.decoding import scoring
+  from jaxnmt.errors import UserError
+  directory = str(tmp_path / 'marian')
+  marian_model.write(directory, tags=('>>spa<<', '>>por<<'))
+  marian.import_model(directory, str(tmp_path / 'run'), base.get_config())
+  loaded = inference.load(str(tmp_path / 'run'))
+  assert loaded.config.data.target_tag_format == '>>{}<<'
+  greedy = translation.DecodeOptions(beam_size=1)
+  pairs = helpers.real_pairs(100, seed=11)[:30]
+  lines = [en for en, _ in pairs]
+  spa = translation.Translator(loaded, greedy, target_lang='spa')
+  tag_id = loaded.tokenizer.tag_id('>>spa<<')
+  assert [ids[0] for ids in spa.encode(lines)] == [tag_id] * len(lines)
+  assert spa.translate(lines) == translation.Translator(loaded, greedy).translate(
+      [f'>>spa<< {line}' for line in lines])
+  ct2 = _ct2_marian(directory, str(tmp_path / 'ct2'), monkeypatch)
+  caps = lambda tokens: translation.output_cap(tokens, loaded.config.decode, None)
+  source = spm.SentencePieceProcessor(model_file=os.path.join(directory, 'source.spm'))
+  target = spm.SentencePieceProcessor(model_file=os.path.join(directory, 'target.spm'))
+  totals = {}
+  for lang in ('spa', 'por'):
+    ours = scoring.score_text(loaded, [f'>>{lang}<< {en}' for en, _ in pairs],
+                              [es for _, es in pairs])
+    sources = [[f'>>{lang}<<'] + source.encode(en, out_type=str) for en, _ in pairs]
+    theirs = ct2.score_batch(sources, [target.encode(es, out_type=str) for _, es in pairs])
+    totals[lang] = [score.total for score in ours]
+    np.testing.assert_allclose(totals[lang], [sum(r.log_probs) for r in theirs],
+                               rtol=1e-4, atol=1e-3)
+    translated = translation.Translator(loaded, greedy, target_lang=lang).translate(lines)
+    for pieces, mine in zip(sources, translated):
+      result = ct2.translate_batch([pieces], beam_size=1, min_decoding_length=0,
+                                   max_decoding_length=caps(len(pieces) + 1) - 1)
+      assert target.decode(result[0].hypotheses[0]) == mine, (lang, pieces)
+  assert np.abs(np.subtract(totals['spa'], totals['por'])).max() > 1e-2  # the tag counts
+  with pytest.raises(UserError, match=r'no tag >>deu<< \(its target languages: spa, por\)'):
+    translation.Translator(loaded, greedy, target_lang='deu')
+  with pytest.raises(UserError, match='starts with the tag >>deu<<'):
+    translation.Translator(loaded, greedy).translate(['>>deu<< Hello.'])

@@ -80,6 +80,20 @@ def test_import_translates_as_ctranslate2s_marian_converter(options, tmp_path, m
                           directory, caps, SENTENCES)
   differ = [(s, a, b) for s, a, b in zip(SENTENCES, ours, theirs) if a != b]
   assert not differ, (len(differ), differ[:2])
+  # Every token's log-probability of the reference pairs (what --mode=score gives),
+  # within 1e-4 of CTranslate2's score_batch: random Marian weights make degenerate
+  # greedy outputs, the scores test every weight on real text.
+  from jaxnmt.decoding import scoring  # pylint: disable=g-import-not-at-top
+  pairs = helpers.real_pairs(100, seed=11)
+  scored = scoring.score_text(loaded, [en for en, _ in pairs], [es for _, es in pairs],
+                              per_token=True)
+  source = spm.SentencePieceProcessor(model_file=os.path.join(directory, 'source.spm'))
+  target = spm.SentencePieceProcessor(model_file=os.path.join(directory, 'target.spm'))
+  ct2 = _ct2_marian(directory, str(tmp_path / 'ct2-scores'), monkeypatch)
+  reference = ct2.score_batch([source.encode(en, out_type=str) for en, _ in pairs],
+                              [target.encode(es, out_type=str) for _, es in pairs])
+  for mine, theirs in zip(scored, reference):
+    np.testing.assert_allclose(mine.token_log_probs, theirs.log_probs, atol=1e-4)
   # Round trip: import -> export -> CTranslate2 translates as jaxnmt did.
   exported = helpers.run_main('--mode=export', f'--workdir={tmp_path / "run"}',
                               f'--output={tmp_path / "export"}')

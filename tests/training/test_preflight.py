@@ -128,3 +128,28 @@ def test_candidate_meshes_respect_processes_and_slices():
   # A batch of 2 rows cannot split over 4 processes, on any mesh.
   config.data.update(batch_size=2, eval_batch_size=2)
   assert preflight.candidate_meshes(config, 8, processes=4) == []
+
+
+@pytest.mark.slow
+def test_the_base_config_fits_a_v4_16_with_its_state_split_8_ways(libtpu):
+  """configs/base.py as shipped, its train step compiled for a v4-16 (8 chips) with
+  `fsdp=8`: it fits a v4 chip's 32 GiB, the parameters and Adam's moments per chip are
+  an eighth of the whole plus the replicated parts (within 10%), and the step's
+  collectives run over `fsdp` alone."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  config = base.get_config()
+  config.mesh.update(data=1, fsdp=8, tensor=1)
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
+  devices = topology.devices(topology.parse('v4-16'))
+  report = preflight.compile_function('train_step', config, model_cfg, devices, 32 * 2**30)
+  assert report.fits and report.flops > 0
+  params = initialize.abstract_params(model_cfg)
+  mesh, rules = sharding.plan_mesh(config, devices)
+  split = sum(leaf.size * leaf.dtype.itemsize for leaf, spec in zip(
+      jax.tree.leaves(params), jax.tree.leaves(sharding.state_shardings(
+          params, mesh, rules))) if spec.spec and any(spec.spec))
+  replicated = _param_bytes(model_cfg) - split
+  expected = 3 * (split / 8 + replicated)
+  state = report.state['params'] + report.state['opt_state']
+  assert abs(state - expected) <= 0.1 * expected, (state, expected)
+  assert {item['axes'] for item in report.collectives} == {('fsdp',)}

@@ -6,8 +6,8 @@ The corpus is shuffled once and cut into three disjoint parts: a test set, a
 monolingual slice (only its Spanish side is used) and the real pairs. The recipe of
 docs/back-translation.md then runs as written: the reverse model (es->en) on the real
 pairs, the monolingual Spanish translated with it by sampling, the forward model on
-real.tsv + bt.tsv (tagged `<bt>`, weights 0.5/0.5), and the baseline forward model on
-real.tsv, each for `--steps` updates of configs/tiny.py. Both forward models translate
+real.tsv + bt.tsv (tagged `<bt>`; weights 0.5/0.5, and mixed by size), and the
+baseline forward model on real.tsv, each for `--steps` updates of configs/tiny.py. Both forward models translate
 the test set with beam 4; sacrebleu scores them.
 
   python benchmarks/back_translation.py --workdir=/tmp/bt --steps=400 --mono=10000
@@ -105,15 +105,19 @@ def main() -> None:
     handle.writelines(f'{en.rstrip(chr(10))}\t{es}' for en, es in zip(synthetic, real))
   seconds['baseline'] = _train(run('en-es'), args.steps, run('en-es.log'),
                                f'--config.data.path={paths["real.tsv"]}')
-  seconds['with bt'] = _train(run('en-es-bt'), args.steps, run('en-es-bt.log'),
-                              f'--config.data.path={paths["real.tsv"]},{run("bt.tsv")}',
-                              '--config.data.tags=,bt', '--config.data.weights=0.5,0.5')
+  mixture = (f'--config.data.path={paths["real.tsv"]},{run("bt.tsv")}',
+             '--config.data.tags=,bt')
+  seconds['with bt'] = _train(run('en-es-bt'), args.steps, run('en-es-bt.log'), *mixture,
+                              '--config.data.weights=0.5,0.5')
+  seconds['with bt by size'] = _train(run('en-es-bt-natural'), args.steps,
+                                      run('en-es-bt-natural.log'), *mixture)
   results = {name: _bleu(run(workdir), paths, run(f'{workdir}.test.log'))
-             for name, workdir in (('baseline', 'en-es'), ('with bt', 'en-es-bt'))}
+             for name, workdir in (('baseline', 'en-es'), ('with bt 1:1', 'en-es-bt'),
+                                   ('with bt by size', 'en-es-bt-natural'))}
   print(f'{args.steps} updates each of configs/tiny.py; {paths["sizes"]["real"]} real '
         f'pairs, {args.mono} back-translated (sampled, top-k 10), {args.test} test pairs')
   for name, (bleu, _) in results.items():
-    print(f'  {name:9s} BLEU {bleu:.2f} (beam 4, sacrebleu)')
+    print(f'  {name:15s} BLEU {bleu:.2f} (beam 4, sacrebleu)')
   print('  seconds: ' + ', '.join(f'{k} {v:.0f}' for k, v in seconds.items()))
 
 

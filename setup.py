@@ -40,6 +40,8 @@ setuptools.setup(
         # reads Marian's YAML model config and vocabularies.
         'ctranslate2>=4.8',
         'pyyaml>=6.0',
+        # bfloat16 arrays for a bfloat16 CTranslate2 export (JAX depends on it too).
+        'ml-dtypes>=0.5',
     ],
     extras_require={
         # A workdir on Cloud Storage (gs://...): gcsfs, and with it google-cloud-storage,

@@ -29,9 +29,10 @@ import os
 import shutil
 
 import ctranslate2
+import ml_dtypes
 import numpy as np
 from ctranslate2.converters.converter import Converter
-from ctranslate2.specs import common_spec, transformer_spec
+from ctranslate2.specs import common_spec, model_spec, transformer_spec
 
 from jaxnmt.data import tokenizer as tokenizer_lib
 from jaxnmt.errors import ConfigError, UserError
@@ -39,10 +40,12 @@ from jaxnmt.interop import weights as weights_lib
 from jaxnmt.model import layers
 from jaxnmt.model import transformer
 
-QUANTIZATIONS = ('float32', 'int8', 'int8_float32', 'int8_float16', 'int16', 'float16')
-# CTranslate2's converter writes bfloat16 weights through torch, which jaxnmt does not
-# install: export float32 and load it with compute_type='bfloat16' instead.
-NEEDS_TORCH = ('bfloat16', 'int8_bfloat16')
+QUANTIZATIONS = ('float32', 'int8', 'int8_float32', 'int8_float16', 'int16', 'float16',
+                 'bfloat16', 'int8_bfloat16')
+# CTranslate2's converter casts to bfloat16 through torch, which jaxnmt does not
+# install; given arrays that are bfloat16 already (ml_dtypes, JAX's numpy bfloat16) it
+# writes them as they are.
+BFLOAT16 = ('bfloat16', 'int8_bfloat16')
 ACTIVATIONS = {'relu': common_spec.Activation.RELU,
                'gelu': common_spec.Activation.GELUTanh,
                'gelu_sigmoid': common_spec.Activation.GELUSigmoid,
@@ -210,16 +213,28 @@ class _SpecConverter(Converter):
     return self._spec
 
 
+def _to_bfloat16(spec, seen: set | None = None) -> None:
+  """Every float32 array of `spec` (and its sub-specs) cast to bfloat16 in place."""
+  seen = set() if seen is None else seen
+  if id(spec) in seen:
+    return
+  seen.add(id(spec))
+  for name, value in list(vars(spec).items()):
+    if isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim:
+      setattr(spec, name, value.astype(ml_dtypes.bfloat16))
+    for child in value if isinstance(value, list) else [value]:
+      if isinstance(child, model_spec.LayerSpec):
+        _to_bfloat16(child, seen)
+
+
 def save(spec, output: str, quantization: str = 'float32', force: bool = False) -> str:
-  if quantization in NEEDS_TORCH:
-    raise ConfigError(f'--quantization={quantization}: CTranslate2 writes bfloat16 weights '
-                      f'through torch, which jaxnmt does not install; export float32 and '
-                      f"load it with compute_type='{quantization}'")
   if quantization not in QUANTIZATIONS:
     raise ConfigError(f'--quantization={quantization}: one of {", ".join(QUANTIZATIONS)}')
   if os.path.exists(output) and not force:
     raise ExportError(f'--output={output} exists: give a new directory (nothing there was '
                       f'changed)')
+  if quantization in BFLOAT16:
+    _to_bfloat16(spec)
   return _SpecConverter(spec).convert(output, quantization=quantization, force=force)
 
 

@@ -84,7 +84,8 @@ def run(workdir: str, input_path: str | None, output: TextIO = sys.stdout,
                 'local_devices': translator.devices, 'target_lang': target_lang}
     prepared = corpus_job.is_prepared(input_path)
     if prepared:
-      items = lambda: corpus_job.open_prepared(input_path, translator.tokenizer)
+      items = lambda: corpus_job.open_prepared(input_path, translator.tokenizer,
+                                               translator.loaded.tokenizer_sha256)
       settings['input'] += ' (prepared)'
     else:
       items = lambda: corpus_job.open_lines(input_path)

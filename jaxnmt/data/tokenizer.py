@@ -246,6 +246,11 @@ def write_vocab_tokenizer(path: str, pieces: Sequence[str], source_model: bytes,
       'target_spm': base64.b64encode(target_model).decode('ascii')}, ensure_ascii=False))
 
 
+def is_language_tag(piece: str) -> bool:
+  """Whether a vocabulary piece is a Marian / OPUS-MT target-language tag (`>>spa<<`)."""
+  return len(piece) > 4 and piece.startswith('>>') and piece.endswith('<<')
+
+
 class VocabTokenizer:
   """Encodes the source with one SentencePiece model, the target with the other, both
   onto `pieces` (one per id); decodes ids with the target model."""
@@ -261,7 +266,7 @@ class VocabTokenizer:
     self._source = spm.SentencePieceProcessor(model_proto=self._source_model)
     self._target = spm.SentencePieceProcessor(model_proto=self._target_model)
     self._ids = {piece: index for index, piece in enumerate(self.pieces)}
-    self.tags = tuple(p for p in self.pieces if p.startswith('>>') and p.endswith('<<'))
+    self.tags = tuple(piece for piece in self.pieces if is_language_tag(piece))
 
   @property
   def vocab_size(self) -> int:

@@ -39,7 +39,6 @@ from typing import Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from jaxnmt.data import corpus as corpus_lib
 from jaxnmt.data import prepare as prepare_lib
 from jaxnmt.data import records as records_lib
 from jaxnmt.errors import UserError
@@ -82,18 +81,17 @@ def is_prepared(path: str) -> bool:
   return os.path.isfile(os.path.join(path, prepare_lib.MANIFEST))
 
 
-def open_prepared(directory: str, tokenizer) -> Iterator[tuple[str, bool]]:
+def open_prepared(directory: str, tokenizer, tokenizer_sha256: str
+                  ) -> Iterator[tuple[str, bool]]:
   """(source text, False) of every pair of a prepared corpus, in its order (corpora
   as the manifest lists them, then shards, then records), streamed. The corpus must be
-  tokenized by `tokenizer` (its file's sha256 is the manifest's): the ids are the
-  model's own, and their text (tags included) is what the model is given."""
+  tokenized by `tokenizer` (whose file's sha256 is `tokenizer_sha256`): the ids are
+  the model's own, and their text (tags included) is what the model is given."""
   manifest = prepare_lib.load_manifest(directory)
-  mine = corpus_lib.file_sha256(tokenizer.model_path) if os.path.isfile(
-      getattr(tokenizer, 'model_path', '')) else None
-  if manifest['tokenizer_sha256'] != mine:
+  if manifest['tokenizer_sha256'] != tokenizer_sha256:
     raise UserError(f'--input={directory} was prepared with another tokenizer than the '
                     f"model's (sha256 {manifest['tokenizer_sha256'][:12]}, the model's "
-                    f'{(mine or "?")[:12]}): translate its text files instead')
+                    f'{tokenizer_sha256[:12]}): translate its text files instead')
   dtype = np.dtype(manifest['record_dtype'])
   for corpus in prepare_lib.open_corpora(manifest, directory):
     for start in range(0, len(corpus), _PREPARED_BLOCK):

@@ -370,17 +370,13 @@ def _gather(results: list[list[Hypothesis] | None]) -> list[list[Hypothesis]]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _row_keys(seed: int, lines, parts):
-  base = jax.random.key(seed)
-  return jax.vmap(lambda line, part: jax.random.fold_in(jax.random.fold_in(base, line),
-                                                        part))(lines, parts)
-
-
-def row_keys(seed: int, lines: np.ndarray, parts: np.ndarray) -> jax.Array:
+def row_keys(seed: int, lines, parts) -> jax.Array:
   """The sampling key of each row [B]: from the seed, the row's input line (from 0)
   and the sentence's place in that line, so that a sentence samples the same in any
   batch, on any process."""
-  return _row_keys(seed, lines, parts)
+  base = jax.random.key(seed)
+  return jax.vmap(lambda line, part: jax.random.fold_in(jax.random.fold_in(base, line),
+                                                        part))(lines, parts)
 
 
 def decoder(graphdef, options: DecodeOptions, scores: bool = False):

@@ -271,10 +271,6 @@ def convert(arrays, fields: dict, order: np.ndarray, source: str) -> dict[str, n
 MARIAN_TAG_FORMAT = '>>{}<<'
 
 
-def _is_language_tag(piece: str) -> bool:
-  return len(piece) > 4 and piece.startswith('>>') and piece.endswith('<<')
-
-
 def import_model(directory: str, workdir: str, config) -> dict:
   """Writes `workdir` from the Marian model in `directory`: `config` (a run config,
   e.g. configs/base.py's) with its model and tokenizer fields set from the model."""
@@ -302,7 +298,7 @@ def import_model(directory: str, workdir: str, config) -> dict:
   config.model.update(fields)
   config.tokenizer.model_type = 'spm_vocab'
   config.tokenizer.vocab_size = len(pieces)
-  if any(_is_language_tag(piece) for piece in marian_vocabulary):
+  if any(map(tokenizer_lib.is_language_tag, marian_vocabulary)):
     # A multilingual OPUS-MT model: the source starts with `>>spa<<` (--target_lang=spa).
     config.data.target_tag_format = MARIAN_TAG_FORMAT
   if fields['position_embedding'] == 'learned':  # the table's rows are the longest input

@@ -4,6 +4,10 @@ every JSON there.
 
   python benchmarks/compile_tables.py --out=runs/compile_tables big-v5e-16 nllb3b-v5e-64
   python benchmarks/compile_tables.py --out=runs/compile_tables --table   # print only
+  python benchmarks/compile_tables.py --out=runs/compile_tables --plan big-v5e-64
+
+`--plan` runs `--mode=compile --plan` for a target instead (every data x fsdp x tensor
+mesh of the slice; a stopped plan resumes) and prints its ranking.
 
 Targets (name: config, slice, slices, overrides) are in TARGETS; `--functions` limits
 what is compiled (the 3.3 B decoders are slow to compile on a small machine).
@@ -38,12 +42,16 @@ TARGETS = {
 }
 
 
-def run(name: str, out: str, functions: str) -> int:
-  config, topology, slices, overrides = TARGETS[name]
+# Planned targets: the config's own mesh flags are what the planner varies.
+PLANS = {'big-v5e-64': ('configs/big.py', 'v5e-64', 1, _BIG)}
+
+
+def run(name: str, out: str, functions: str, plan: bool = False) -> int:
+  config, topology, slices, overrides = (PLANS if plan else TARGETS)[name]
   command = [sys.executable, '-m', 'jaxnmt.main', '--mode=compile', f'--config={config}',
              f'--topology={topology}', f'--num_slices={slices}',
-             f'--workdir={os.path.join(out, name)}', f'--compile_functions={functions}',
-             *overrides]
+             f'--workdir={os.path.join(out, name + ("-plan" if plan else ""))}',
+             *(['--plan'] if plan else [f'--compile_functions={functions}']), *overrides]
   print(' '.join(command[1:]), flush=True)
   return subprocess.run(command, cwd=ROOT, check=False).returncode
 
@@ -106,22 +114,54 @@ def table(out: str) -> None:
           f'{item["flops"] / 1e12:.2f} | {comm_text} | {item["compile_s"]:.0f} |')
 
 
+def ranking(out: str) -> None:
+  """Each plan under `out`, ranked as the planner ranked it (markdown)."""
+  for path in sorted(glob.glob(os.path.join(out, '*', 'compile', '*-plan.json'))):
+    record = json.load(open(path))
+    print(f'{record["target"]}{"" if record.get("complete") else " (stopped: partial)"}')
+    print('| rank | mesh | remat | fits | needed GiB | sent per step (MiB) | largest kinds | '
+          'compile s |')
+    print('|---|---|---|---|---|---|---|---|')
+    for rank, candidate in enumerate(record['candidates'], 1):
+      item = candidate['report']
+      if item is None:
+        print(f'| {rank} | {_mesh(candidate) or "1 device"} | {candidate["remat"]} | no | - | '
+              f'cut: {candidate["cut"]} | | |')
+        continue
+      kinds = {}
+      for collective in item['collectives']:
+        key = f'{collective["kind"]} {"+".join(collective["axes"]) or "?"}'
+        kinds[key] = kinds.get(key, 0) + collective['bytes']
+      largest = ', '.join(f'{key} {count / 2**20:.0f}' for key, count in
+                          sorted(kinds.items(), key=lambda kv: -kv[1])[:3])
+      sent = sum(c['bytes'] for c in item['collectives'])
+      print(f'| {rank} | {_mesh(item) or "1 device"} | {candidate["remat"]} | '
+            f'{"yes" if candidate["fits"] else "no"} | {_gib(item["needed"])} | '
+            f'{sent / 2**20:,.0f} | {largest} | {item["compile_s"]:.0f} |')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('targets', nargs='*', help=', '.join(TARGETS))
+  parser.add_argument('targets', nargs='*', help=', '.join([*TARGETS, *PLANS]))
   parser.add_argument('--out', default='runs/compile_tables')
   parser.add_argument('--functions', default='train_step,eval_step,decode_greedy,decode_beam')
   parser.add_argument('--table', action='store_true', help='only print the table')
   parser.add_argument('--compact', action='store_true',
                       help='only print the train steps, one line each')
+  parser.add_argument('--plan', action='store_true',
+                      help='rank the meshes of the targets (PLANS) instead')
   args = parser.parse_args()
-  unknown = [name for name in args.targets if name not in TARGETS]
+  known = PLANS if args.plan else TARGETS
+  unknown = [name for name in args.targets if name not in known]
   if unknown:
-    parser.error(f'unknown targets {unknown}; known: {", ".join(TARGETS)}')
+    parser.error(f'unknown targets {unknown}; known: {", ".join(known)}')
   if not (args.table or args.compact):
     for name in args.targets:
-      run(name, args.out, args.functions)
-  (compact if args.compact else table)(args.out)
+      run(name, args.out, args.functions, plan=args.plan)
+  if args.plan:
+    ranking(args.out)
+  else:
+    (compact if args.compact else table)(args.out)
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ one line (exit 2) naming it, the bytes over, its largest buffer and what to chan
 compiled train step for `--compiled_step`. Without --topology: this job's own devices.
 """
 
+import hashlib
 import json
 import logging
 import re
@@ -96,10 +97,54 @@ def _write(workdir: str, target: str, plan: bool, record: dict) -> str:
   return path
 
 
+def _plan_fingerprint(config, target: str, hbm: int) -> dict:
+  """What a plan's compiles depend on: the target, the program's config fields and
+  the compiler's versions and the sources compiled (a stopped plan is resumed only
+  when all match)."""
+  fields = executables.program_fields(config)
+  return {'target': target, 'hbm_bytes': hbm,
+          'config_sha256': hashlib.sha256(
+              json.dumps(fields, sort_keys=True).encode()).hexdigest(),
+          'versions': executables.versions(), 'sources': executables.sources()}
+
+
+def _compiled_before(path: str, fingerprint: dict) -> dict:
+  """{Candidate.key: Candidate} of the plan saved at `path` for the same program and
+  target, or {} (none, another program, or unreadable: the plan starts afresh)."""
+  if not files.exists(path):
+    return {}
+  try:
+    record = json.loads(files.read_text(path))
+    saved = [preflight.Candidate.from_dict(item) for item in record['candidates']]
+  except (ValueError, KeyError, TypeError) as error:
+    logging.warning('Ignoring the plan at %s (unreadable: %s); compiling every mesh',
+                    path, error)
+    return {}
+  differs = [key for key in fingerprint if record.get('fingerprint', {}).get(key) !=
+             fingerprint[key]]
+  if differs:
+    logging.info('The plan at %s was compiled for another %s; compiling every mesh',
+                 path, ', '.join(differs))
+    return {}
+  compiled = {c.key: c for c in saved if c.report is not None}
+  print(f'Resuming the plan at {path}: {len(compiled)} meshes compiled before')
+  return compiled
+
+
 def _plan(config, model_cfg, devices, hbm, target: str, workdir: str) -> None:
   print(f'Planning {target} ({len(devices)} devices, {hbm / _GIB:.1f} GiB each): the '
         f'train step compiled per mesh')
-  candidates = preflight.plan(config, model_cfg, devices, hbm)
+  path = files.join(workdir, 'compile', _file_name(target, True))
+  fingerprint = _plan_fingerprint(config, target, hbm)
+
+  def save(candidates, complete: bool = False):
+    _write(workdir, target, True, {
+        'target': target, 'hbm_bytes': hbm, 'complete': complete,
+        'fingerprint': fingerprint,
+        'candidates': [candidate.as_dict() for candidate in candidates]})
+
+  candidates = preflight.plan(config, model_cfg, devices, hbm,
+                              compiled=_compiled_before(path, fingerprint), progress=save)
   print(f'{"rank":4s} {"flags":70s} {"fits":4s} {"needed GiB":>10s} '
         f'{"comm MiB/step":>13s}')
   for rank, candidate in enumerate(candidates, 1):
@@ -109,14 +154,9 @@ def _plan(config, model_cfg, devices, hbm, target: str, workdir: str) -> None:
         f'{"cut: " + candidate.cut:>13s}')
     print(f'{rank:4d} {candidate.flags():70s} {"yes" if candidate.fits else "no":4s} '
           f'{needed} {comm}')
-  best = next((candidate for candidate in candidates if candidate.fits), None)
-  path = _write(workdir, target, True, {
-      'target': target, 'hbm_bytes': hbm,
-      'candidates': [{'mesh': c.mesh, 'remat': c.remat, 'state_bytes': c.state_bytes,
-                      'cut': c.cut, 'fits': c.fits,
-                      'report': c.report.as_dict() if c.report else None}
-                     for c in candidates]})
+  save(candidates, complete=True)
   logging.info('Wrote %s', path)
+  best = next((candidate for candidate in candidates if candidate.fits), None)
   if not candidates:
     raise MeshError(f'no data x fsdp x tensor mesh of {target} divides the batch '
                     f'({config.data.batch_size} rows, {config.data.eval_batch_size} to '

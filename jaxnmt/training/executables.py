@@ -105,7 +105,7 @@ def _devices_of(mesh) -> dict:
           'device_ids': [int(device.id) for device in devices]}
 
 
-def _versions() -> dict:
+def versions() -> dict:
   names = _VERSIONS + tuple(name for names in _PLATFORM_VERSIONS.values() for name in names)
   found = {}
   for name in names:
@@ -116,7 +116,7 @@ def _versions() -> dict:
   return found
 
 
-def _sources() -> dict:
+def sources() -> dict:
   """{path below the package's parent: sha256 (16 hex digits)} of PROGRAM_SOURCES."""
   paths = []
   for source in PROGRAM_SOURCES:
@@ -164,8 +164,8 @@ def save(compiled, path: str, *, config, mesh, extra: dict | None = None) -> dic
   payload = pickle.dumps((serialized, in_tree, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
   fields = program_fields(config)
   metadata = {
-      'format': FORMAT, **_devices_of(mesh), 'versions': _versions(),
-      'sources': _sources(), 'config': fields,
+      'format': FORMAT, **_devices_of(mesh), 'versions': versions(),
+      'sources': sources(), 'config': fields,
       'config_sha256': hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest(),
       'payload_bytes': len(payload), 'payload_sha256': hashlib.sha256(payload).hexdigest(),
       'saved_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
@@ -245,13 +245,13 @@ def check(metadata: dict, path: str, config, mesh) -> None:
           f'{now["device_ids"][index]} here; {remedy}')
     raise CompiledStepError(f'{path} was compiled for {_describe(saved_devices)}; this job '
                             f'has {_describe(now)}; {remedy}')
-  saved_versions, versions = metadata.get('versions', {}), _versions()
+  saved_versions, installed = metadata.get('versions', {}), versions()
   pinned = _VERSIONS + _PLATFORM_VERSIONS.get(now['platform'], ())
   for name in pinned:
-    if saved_versions.get(name) != versions[name]:
+    if saved_versions.get(name) != installed[name]:
       raise CompiledStepError(f'{path} was compiled with {name} {saved_versions.get(name)}, '
-                              f'this job has {name} {versions[name]}; {remedy}')
-  source = _first_difference(metadata.get('sources', {}), _sources())
+                              f'this job has {name} {installed[name]}; {remedy}')
+  source = _first_difference(metadata.get('sources', {}), sources())
   if source is not None:
     raise CompiledStepError(f'{path} was compiled from other jaxnmt code ({source} '
                             f'differs); {remedy}')

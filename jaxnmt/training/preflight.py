@@ -74,6 +74,12 @@ class Report:
     record.update(fits=self.fits, needed=self.needed, headroom=self.headroom)
     return record
 
+  @classmethod
+  def from_dict(cls, record: dict) -> 'Report':
+    """The report `as_dict` wrote (without its executable)."""
+    names = {field.name for field in dataclasses.fields(cls)} - {'compiled'}
+    return cls(**{name: value for name, value in record.items() if name in names})
+
 
 def state_bytes(config, model_cfg, mesh, rules) -> dict[str, int]:
   """Bytes per device (the fullest) of the train state's parts on `mesh`."""
@@ -268,19 +274,41 @@ class Candidate:
   def fits(self) -> bool:
     return self.report is not None and self.report.fits
 
+  @property
+  def key(self) -> tuple:
+    """What was compiled: the mesh and the remat setting."""
+    return tuple(sorted(self.mesh.items())), self.remat
+
   def flags(self) -> str:
     parts = [f'--config.mesh.{axis}={size}' for axis, size in self.mesh.items()]
     if self.remat != 'none':
       parts.append(f'--config.model.remat={self.remat}')
     return ' '.join(parts)
 
+  def as_dict(self) -> dict:
+    return {'mesh': self.mesh, 'remat': self.remat, 'state_bytes': self.state_bytes,
+            'cut': self.cut, 'fits': self.fits,
+            'report': self.report.as_dict() if self.report else None}
 
-def plan(config, model_cfg, devices, hbm_bytes: int, log=print) -> list[Candidate]:
+  @classmethod
+  def from_dict(cls, record: dict) -> 'Candidate':
+    report = record.get('report')
+    return cls(dict(record['mesh']), record['remat'], record['state_bytes'],
+               Report.from_dict(report) if report else None, record.get('cut', ''))
+
+
+def plan(config, model_cfg, devices, hbm_bytes: int, log=print,
+         compiled: dict | None = None, progress=None) -> list[Candidate]:
   """The train step compiled for each candidate mesh of `devices` (with remat if it
   does not fit without), ranked: fitting first, then by bytes communicated per step,
   then by memory needed. A mesh whose train state alone exceeds the memory is cut
-  before compiling."""
-  candidates = []
+  before compiling.
+
+  `compiled`: {Candidate.key: Candidate} compiled before for the same program and
+  target (a plan that was stopped), reused instead of compiling again. `progress`:
+  called with the candidates so far after each compile, to save them."""
+  compiled = compiled or {}
+  candidates, attempts = [], []  # ranked at the end; everything compiled or cut
   processes = len({device.process_index for device in devices})
   slices = len({getattr(device, 'slice_index', 0) or 0 for device in devices})
   for sizes in candidate_meshes(config, len(devices), processes, slices):
@@ -291,15 +319,24 @@ def plan(config, model_cfg, devices, hbm_bytes: int, log=print) -> list[Candidat
     if state > hbm_bytes:
       candidates.append(Candidate(sizes, config.model.remat, state,
                                   cut=f'state {state / 2**30:.1f} GiB > HBM'))
+      attempts.append(candidates[-1])
       continue
     for remat in dict.fromkeys([config.model.remat, 'full']):
-      trial.model.remat = remat
-      trial_model = config_lib.model_config(trial, model_cfg.vocab_size)
-      report = compile_function('train_step', trial, trial_model, devices, hbm_bytes)
-      candidate = Candidate(sizes, remat, state, report)
+      candidate = compiled.get((tuple(sorted(sizes.items())), remat))
+      if candidate is None or candidate.report is None:
+        trial.model.remat = remat
+        trial_model = config_lib.model_config(trial, model_cfg.vocab_size)
+        report = compile_function('train_step', trial, trial_model, devices, hbm_bytes)
+        report.compiled = None  # the executable is not kept: one per mesh adds up
+        candidate, reused = Candidate(sizes, remat, state, report), ''
+      else:
+        report, reused = candidate.report, ', compiled before'
       log(f'  {candidate.flags():70s} {"fits" if candidate.fits else "does not fit":12s} '
           f'{report.needed / 2**30:7.2f} GiB  {report.collective_bytes() / 2**20:9.1f} MiB '
-          f'communicated  ({report.compile_s:.0f} s)')
+          f'communicated  ({report.compile_s:.0f} s{reused})')
+      attempts.append(candidate)
+      if progress:
+        progress(attempts)
       if candidate.fits or remat == 'full':
         candidates.append(candidate)
         break

@@ -1,16 +1,22 @@
 """`--mode=compile` from the command line: a multislice slice's table and JSON, the
-one-line refusal of a model no chip holds, and a saved step a training run uses."""
+one-line refusal of a model no chip holds, a saved step a training run uses, and a
+stopped plan resumed."""
 
 import glob
 import importlib.util
 import json
 import os
 
+import jax
 import pytest
 
+from jaxnmt import config_lib
+from jaxnmt.commands import compile as compile_command
+from jaxnmt.training import preflight
 from tests.helpers import last_error
 from tests.helpers import losses_by_step
 from tests.helpers import run_main
+from tests.tiny_config import tiny_config
 
 TEST_CONFIG = '--config=tests/tiny_config.py'
 
@@ -102,3 +108,47 @@ def test_an_h100_cluster_compiles_the_tiny_config(tmp_path):
   assert train['mesh'] == {'data': 16, 'fsdp': 1, 'tensor': 1}
   assert {(item['kind'], tuple(item['axes'])) for item in train['collectives']} == {
       ('all-reduce', ('data',))}
+
+
+@pytest.mark.slow
+def test_a_stopped_plan_resumes_without_compiling_its_meshes_again(tmp_path, monkeypatch):
+  """`--plan` saves each compiled mesh as it goes: stopped after one compile, the next
+  run compiles only the rest; a plan of another model is not reused."""
+  config = tiny_config(str(tmp_path))
+  model_cfg = config_lib.model_config(config, config.tokenizer.vocab_size)
+  devices, target = jax.devices()[:2], '2 x cpu'
+  meshes = preflight.candidate_meshes(config, 2)
+  assert len(meshes) == 3  # data, fsdp or tensor
+  real_compile, compiled = preflight.compile_function, []
+
+  def counted(function, trial, *args, **kwargs):
+    if stop_after is not None and len(compiled) == stop_after:
+      raise KeyboardInterrupt
+    compiled.append(dict(trial.mesh))
+    return real_compile(function, trial, *args, **kwargs)
+  monkeypatch.setattr(preflight, 'compile_function', counted)
+  plan_file = tmp_path / 'compile' / compile_command._file_name(target, plan=True)
+
+  stop_after = 1
+  with pytest.raises(KeyboardInterrupt):
+    compile_command._plan(config, model_cfg, devices, 2**30, target, str(tmp_path))
+  saved = json.loads(plan_file.read_text())
+  assert not saved['complete'] and len(saved['candidates']) == 1
+  [first] = saved['candidates']
+
+  stop_after, compiled[:] = None, []
+  compile_command._plan(config, model_cfg, devices, 2**30, target, str(tmp_path))
+  assert len(compiled) == 2 and first['mesh'] not in compiled
+  saved = json.loads(plan_file.read_text())
+  assert saved['complete'] and len(saved['candidates']) == 3
+  assert all(candidate['fits'] for candidate in saved['candidates'])
+  [again] = [c for c in saved['candidates'] if c['mesh'] == first['mesh']]
+  assert again['report']['compile_s'] == first['report']['compile_s']
+
+  def reused(config, target):
+    fingerprint = compile_command._plan_fingerprint(config, target, 2**30)
+    return len(compile_command._compiled_before(str(plan_file), fingerprint))
+  assert reused(config, target) == 3
+  assert reused(config, '4 x cpu') == 0
+  config.model.d_ff *= 2
+  assert reused(config, target) == 0

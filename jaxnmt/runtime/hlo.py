@@ -67,7 +67,9 @@ def flops(compiled) -> float:
 class Collective:
   """The collectives of one kind over the same mesh axes in one program."""
   kind: str
-  axes: tuple[str, ...]  # the mesh axes it runs over; ('?',) if no set of axes matches
+  # The mesh axes it runs over; ('part of tensor',) for groups within part of the
+  # axes named; ('?',) for groups XLA spells in a way not read here.
+  axes: tuple[str, ...]
   count: int = 0         # executions per call of the program
   bytes: int = 0         # per device per call: the whole buffer (gathered / before scatter)
   largest: int = 0       # bytes of the largest single op
@@ -220,6 +222,12 @@ def _axes_of(groups: list[list[int]], shape: tuple[int, ...], names: tuple[str, 
         partition[tuple(coords[index][kept])].add(index)
       if {frozenset(group) for group in partition.values()} == wanted:
         return tuple(names[axis] for axis in axes)
+  # Groups smaller than any set of whole axes (the partitioner splits a dimension over
+  # part of an axis): named by the axes their members differ along.
+  varied = sorted({axis for group in wanted for member in group
+                   for axis in np.nonzero(coords[member] != coords[next(iter(group))])[0]})
+  if varied:
+    return (f'part of {"+".join(names[axis] for axis in varied)}',)
   return ('?',)
 
 

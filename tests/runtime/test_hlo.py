@@ -27,6 +27,18 @@ def test_replica_groups_in_each_spelling(attributes, groups):
   assert hlo._groups(attributes, 4) == groups  # pylint: disable=protected-access
 
 
+def test_groups_within_part_of_an_axis_are_named_by_it():
+  # A data=2 x tensor=4 mesh: device = 4 * data + tensor.
+  names, shape = ('data', 'tensor'), (2, 4)
+  axes_of = hlo._axes_of  # pylint: disable=protected-access
+  assert axes_of([[0, 1, 2, 3], [4, 5, 6, 7]], shape, names, False) == ('tensor',)
+  assert axes_of([[0, 4], [1, 5], [2, 6], [3, 7]], shape, names, False) == ('data',)
+  assert axes_of([[0, 1], [2, 3], [4, 5], [6, 7]], shape, names, False) == (
+      'part of tensor',)
+  assert axes_of([[0, 1, 4, 5], [2, 3, 6, 7]], shape, names, False) == (
+      'part of data+tensor',)
+
+
 def test_a_loop_with_a_stated_trip_count_multiplies_its_ops():
   condition = ['  %c = s32[] constant(8)', '  ROOT %lt = pred[] compare(%i, %c), direction=LT']
   assert hlo._trip_count(condition) == 8  # pylint: disable=protected-access

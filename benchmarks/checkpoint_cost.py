@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from jaxnmt.runtime import checkpointing
 from jaxnmt import config_lib
 from jaxnmt.training import optim
+from jaxnmt.runtime import host
 from jaxnmt.runtime import sharding
 from jaxnmt.training import steps
 from jaxnmt.training import train_state
@@ -45,6 +46,7 @@ def synthetic_batch(config, rng):
 
 
 def main(_):
+  host.prepare('auto', 'auto', multi_process=False)  # as jaxnmt.main does
   config = FLAGS.config
   config_lib.check_mesh(config, jax.device_count(), jax.process_count())
   mesh, rules = sharding.plan_mesh(config)

@@ -37,6 +37,8 @@ def main(_):
   # pylint: disable=g-import-not-at-top
   import sacrebleu
   from jaxnmt.decoding import translation
+  from jaxnmt.runtime import host
+  host.prepare('auto', 'auto', multi_process=False, decoding=True)  # as translate does
   loaded = _load.trained_model(FLAGS.workdir, FLAGS.weights)
   splits = os.path.join(FLAGS.workdir, 'splits')
   with open(os.path.join(splits, f'{FLAGS.split}.src'), encoding='utf-8') as handle:

@@ -87,6 +87,8 @@ def main(_):
     address = (parts.hostname, parts.port or 80)
   else:
     # pylint: disable=g-import-not-at-top
+    from jaxnmt.runtime import host
+    host.prepare('auto', 'auto', multi_process=False, decoding=True)  # as serve does
     import jax
     from jaxnmt.commands import serve
     from jaxnmt.decoding import translation

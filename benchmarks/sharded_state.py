@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from jaxnmt import config_lib
 from jaxnmt.training import optim
+from jaxnmt.runtime import host
 from jaxnmt.runtime import sharding
 from jaxnmt.model import initialize
 from jaxnmt.training import train_state
@@ -20,6 +21,7 @@ config_flags.DEFINE_config_file('config', 'configs/big.py', 'Run config.')
 
 
 def main(_):
+  host.prepare('auto', 'auto', multi_process=False)  # as jaxnmt.main does
   config = flags.FLAGS.config
   config_lib.check_mesh(config, jax.device_count(), jax.process_count())
   mesh, rules = sharding.plan_mesh(config)

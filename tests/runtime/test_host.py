@@ -278,6 +278,21 @@ def test_a_cpu_run_with_libtpu_installed_is_a_cpu_run(libtpu, tmp_path):
   assert all(line[:1] in 'IW' and ' main.py:' in line for line in lines[:-1]), lines
 
 
+@skip_on_tpus
+def test_a_benchmark_with_libtpu_installed_runs_on_the_cpu_quietly(libtpu):
+  """A benchmark that computes in its own process applies the host settings first, as
+  `jaxnmt.main` does: with libtpu installed it prints nothing of libtpu's."""
+  env = {k: v for k, v in without_cluster(os.environ).items() if k != 'JAX_PLATFORMS'}
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/sharded_state.py', '--config=tests/tiny_config.py',
+       '--config.mesh.data=1', '--config.mesh.fsdp=8'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'allocated per device' in result.stdout
+  assert 'tpu' not in (result.stdout + result.stderr).lower(), result.stderr[-2000:]
+
+
 _TOPOLOGY = r'''
 import json, os
 from jaxnmt.runtime import host

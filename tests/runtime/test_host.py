@@ -278,6 +278,7 @@ def test_a_cpu_run_with_libtpu_installed_is_a_cpu_run(libtpu, tmp_path):
   assert all(line[:1] in 'IW' and ' main.py:' in line for line in lines[:-1]), lines
 
 
+@pytest.mark.slow  # a subprocess start; the fast suite is near its 5 minutes
 @skip_on_tpus
 def test_a_benchmark_with_libtpu_installed_runs_on_the_cpu_quietly(libtpu):
   """A benchmark that computes in its own process applies the host settings first, as

@@ -18,7 +18,6 @@ one line (exit 2) naming it, the bytes over, its largest buffer and what to chan
 compiled train step for `--compiled_step`. Without --topology: this job's own devices.
 """
 
-import hashlib
 import json
 import logging
 import re
@@ -101,10 +100,8 @@ def _plan_fingerprint(config, target: str, hbm: int) -> dict:
   """What a plan's compiles depend on: the target, the program's config fields and
   the compiler's versions and the sources compiled (a stopped plan is resumed only
   when all match)."""
-  fields = executables.program_fields(config)
   return {'target': target, 'hbm_bytes': hbm,
-          'config_sha256': hashlib.sha256(
-              json.dumps(fields, sort_keys=True).encode()).hexdigest(),
+          'config_sha256': executables.config_sha256(executables.program_fields(config)),
           'versions': executables.versions(), 'sources': executables.sources()}
 
 

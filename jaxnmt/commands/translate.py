@@ -132,7 +132,7 @@ def _translate_chunk(translator: translation.Translator, first: int, lines: list
 
 
 def _source_column(translator: translation.Translator, source: str) -> str:
-  untagged = tags_lib.split_tags(source, getattr(translator.tokenizer, 'tags', ()))[1]
+  untagged = tags_lib.split_tags(source, translator.tokenizer.tags)[1]
   return _one_line(untagged).replace('\t', ' ') + '\t'
 
 

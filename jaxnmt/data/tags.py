@@ -72,7 +72,7 @@ def all_tags(config) -> list[str]:
 
 def check_tokenizer(config, tokenizer, where: str) -> None:
   """A DataError when the tokenizer at `where` lacks a tag the config needs."""
-  missing = [tag for tag in all_tags(config) if tag not in getattr(tokenizer, 'tags', ())]
+  missing = [tag for tag in all_tags(config) if tag not in tokenizer.tags]
   if missing:
     raise DataError(
         f'the tokenizer {where} has no tag {", ".join(missing)} (its tags: '
@@ -86,7 +86,7 @@ class Tagger:
   not trained with. A model without tags leaves text as it is."""
 
   def __init__(self, config, tokenizer, target_lang: str | None = None):
-    self.known = tuple(getattr(tokenizer, 'tags', ()))
+    self.known = tuple(tokenizer.tags)
     self.langs = target_langs(config)
     fmt = target_format(config)
     prefix, _, suffix = fmt.partition('{}')

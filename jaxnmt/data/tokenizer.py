@@ -165,7 +165,9 @@ def _train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: st
 class CharTokenizer:
   """Character-level tokenizer with the same interface as `Tokenizer`: every distinct
   character of the training text gets an id after the four special ids. Characters
-  never seen in training map to UNK."""
+  never seen in training map to UNK. It holds no tags (no piece is a tag)."""
+
+  tags: tuple[str, ...] = ()
 
   def __init__(self, model_path: str):
     if not files.exists(model_path):

@@ -95,6 +95,11 @@ def program_fields(config) -> dict:
   return json.loads(json.dumps(kept, sort_keys=True))
 
 
+def config_sha256(fields: dict) -> str:
+  """The sha256 of `program_fields`' result, as the metadata keeps it."""
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def _devices_of(mesh) -> dict:
   devices = list(mesh.devices.flat)
   return {'platform': devices[0].platform,
@@ -166,7 +171,7 @@ def save(compiled, path: str, *, config, mesh, extra: dict | None = None) -> dic
   metadata = {
       'format': FORMAT, **_devices_of(mesh), 'versions': versions(),
       'sources': sources(), 'config': fields,
-      'config_sha256': hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest(),
+      'config_sha256': config_sha256(fields),
       'payload_bytes': len(payload), 'payload_sha256': hashlib.sha256(payload).hexdigest(),
       'saved_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
       'extra': extra or {}}

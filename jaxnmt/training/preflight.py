@@ -262,6 +262,11 @@ def _divisors(number: int) -> list[int]:
   return [d for d in range(1, number + 1) if number % d == 0]
 
 
+def candidate_key(mesh: dict[str, int], remat: str) -> tuple:
+  """What a plan compiles once: the mesh and the remat setting."""
+  return tuple(sorted(mesh.items())), remat
+
+
 @dataclasses.dataclass
 class Candidate:
   mesh: dict[str, int]
@@ -276,8 +281,7 @@ class Candidate:
 
   @property
   def key(self) -> tuple:
-    """What was compiled: the mesh and the remat setting."""
-    return tuple(sorted(self.mesh.items())), self.remat
+    return candidate_key(self.mesh, self.remat)
 
   def flags(self) -> str:
     parts = [f'--config.mesh.{axis}={size}' for axis, size in self.mesh.items()]
@@ -322,7 +326,7 @@ def plan(config, model_cfg, devices, hbm_bytes: int, log=print,
       attempts.append(candidates[-1])
       continue
     for remat in dict.fromkeys([config.model.remat, 'full']):
-      candidate = compiled.get((tuple(sorted(sizes.items())), remat))
+      candidate = compiled.get(candidate_key(sizes, remat))
       if candidate is None or candidate.report is None:
         trial.model.remat = remat
         trial_model = config_lib.model_config(trial, model_cfg.vocab_size)

@@ -6,6 +6,7 @@ import random
 
 import jax
 import numpy as np
+import pytest
 import sacrebleu
 
 from configs import lm_char, tiny
@@ -60,6 +61,7 @@ def _train(config, model_cfg, batches, num_steps: int):
   return graphdef, state['params'], rest
 
 
+@pytest.mark.slow  # 600 steps and 400 decodes: the fast suite is near 5 minutes
 def test_tiny_transformer_learns_to_copy(tmp_path):
   config = _copy_task_config()
   train_sentences = _random_sentences(20_000, seed=0)

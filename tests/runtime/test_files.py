@@ -91,6 +91,7 @@ def test_generation_preconditions_hold(gcs_dir):
   assert files.read_with_generation(target) is None
 
 
+@pytest.mark.slow  # a whole train, resume and eval cycle: the fast suite is near 5 minutes
 def test_train_resume_eval_on_gcs(gcs_dir, small_corpus, tmp_path, caplog):
   """train 4 steps (checkpoints at 2 and 4) -> resume to 6 -> score a checkpoint
   -> set one aside, all with the workdir on gs://."""
